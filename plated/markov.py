@@ -1,0 +1,139 @@
+"""Sequential plates: log-depth parallel-scan elimination of a Markov chain and its backward pass.
+
+A chain of length :math:`T` with transition log-matrices :math:`M_0, \\dots, M_{T-1}` (each
+:math:`M_t[x_{t-1}, x_t]`, batched) is eliminated by pairing neighbours,
+:math:`M^{(l+1)}_i = M^{(l)}_{2i} \\otimes M^{(l)}_{2i+1}`, for :math:`\\lceil \\log_2 T \\rceil`
+levels, padding an odd level with the ring's identity matrix. The Python loop runs over levels,
+never over time steps. The result is :math:`\\bigoplus_{x_{T-1}} (M_0 \\otimes \\cdots \\otimes
+M_{T-1})[x_{-1}, x_{T-1}]`, a factor of the state before the chain.
+
+The backward pass (MAP or sampling, chosen by the ring's ``choose``) walks the same levels in
+reverse: given the boundary states of a level-:math:`l+1` block it chooses the middle state of its
+two children from :math:`M^{(l)}_{2i}[\\text{left}, m] + M^{(l)}_{2i+1}[m, \\text{right}]`, for
+all blocks at once. This is exact forward-filter backward-sample (or Viterbi) in log depth, as in
+Obermeyer et al. (2019), Sec. 4 ("Sequential plates"), and Särkkä & García-Fernández (2021).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .plan import ScanSpec
+from .rings import Semiring
+
+__all__ = ["scan_forward", "scan_backward", "unravel"]
+
+
+def scan_forward(
+    ring: Semiring, x: torch.Tensor, spec: ScanSpec
+) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """Eliminate the chain of ``spec.plate`` from the transition tensor ``x``.
+
+    :param x: log transition factor with the slot's canonical dims (plates, outer variables, the
+        chain's previous-value dims and its variables).
+    :return: ``(result, levels, lengths)``: the result over the remaining plates, outer variables
+        and previous-value dims (canonical order); the padded tensor of every level of the scan,
+        each ``(batch, n, K, K)``; and the unpadded length of every level.
+    """
+    batch = math.prod(spec.batch_shape)
+    k = spec.state
+    m = x.permute(spec.in_perm).reshape(spec.in_view).expand(spec.in_full)
+    m = m.reshape(batch, spec.length, k, k)
+    levels: list[torch.Tensor] = []
+    lengths: list[int] = []
+    while True:
+        n = m.shape[1]
+        lengths.append(n)
+        if n == 1:
+            levels.append(m)
+            break
+        if n % 2:
+            eye = ring.identity(k, m).expand(batch, 1, k, k)
+            m = torch.cat([m, eye], dim=1)
+        levels.append(m)
+        m = ring.matmul(m[:, 0::2], m[:, 1::2])
+    top = m[:, 0]
+    res = ring.reduce(top, (-1,))  # eliminate the last state of the chain
+    res = res.reshape(tuple(spec.batch_shape) + tuple(spec.prev_sizes))
+    nb = len(spec.batch_shape)
+    for j in reversed(range(len(spec.prev))):
+        if spec.prev[j] not in spec.present_prev:
+            res = res.select(nb + j, 0)  # constant along a prev dim no factor mentions
+    return res.permute(spec.out_perm), levels, lengths
+
+
+def unravel(flat: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Split a flat index over ``sizes`` (row-major) into one index per size."""
+    out = []
+    for n in reversed(sizes):
+        out.append(flat % n)
+        flat = torch.div(flat, n, rounding_mode="floor")
+    return out[::-1]
+
+
+def scan_backward(
+    ring: Semiring,
+    levels: list[torch.Tensor],
+    lengths: list[int],
+    spec: ScanSpec,
+    ctx: dict[str, torch.Tensor],
+    num_samples: int,
+    plate_sizes: dict[str, int],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Choose every state of the chain given the values of its outer and previous-value dims.
+
+    :param ctx: values of variables already chosen, each ``(S or 1, *plates)`` aligned to
+        ``spec.plates_after``.
+    :return: ``(chosen, child_ctx)``: the chain variables, each ``(S, *plates)`` aligned to
+        ``spec.plates_before``; and the context for the transition factor (aligned likewise), in
+        which each previous-value dim holds the chain's value one step earlier.
+    """
+    after = spec.plates_after
+    s = num_samples
+    device = levels[0].device
+    after_sizes = tuple(plate_sizes[p] for p in after)
+    na = len(after)
+
+    def aligned_arange(pos: int, n: int) -> torch.Tensor:
+        shape = [1] * (1 + na)
+        shape[1 + pos] = n
+        return torch.arange(n, device=device).view(shape)
+
+    outer = spec.out_batch_dims[na: len(spec.batch_shape)]
+    b = torch.zeros((1,) * (1 + na), dtype=torch.long, device=device)
+    for j, d in enumerate(list(after) + list(outer)):
+        n = spec.batch_shape[j]
+        idx = aligned_arange(j, n) if j < na else ctx[d]
+        b = b * n + idx
+    left = torch.zeros((1,) * (1 + na), dtype=torch.long, device=device)
+    for q, n in zip(spec.prev, spec.prev_sizes):
+        left = left * n + (ctx[q] if q in spec.present_prev else 0)
+    full = (s,) + after_sizes
+    b = b.expand(full).reshape(s, -1)
+    left = left.expand(full).reshape(s, -1)
+
+    top = levels[-1][:, 0]
+    last = ring.choose(top[b, left])
+    bnd = torch.stack([left, last], dim=-1)
+    bcol = b.unsqueeze(-1)
+    for lev, n in zip(reversed(levels[:-1]), reversed(lengths[:-1])):
+        pairs = bnd.shape[-1] - 1
+        i = torch.arange(pairs, device=device)
+        a_rows = lev[bcol, 2 * i, bnd[..., :-1], :]
+        b_cols = lev[bcol, 2 * i + 1, :, bnd[..., 1:]]
+        mid = ring.choose(a_rows + b_cols)
+        inter = torch.stack([bnd[..., :-1], mid], dim=-1).reshape(s, -1, 2 * pairs)
+        bnd = torch.cat([inter, bnd[..., -1:]], dim=-1)[..., : n + 1]
+
+    t_pos = spec.plates_before.index(spec.plate)
+
+    def to_before(flat: torch.Tensor) -> torch.Tensor:
+        return flat.reshape(full + (spec.length,)).movedim(-1, 1 + t_pos)
+
+    chosen = dict(zip(spec.curr, (to_before(v) for v in unravel(bnd[..., 1:], spec.curr_sizes))))
+    child = {k: v.unsqueeze(1 + t_pos) for k, v in ctx.items()}
+    child.update(chosen)
+    child.update(zip(spec.prev, (to_before(v) for v in unravel(bnd[..., :-1], spec.prev_sizes))))
+    return chosen, child

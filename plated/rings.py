@@ -1,0 +1,181 @@
+"""Semirings: the few tensor operations the elimination algorithm is written against.
+
+Each ring is a tiny stateless object. The elimination (:mod:`plated.contract`) and the sequential
+scan (:mod:`plated.markov`) call only these methods, so sum-product, max-product and sampling share
+one algorithm. All tensors are in log space.
+
+Laws (for a ring with sum :math:`\\oplus` and product :math:`\\otimes`): both are associative and
+commutative, :math:`\\otimes` distributes over :math:`\\oplus`, and plates reduce by
+:math:`\\otimes`, which in log space is ordinary addition for every ring here.
+
+Handling of ``-inf`` (a hard zero): the shift used before exponentiating is the detached max of
+each slice, replaced by 0 where the whole slice is ``-inf``, so ``-inf - shift`` is ``-inf`` (never
+``-inf - -inf = NaN``); logs of exact zeros go through :func:`safe_log`, whose gradient at 0 is 0.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+__all__ = ["RingName", "Semiring", "LogRing", "MaxRing", "get_ring", "safe_log", "finite_shift"]
+
+RingName = Literal["log", "max"]
+
+
+def safe_log(x: torch.Tensor) -> torch.Tensor:
+    """``log(x)`` for ``x >= 0`` with ``log(0) = -inf`` and a zero (not NaN) gradient at 0."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).log(), -torch.inf)
+
+
+def finite_shift(m: torch.Tensor) -> torch.Tensor:
+    """Detach a max used as a shift and replace ``-inf`` (an all-zero slice) by 0."""
+    m = m.detach()
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+class Semiring:
+    """Interface of a semiring over log-space tensors.
+
+    ``pair`` contracts two tensors, ``reduce`` eliminates dims of one tensor, ``matmul`` is the
+    batched matrix product used by the sequential scan, and ``choose`` is the backward step of the
+    ring: given unnormalised log weights over the last dim it picks an index per batch element.
+    """
+
+    name: RingName
+
+    def pair(
+        self, a: torch.Tensor, b: torch.Tensor, spec: PairSpec
+    ) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def reduce(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    @staticmethod
+    def product(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """Product over plate dims: addition in log space for every ring."""
+        return x.sum(dim=dims) if dims else x
+
+    def identity(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        """The ``k x k`` multiplicative identity matrix (0 on the diagonal, ``-inf`` elsewhere)."""
+        eye = torch.full((k, k), -torch.inf, dtype=like.dtype, device=like.device)
+        return eye.fill_diagonal_(0.0)
+
+
+class PairSpec:
+    """Precomputed layout of one pairwise contraction (built at plan time, see :mod:`plated.plan`).
+
+    :ivar equation: a :func:`torch.einsum` equation over letters.
+    :ivar red_a: positions of ``a``'s dims eliminated by this step (likewise ``red_b``).
+    :ivar shift_a: the shape that lays ``a``'s shift (with eliminated dims dropped) along the output.
+    :ivar view_a: the shape that lays ``a`` along the union of both operands' dims (max ring).
+    :ivar red_union: positions of the eliminated dims in that union.
+    """
+
+    __slots__ = ("equation", "red_a", "red_b", "shift_a", "shift_b", "view_a", "view_b",
+                 "red_union")
+
+    def __init__(
+        self,
+        equation: str,
+        red_a: tuple[int, ...],
+        red_b: tuple[int, ...],
+        shift_a: tuple[int, ...],
+        shift_b: tuple[int, ...],
+        view_a: tuple[int, ...],
+        view_b: tuple[int, ...],
+        red_union: tuple[int, ...],
+    ) -> None:
+        self.equation = equation
+        self.red_a = red_a
+        self.red_b = red_b
+        self.shift_a = shift_a
+        self.shift_b = shift_b
+        self.view_a = view_a
+        self.view_b = view_b
+        self.red_union = red_union
+
+
+class LogRing(Semiring):
+    """The log sum-product semiring :math:`(\\mathrm{logsumexp}, +, -\\infty, 0)`.
+
+    Its backward step (``choose``) draws an index from the categorical distribution with the given
+    logits (Gumbel-max), so running an elimination plan backward with it gives exact joint posterior
+    samples (forward-filter backward-sample). Gradients of its results give marginals.
+    """
+
+    name: RingName = "log"
+
+    def pair(self, a: torch.Tensor, b: torch.Tensor, spec: PairSpec) -> torch.Tensor:
+        if not spec.red_a and not spec.red_b:
+            # nothing is eliminated: a broadcast product, exact in log space
+            return a.reshape(spec.view_a) + b.reshape(spec.view_b)
+        sa = finite_shift(a.amax(dim=spec.red_a, keepdim=True) if spec.red_a else a)
+        sb = finite_shift(b.amax(dim=spec.red_b, keepdim=True) if spec.red_b else b)
+        out = torch.einsum(spec.equation, (a - sa).exp(), (b - sb).exp())
+        return safe_log(out) + sa.reshape(spec.shift_a) + sb.reshape(spec.shift_b)
+
+    def reduce(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        if not dims:
+            return x
+        s = finite_shift(x.amax(dim=dims, keepdim=True))
+        return safe_log((x - s).exp().sum(dim=dims)) + s.squeeze(dims)
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        sa = finite_shift(a.amax(dim=-1, keepdim=True))
+        sb = finite_shift(b.amax(dim=-2, keepdim=True))
+        return safe_log(torch.matmul((a - sa).exp(), (b - sb).exp())) + sa + sb
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        u = torch.rand_like(logits)
+        tiny = torch.finfo(logits.dtype).tiny
+        gumbel = -(-u.clamp(min=tiny, max=1 - torch.finfo(logits.dtype).eps).log()).log()
+        return (logits + gumbel).argmax(dim=-1)
+
+
+class MaxRing(Semiring):
+    """The max-product (Viterbi) semiring :math:`(\\max, +, -\\infty, 0)`.
+
+    Its backward step (``choose``) is ``argmax``, so running a plan backward gives a MAP assignment.
+    Among tied maxima the first index wins.
+    """
+
+    name: RingName = "max"
+
+    def pair(self, a: torch.Tensor, b: torch.Tensor, spec: PairSpec) -> torch.Tensor:
+        joint = a.reshape(spec.view_a) + b.reshape(spec.view_b)
+        return joint.amax(dim=spec.red_union) if spec.red_union else joint
+
+    def reduce(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        return x.amax(dim=dims) if dims else x
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a.unsqueeze(-1) + b.unsqueeze(-3)).amax(dim=-2)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=-1)
+
+
+LOG = LogRing()
+MAX = MaxRing()
+
+
+def get_ring(name: str) -> Semiring:
+    """Return the ring called ``name`` (``"log"`` or ``"max"``).
+
+    :raises ValueError: for any other name.
+    """
+    if name == "log":
+        return LOG
+    if name == "max":
+        return MAX
+    raise ValueError(f"unknown ring {name!r}; use 'log' (sum-product) or 'max' (max-product)")
