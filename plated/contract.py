@@ -20,7 +20,7 @@ from .errors import GraphError
 from .factor import Plate
 from .markov import scan_backward, scan_forward, unravel
 from .plan import Op, Plan, Structure, make_plan
-from .rings import PairSpec, RingName, Semiring, get_ring
+from .rings import PairSpec, RingName, Semiring, finite_shift, get_ring
 
 __all__ = ["run_plan", "run_backward", "einsum", "check_values"]
 
@@ -102,7 +102,6 @@ def run_plan(
     vals: list[torch.Tensor | None] = [None] * len(plan.slots)
     for k, (t, perm) in enumerate(zip(tensors, plan.input_perms)):
         vals[k] = t.permute(perm) if perm != tuple(range(len(perm))) else t
-    n_in = len(tensors)
     saved: dict[int, tuple[list[torch.Tensor], list[int]]] = {}
     for k, op in enumerate(plan.ops):
         x = vals[op.ins[0]]
@@ -118,6 +117,12 @@ def run_plan(
             r = ring.reduce(x, op.dims)
         elif op.kind == "product":
             r = ring.product(x, op.dims)
+        elif op.kind == "normalize":
+            g = vals[op.ins[1]]
+            assert g is not None
+            for k2 in op.dims:
+                g = g.unsqueeze(k2)
+            r = x - finite_shift(g)
         else:
             assert op.scan is not None
             r, levels, lengths = scan_forward(ring, x, op.scan)
@@ -125,9 +130,8 @@ def run_plan(
                 saved[k] = (levels, lengths)
         vals[op.out] = r
         if not keep:
-            for i in op.ins:
-                if i >= n_in:
-                    vals[i] = None
+            for i in plan.frees[k]:
+                vals[i] = None
     return vals, saved
 
 
@@ -286,7 +290,6 @@ def einsum(
     :raises GraphError: on malformed equations, mismatched sizes, dtypes, devices or bad values,
         or an output that keeps a plated variable without its plates.
     :raises IntractableError: if the contraction has no polynomial-time elimination.
-    :raises NotImplementedError: for ``ring="max"`` outputs that keep a plated variable.
     """
     inputs, outputs = _parse(equation, operands, plates)
     plate_set = set(plates)
@@ -318,25 +321,15 @@ def einsum(
                     f"einsum output {out!r} keeps variable {v!r} without its plates "
                     f"{sorted(missing)}; add them to the output"
                 )
-        plated_vars = [v for v in out_vars if ordinals[v]]
-        if not plated_vars:
-            st = Structure(plate_objs, tuple((tuple(d), tuple(x.shape))
-                                             for d, x in zip(inputs, operands)),
-                           labels, keep_vars=tuple(out_vars), ring=r.name, itemsize=itemsize,
-                           memory_cap=memory_cap)
-            plan = make_plan(st)
-            vals, _ = run_plan(plan, operands, r)
-            res = vals[plan.result]
-            assert res is not None
-            dims = list(plan.result_dims)
-        else:
-            if r.name != "log":
-                raise NotImplementedError(
-                    f"einsum output {out!r} keeps plated variables {plated_vars}, which needs "
-                    "max-marginals; use ring='log', or keep only unplated variables"
-                )
-            res, dims = _clamped_output(plate_objs, inputs, operands, labels, out, itemsize,
-                                        memory_cap)
+        st = Structure(plate_objs, tuple((tuple(d), tuple(x.shape))
+                                         for d, x in zip(inputs, operands)),
+                       labels, keep_vars=tuple(out_vars), ring=r.name, itemsize=itemsize,
+                       memory_cap=memory_cap)
+        plan = make_plan(st)
+        vals, _ = run_plan(plan, operands, r)
+        res = vals[plan.result]
+        assert res is not None
+        dims = list(plan.result_dims)
         # lay out as requested, broadcasting over output plates not present
         for d in out:
             if d not in dims:
@@ -346,33 +339,3 @@ def einsum(
         res = res.expand(tuple(sizes[d] for d in out))
         results.append(res)
     return tuple(results)
-
-
-def _clamped_output(plate_objs: tuple[Plate, ...], inputs: list[str],
-                    operands: Sequence[torch.Tensor], labels: tuple[str, ...], out: str,
-                    itemsize: int, memory_cap: int | None) -> tuple[torch.Tensor, list[str]]:
-    """log Z with output variables clamped per plate element: log Z + log p(output scope)."""
-    x0 = operands[0]
-    probe = torch.zeros(tuple(_size(d, inputs, operands) for d in out), dtype=x0.dtype,
-                        device=x0.device, requires_grad=True)
-    st = Structure(plate_objs, tuple((tuple(d), tuple(x.shape)) for d, x in zip(inputs, operands))
-                   + ((tuple(out), tuple(probe.shape)),), labels + ("output",), ring="log",
-                   itemsize=itemsize, memory_cap=memory_cap)
-    plan = make_plan(st)
-    ring = get_ring("log")
-    with torch.enable_grad():
-        vals, _ = run_plan(plan, [*operands, probe], ring)
-        logz = vals[plan.result]
-        assert logz is not None
-        create = any(x.requires_grad for x in operands)
-        (marg,) = torch.autograd.grad(logz, [probe], create_graph=create)
-    from .rings import safe_log
-
-    return logz + safe_log(marg), list(out)
-
-
-def _size(d: str, inputs: list[str], operands: Sequence[torch.Tensor]) -> int:
-    for dims, x in zip(inputs, operands):
-        if d in dims:
-            return int(x.shape[dims.index(d)])
-    raise GraphError(f"dim {d!r} appears in no input")  # pragma: no cover - parsed earlier

@@ -48,7 +48,7 @@ class Structure:
     :ivar inputs: per factor, its dim names and shape.
     :ivar labels: per factor, the label used in error messages.
     :ivar keep_plates: plates kept in the result (not product-reduced).
-    :ivar keep_vars: variables kept in the result (not eliminated); must live in no plate.
+    :ivar keep_vars: variables kept in the result (not eliminated), as einsum outputs keep them.
     :ivar ring: the ring the plan runs in (memory estimates differ by ring).
     :ivar itemsize: bytes per element of the factors' dtype.
     :ivar memory_cap: an optional cap in bytes on any one step's working memory.
@@ -76,7 +76,7 @@ class Slot:
 
 @dataclass
 class Op:
-    """One step of a plan. ``kind`` is one of ``pair``, ``unary``, ``product``, ``scan``."""
+    """One step of a plan: ``pair``, ``unary``, ``product``, ``scan`` or ``normalize``."""
 
     kind: str
     ins: tuple[int, ...]
@@ -176,6 +176,7 @@ class Plan:
     order: dict[str, int]
     cost: CostReport
     eliminated_by: dict[str, int]
+    frees: list[tuple[int, ...]] = field(default_factory=list)
 
     def var_plates(self, var: str) -> tuple[str, ...]:
         """The plates of ``var`` in declaration order: the leading dims of its MAP/sample/marginal."""
@@ -269,11 +270,8 @@ def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]], d
     for v in s.keep_vars:
         if v not in var_sizes:
             raise GraphError(f"kept variable {v!r} is unknown; it appears in no factor")
-        if ordinals[v]:
-            raise GraphError(
-                f"kept variable {v!r} lives in plates {sorted(ordinals[v])}; only variables in "
-                "no plate can be kept by the planner"
-            )
+        if any(chain_plate.get(v) or prev_plate.get(v) for _ in (0,)):
+            raise GraphError(f"kept variable {v!r} belongs to a chain; chains cannot be kept")
     for k in s.keep_plates:
         if k not in plates:
             what = "a variable" if k in var_sizes else "unknown"
@@ -300,10 +298,15 @@ class _Builder:
         self.plates = {p.name: p for p in s.plates}
         self.chain: dict[str, tuple[str, ...]] = {}  # plate -> curr vars
         self.chain_prev: dict[str, tuple[str, ...]] = {}
+        self.prev_plate: dict[str, str] = {}
+        self.prev_curr: dict[str, str] = {}
         for p in s.plates:
             if p.sequential:
                 self.chain[p.name] = tuple(c for c, _ in p.prev)
                 self.chain_prev[p.name] = tuple(q for _, q in p.prev)
+                for c, q in p.prev:
+                    self.prev_plate[q] = p.name
+                    self.prev_curr[q] = c
         order: dict[str, int] = {}
         for p in s.plates:
             order[p.name] = len(order)
@@ -320,6 +323,8 @@ class _Builder:
         self.ops: list[Op] = []
         self.eliminated_by: dict[str, int] = {}
         self.keep_vars = set(s.keep_vars)
+        self.local_dims: set[str] = set(s.keep_vars)
+        self.local_terms: list[int] = []
         self.keep_plates = frozenset(s.keep_plates)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -333,6 +338,14 @@ class _Builder:
 
     def vars_of(self, slot: int) -> set[str]:
         return {d for d in self.slots[slot].dims if d not in self.plates}
+
+    def eff_ord(self, v: str, where: frozenset[str]) -> frozenset[str]:
+        """The plates ``v`` varies along inside plates ``where``: a previous-value dim inside its
+        sequential plate refers to the chain variable one step back, so it has that one's plates."""
+        t = self.prev_plate.get(v)
+        if t is not None and t in where:
+            return self.ordinals[self.prev_curr[v]]
+        return self.ordinals[v]
 
     def plates_of(self, slot: int) -> frozenset[str]:
         return frozenset(d for d in self.slots[slot].dims if d in self.plates)
@@ -514,7 +527,7 @@ class _Builder:
             L = max(pending, key=lambda x: (len(x), sorted(x)))
             slots = tree.pop(L)
             local = {v for v in set().union(*(self.vars_of(i) for i in slots))
-                     if self.ordinals[v] == L and v not in self.keep_vars}
+                     if self.ordinals[v] == L and v not in self.local_dims}
             scan_plates = [t for t in L if t in self.chain
                            and any(self.ordinals[c] == L for c in self.chain[t])]
             if len(scan_plates) > 1:
@@ -526,35 +539,65 @@ class _Builder:
             if scan_plates:
                 self.scan_leaf(L, scan_plates[0], slots, local, tree)
                 continue
-            for members, elim in self.components(slots, local):
+            kept_here = {v for v in set().union(*(self.vars_of(i) for i in slots))
+                         if self.ordinals[v] == L and v in self.local_dims}
+            for members, elim in self.components(slots, local | kept_here):
+                elim = elim - kept_here
                 r = self.contract(members, elim, f"sum out {sorted(elim)} in {_plate_str(L)}")
                 rest = self.vars_of(r)
-                parent = frozenset().union(*(self.ordinals[v] for v in rest)) | K
+                split = rest & kept_here
+                parent = frozenset().union(
+                    *(self.eff_ord(v, L) for v in rest - split)) | K
                 if parent == L:
-                    raise self.intractable(L, rest)
+                    raise self.intractable(L, rest - split)
+                if split:
+                    r = self.global_local(r, split, L)
                 r = self.product(r, L - parent, f"product over plates {sorted(L - parent)}")
                 tree.setdefault(parent, []).append(r)
 
         roots = tree.pop(K, [])
         local = {v for v in set().union(set(), *(self.vars_of(i) for i in roots))
-                 if v not in self.keep_vars}
+                 if v not in self.local_dims}
         finals = []
         for members, elim in self.components(roots, local):
             finals.append(self.contract(members, elim, f"sum out {sorted(elim)} at the root"))
-        if finals:
+        if self.local_terms:
+            # Pyro's localizing pass: combine the root with the conditional (local) terms and sum
+            # out every variable that is not an output
+            ins = finals + self.local_terms
+            dims = set().union(*(self.vars_of(i) for i in ins)) - self.keep_vars
+            result = self.contract(ins, dims, "combine local terms with the root")
+        else:
             result = self.contract(finals, set(), "combine the root")
-        else:  # pragma: no cover - graphs always have a factor
-            raise GraphError("a plated factor graph needs at least one factor")
-        result_dims = self.canon(set(K) | self.keep_vars)
-        if set(self.slots[result].dims) != set(result_dims):
-            # kept dims absent from every factor cannot happen (validated), but keep plan honest
-            raise GraphError(f"result dims {self.slots[result].dims} differ from {result_dims}")
+        result_dims = self.slots[result].dims
         cost = self.cost(n_inputs)
+        last: dict[int, int] = {}
+        for k, op in enumerate(self.ops):
+            for i in op.ins:
+                last[i] = k
+        frees = [tuple(i for i in op.ins if i >= n_inputs and last[i] == k)
+                 for k, op in enumerate(self.ops)]
         return Plan(s, self.slots, self.ops, input_perms, result, result_dims, self.var_sizes,
-                    self.ordinals, self.order, cost, self.eliminated_by)
+                    self.ordinals, self.order, cost, self.eliminated_by, frees)
+
+    def global_local(self, r: int, split: set[str], L: frozenset[str]) -> int:
+        """Split a term over kept variables ``split`` (plates ``L``) into a global part, which is
+        product-reduced as usual, and a local part, the conditional of ``split`` given the rest,
+        kept aside for the final combination (Pyro's ``global_local``). Every variable of the
+        local part is kept from then on."""
+        src = self.slots[r]
+        red = tuple(k for k, d in enumerate(src.dims) if d in split)
+        g = self.unary(r, tuple(d for d in src.dims if d not in split),
+                       f"total of kept {sorted(split)} in {_plate_str(L)}")
+        loc = self.new_slot(src.dims)
+        self.ops.append(Op("normalize", (r, g), loc, dims=red, flops=src.numel,
+                           temp_numel=0, note=f"conditional of kept {sorted(split)}"))
+        self.local_terms.append(loc)
+        self.local_dims |= self.vars_of(loc)
+        return g
 
     def intractable(self, L: frozenset[str], rest: set[str]) -> IntractableError:
-        by_plates = sorted(f"{v!r} in {_plate_str(self.ordinals[v])}" for v in rest)
+        by_plates = sorted(f"{v!r} in {_plate_str(self.eff_ord(v, L))}" for v in rest)
         return IntractableError(
             f"cannot eliminate plates {_plate_str(L)} in polynomial time: after summing out the "
             f"variables local to {_plate_str(L)}, a factor still couples {', '.join(by_plates)}, "

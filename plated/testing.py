@@ -182,8 +182,9 @@ def random_einsum(seed: int, **kwargs: object) -> tuple[str, list[torch.Tensor],
         if rng.random() < 0.3:
             out.add(v)
             out |= ords[v]
+    used = set(inputs)
     for p in plate_letters:
-        if rng.random() < 0.2:
+        if p in used and rng.random() < 0.2:
             out.add(p)
     order = list(out)
     rng.shuffle(order)
