@@ -34,7 +34,7 @@ def check_values(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None
     if not tensors:
         raise GraphError("a plated factor graph needs at least one factor")
     dtype, device = tensors[0].dtype, tensors[0].device
-    for t, lab in zip(tensors, labels):
+    for t, lab in zip(tensors, labels, strict=True):
         if not t.dtype.is_floating_point:
             raise GraphError(
                 f"factor {lab} has dtype {t.dtype}; factors are log potentials, use a floating "
@@ -100,7 +100,7 @@ def run_plan(
     :return: the value of every slot (``None`` for dropped ones) and the saved levels of each scan.
     """
     vals: list[torch.Tensor | None] = [None] * len(plan.slots)
-    for k, (t, perm) in enumerate(zip(tensors, plan.input_perms)):
+    for k, (t, perm) in enumerate(zip(tensors, plan.input_perms, strict=True)):
         vals[k] = t.permute(perm) if perm != tuple(range(len(perm))) else t
     saved: dict[int, tuple[list[torch.Tensor], list[int]]] = {}
     for k, op in enumerate(plan.ops):
@@ -188,7 +188,7 @@ def run_backward(
             lsizes = tuple(plates[p] for p in out_plates)
             esizes = tuple(plan.var_sizes[e] for e in elim)
             logits = logits.expand((s,) + lsizes + esizes).reshape((s,) + lsizes + (-1,))
-            picked = dict(zip(elim, unravel(ring.choose(logits), esizes)))
+            picked = dict(zip(elim, unravel(ring.choose(logits), esizes), strict=True))
             chosen.update(picked)
             new = {**ctx, **picked}
             for i in op.ins:
@@ -230,7 +230,7 @@ def _parse(equation: str, operands: Sequence[torch.Tensor], plates: str
             f"einsum equation {equation!r} names {len(inputs)} inputs but {len(operands)} "
             "operands were given"
         )
-    for k, (dims, x) in enumerate(zip(inputs, operands)):
+    for k, (dims, x) in enumerate(zip(inputs, operands, strict=True)):
         if not isinstance(x, torch.Tensor):
             raise GraphError(f"einsum operand {k} ({dims!r}) is a {type(x).__name__}, not a Tensor")
         if len(dims) != x.dim():
@@ -294,8 +294,8 @@ def einsum(
     inputs, outputs = _parse(equation, operands, plates)
     plate_set = set(plates)
     sizes: dict[str, int] = {}
-    for dims, x in zip(inputs, operands):
-        for d, n in zip(dims, x.shape):
+    for dims, x in zip(inputs, operands, strict=True):
+        for d, n in zip(dims, x.shape, strict=True):
             if sizes.setdefault(d, int(n)) != n:
                 raise GraphError(f"dim {d!r} has two sizes: {sizes[d]} and {int(n)}")
     plate_objs = tuple(Plate(p, sizes[p]) for p in sorted(plate_set) if p in sizes)
@@ -313,7 +313,6 @@ def einsum(
     results = []
     for out in outputs:
         out_vars = [d for d in out if d not in plate_set]
-        out_plates = [d for d in out if d in plate_set]
         for v in out_vars:
             missing = ordinals[v] - set(out)
             if missing:
@@ -322,20 +321,20 @@ def einsum(
                     f"{sorted(missing)}; add them to the output"
                 )
         st = Structure(plate_objs, tuple((tuple(d), tuple(x.shape))
-                                         for d, x in zip(inputs, operands)),
+                                         for d, x in zip(inputs, operands, strict=True)),
                        labels, keep_vars=tuple(out_vars), ring=r.name, itemsize=itemsize,
                        memory_cap=memory_cap)
         plan = make_plan(st)
         vals, _ = run_plan(plan, operands, r)
         res = vals[plan.result]
         assert res is not None
-        dims = list(plan.result_dims)
+        layout = list(plan.result_dims)
         # lay out as requested, broadcasting over output plates not present
         for d in out:
-            if d not in dims:
+            if d not in layout:
                 res = res.unsqueeze(-1)
-                dims.append(d)
-        res = res.permute([dims.index(d) for d in out])
+                layout.append(d)
+        res = res.permute([layout.index(d) for d in out])
         res = res.expand(tuple(sizes[d] for d in out))
         results.append(res)
     return tuple(results)

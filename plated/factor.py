@@ -73,8 +73,8 @@ class Plate:
     :param sequential: whether the plate is a Markov chain. Requires ``prev``.
     :param prev: for a sequential plate, a mapping from each chain variable to the dim name of its
         previous value.
-    :raises GraphError: on a nonpositive size, a sequential plate without ``prev``, or ``prev`` on an
-        independent plate.
+    :raises GraphError: on a nonpositive size, a sequential plate without ``prev``, or ``prev``
+        on an independent plate.
     """
 
     name: str

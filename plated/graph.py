@@ -215,7 +215,7 @@ class PlatedFactorGraph:
             assert logz is not None
             grads = torch.autograd.grad(logz.sum(), [probes[k] for k in used],
                                         create_graph=create)
-        by_factor = dict(zip(used, grads))
+        by_factor = dict(zip(used, grads, strict=True))
         out = {}
         plate_names = {p.name for p in self.plates}
         for v, k in pick.items():
@@ -243,7 +243,7 @@ class PlatedFactorGraph:
 
 def _check_types(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
     dtype, device = tensors[0].dtype, tensors[0].device
-    for t, lab in zip(tensors, labels):
+    for t, lab in zip(tensors, labels, strict=True):
         if not t.dtype.is_floating_point or t.dtype != dtype or t.device != device:
             raise GraphError(
                 f"factor {lab} has dtype {t.dtype} on {t.device}; every factor must share one "

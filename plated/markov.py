@@ -108,7 +108,7 @@ def scan_backward(
         idx = aligned_arange(j, n) if j < na else ctx[d]
         b = b * n + idx
     left = torch.zeros((1,) * (1 + na), dtype=torch.long, device=device)
-    for q, n in zip(spec.prev, spec.prev_sizes):
+    for q, n in zip(spec.prev, spec.prev_sizes, strict=True):
         left = left * n + (ctx[q] if q in spec.present_prev else 0)
     full = (s,) + after_sizes
     b = b.expand(full).reshape(s, -1)
@@ -118,7 +118,7 @@ def scan_backward(
     last = ring.choose(top[b, left])
     bnd = torch.stack([left, last], dim=-1)
     bcol = b.unsqueeze(-1)
-    for lev, n in zip(reversed(levels[:-1]), reversed(lengths[:-1])):
+    for lev, n in zip(reversed(levels[:-1]), reversed(lengths[:-1]), strict=True):
         pairs = bnd.shape[-1] - 1
         i = torch.arange(pairs, device=device)
         a_rows = lev[bcol, 2 * i, bnd[..., :-1], :]
@@ -132,8 +132,10 @@ def scan_backward(
     def to_before(flat: torch.Tensor) -> torch.Tensor:
         return flat.reshape(full + (spec.length,)).movedim(-1, 1 + t_pos)
 
-    chosen = dict(zip(spec.curr, (to_before(v) for v in unravel(bnd[..., 1:], spec.curr_sizes))))
+    currs = [to_before(v) for v in unravel(bnd[..., 1:], spec.curr_sizes)]
+    chosen = dict(zip(spec.curr, currs, strict=True))
     child = {k: v.unsqueeze(1 + t_pos) for k, v in ctx.items()}
     child.update(chosen)
-    child.update(zip(spec.prev, (to_before(v) for v in unravel(bnd[..., :-1], spec.prev_sizes))))
+    prevs = [to_before(v) for v in unravel(bnd[..., :-1], spec.prev_sizes)]
+    child.update(zip(spec.prev, prevs, strict=True))
     return chosen, child

@@ -72,7 +72,7 @@ def _analyse(factors: Sequence[Factor], plates: Sequence[Plate]
     ords: dict[str, set[str]] = {}
     for f in factors:
         fp = {d for d in f.dims if d in names}
-        for d, n in zip(f.dims, f.tensor.shape):
+        for d, n in zip(f.dims, f.tensor.shape, strict=True):
             if sizes.setdefault(d, int(n)) != n:
                 raise GraphError(f"dim {d!r} has two sizes")
             if d in names:
@@ -118,7 +118,7 @@ def enumerate_joint(factors: Sequence[Factor], plates: Sequence[Plate] = (),
     for f in factors:
         fplates = [d for d in f.dims if d in plate_sizes]
         for e in itertools.product(*(range(plate_sizes[p]) for p in fplates)):
-            where = dict(zip(fplates, e))
+            where = dict(zip(fplates, e, strict=True))
             idx: list[torch.Tensor | int] = []
             for d in f.dims:
                 if d in plate_sizes:
@@ -185,9 +185,10 @@ def einsum(equation: str, *operands: torch.Tensor, plates: str = "", ring: str =
     """
     lhs, rhs = equation.replace(" ", "").split("->")
     inputs = lhs.split(",")
-    sizes = {d: int(n) for dims, x in zip(inputs, operands) for d, n in zip(dims, x.shape)}
+    sizes = {d: int(n) for dims, x in zip(inputs, operands, strict=True)
+             for d, n in zip(dims, x.shape, strict=True)}
     plate_objs = [Plate(p, sizes[p]) for p in sorted(set(plates)) if p in sizes]
-    factors = [Factor(x, tuple(dims)) for dims, x in zip(inputs, operands)]
+    factors = [Factor(x, tuple(dims)) for dims, x in zip(inputs, operands, strict=True)]
     en = enumerate_joint(factors, plate_objs)
     results = []
     for out in rhs.split(","):
@@ -197,7 +198,7 @@ def einsum(equation: str, *operands: torch.Tensor, plates: str = "", ring: str =
         out_vars = [d for d in out if d not in set(plates)]
         flat = []
         for e in itertools.product(*(range(sizes[p]) for p in out_plates)):
-            where = dict(zip(out_plates, e))
+            where = dict(zip(out_plates, e, strict=True))
             key = torch.zeros(en.log_joint.shape, dtype=torch.long, device=res.device)
             for v in out_vars:
                 col = en.copies.index((v, tuple(where[p] for p in en.var_plates[v])))

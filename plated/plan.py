@@ -179,7 +179,7 @@ class Plan:
     frees: list[tuple[int, ...]] = field(default_factory=list)
 
     def var_plates(self, var: str) -> tuple[str, ...]:
-        """The plates of ``var`` in declaration order: the leading dims of its MAP/sample/marginal."""
+        """The plates of ``var`` in declaration order (leading dims of its MAP/sample/marginal)."""
         return tuple(p.name for p in self.structure.plates if p.name in self.ordinals[var])
 
 
@@ -195,8 +195,8 @@ def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]], d
         raise GraphError(f"plate {dup[0]!r} is declared twice; give each plate one name")
     sizes: dict[str, int] = {}
     where: dict[str, str] = {}
-    for (dims, shape), label in zip(s.inputs, s.labels):
-        for d, n in zip(dims, shape):
+    for (dims, shape), label in zip(s.inputs, s.labels, strict=True):
+        for d, n in zip(dims, shape, strict=True):
             if d in plates and n != plates[d].size:
                 raise GraphError(
                     f"factor {label} has size {n} along plate {d!r}, but the plate has size "
@@ -240,7 +240,7 @@ def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]], d
             var_sizes.setdefault(prev, var_sizes[curr])
 
     ordinals: dict[str, frozenset[str]] = {}
-    for (dims, _), _label in zip(s.inputs, s.labels):
+    for (dims, _), _label in zip(s.inputs, s.labels, strict=True):
         fplates = frozenset(d for d in dims if d in plates)
         for d in dims:
             if d in plates:
@@ -250,14 +250,14 @@ def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]], d
     for curr, t in chain_plate.items():
         prev = dict(next(p for p in s.plates if p.name == t).prev)[curr]
         if t not in ordinals[curr]:
-            bad = [lab for (dims, _), lab in zip(s.inputs, s.labels)
+            bad = [lab for (dims, _), lab in zip(s.inputs, s.labels, strict=True)
                    if curr in dims and t not in dims]
             raise GraphError(
                 f"chain variable {curr!r} of sequential plate {t!r} appears in factor "
                 f"{bad[0]} outside the plate; every factor over a chain variable must include "
                 f"dim {t!r} (use {prev!r} outside the plate for the initial state)"
             )
-        for (dims, _), lab in zip(s.inputs, s.labels):
+        for (dims, _), lab in zip(s.inputs, s.labels, strict=True):
             if prev in dims and t in dims:
                 missing = ordinals[curr] - set(dims)
                 if missing:
@@ -278,7 +278,7 @@ def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]], d
             raise GraphError(f"kept plate {k!r} is {what}, not a declared plate")
         if plates[k].sequential:
             raise GraphError(f"plate {k!r} is sequential and cannot be kept in the result")
-        for (dims, _), lab in zip(s.inputs, s.labels):
+        for (dims, _), lab in zip(s.inputs, s.labels, strict=True):
             if k not in dims:
                 raise GraphError(
                     f"plate {k!r} is kept in the result but factor {lab} is not in it; a kept "
@@ -328,7 +328,7 @@ class _Builder:
         self.keep_plates = frozenset(s.keep_plates)
 
     # -- helpers -------------------------------------------------------------------------------
-    def canon(self, dims: set[str] | Sequence[str]) -> tuple[str, ...]:
+    def canon(self, dims: set[str] | frozenset[str] | Sequence[str]) -> tuple[str, ...]:
         return tuple(sorted(dims, key=self.order.__getitem__))
 
     def new_slot(self, dims: Sequence[str]) -> int:
@@ -565,8 +565,8 @@ class _Builder:
             # Pyro's localizing pass: combine the root with the conditional (local) terms and sum
             # out every variable that is not an output
             ins = finals + self.local_terms
-            dims = set().union(*(self.vars_of(i) for i in ins)) - self.keep_vars
-            result = self.contract(ins, dims, "combine local terms with the root")
+            elim_all = set().union(*(self.vars_of(i) for i in ins)) - self.keep_vars
+            result = self.contract(ins, elim_all, "combine local terms with the root")
         else:
             result = self.contract(finals, set(), "combine the root")
         result_dims = self.slots[result].dims

@@ -76,7 +76,7 @@ class PairSpec:
 
     :ivar equation: a :func:`torch.einsum` equation over letters.
     :ivar red_a: positions of ``a``'s dims eliminated by this step (likewise ``red_b``).
-    :ivar shift_a: the shape that lays ``a``'s shift (with eliminated dims dropped) along the output.
+    :ivar shift_a: the shape that lays ``a``'s shift (eliminated dims dropped) along the output.
     :ivar view_a: the shape that lays ``a`` along the union of both operands' dims (max ring).
     :ivar red_union: positions of the eliminated dims in that union.
     """

@@ -65,7 +65,7 @@ def random_graph(
         names = [f"p{i}" for i in range(n_plates)]
         parents: dict[str, str | None] = {}
         for i, p in enumerate(names):
-            parents[p] = rng.choice([None] + names[:i])
+            parents[p] = rng.choice([None, *names[:i]])
         sizes = {p: rng.randint(1, max_plate_size) for p in names}
         branch = _branches(parents)
         seq = None
