@@ -18,11 +18,14 @@ import torch
 
 from .errors import GraphError
 from .factor import Plate
-from .markov import scan_backward, scan_forward, unravel
+from .markov import chain_backward, chain_forward, scan_backward, scan_forward, unravel
 from .plan import Op, Plan, Structure, make_plan
 from .rings import PairSpec, RingName, Semiring, finite_shift, get_ring
 
 __all__ = ["run_plan", "run_backward", "einsum", "check_values"]
+
+
+Saved = tuple[list[torch.Tensor], list[int], torch.Tensor | None]
 
 
 def check_values(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
@@ -50,15 +53,18 @@ def check_values(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None
                 f"factor {lab} is on {t.device} but factor {labels[0]} is on {device}; move all "
                 "factors to one device"
             )
-    bad = torch.stack([(t.isnan() | (t == torch.inf)).any() for t in tensors])
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0, 0])
-        t = tensors[k]
-        what = "NaN" if bool(t.isnan().any()) else "+inf"
-        raise GraphError(
-            f"factor {labels[k]} contains {what}; factors are log potentials, finite or -inf "
-            "(a hard zero)"
-        )
+    # one reduction per factor and one sync: a NaN or +inf anywhere makes its sum NaN or +inf
+    # (-inf alone gives -inf); on suspicion, look factor by factor
+    total = torch.stack([t.detach().sum(dtype=torch.float64) for t in tensors])
+    suspect = torch.isnan(total) | (total == torch.inf)
+    if bool(suspect.any()):
+        for k, t in enumerate(tensors):
+            has_nan = bool(t.isnan().any())
+            if has_nan or bool((t == torch.inf).any()):
+                raise GraphError(
+                    f"factor {labels[k]} contains {'NaN' if has_nan else '+inf'}; factors are "
+                    "log potentials, finite or -inf (a hard zero)"
+                )
 
 
 def _chunk_spec(spec: PairSpec, out_pos: int, union_pos: int, n: int) -> PairSpec:
@@ -91,7 +97,7 @@ def _sliced_pair(ring: Semiring, plan: Plan, op: Op, a: torch.Tensor, b: torch.T
 
 def run_plan(
     plan: Plan, tensors: Sequence[torch.Tensor], ring: Semiring, keep: bool = False
-) -> tuple[list[torch.Tensor | None], dict[int, tuple[list[torch.Tensor], list[int]]]]:
+) -> tuple[list[torch.Tensor | None], dict[int, Saved]]:
     """Run ``plan`` forward in ``ring``.
 
     :param tensors: the factors' tensors, in the structure's order and dim order.
@@ -102,7 +108,7 @@ def run_plan(
     vals: list[torch.Tensor | None] = [None] * len(plan.slots)
     for k, (t, perm) in enumerate(zip(tensors, plan.input_perms, strict=True)):
         vals[k] = t.permute(perm) if perm != tuple(range(len(perm))) else t
-    saved: dict[int, tuple[list[torch.Tensor], list[int]]] = {}
+    saved: dict[int, Saved] = {}
     for k, op in enumerate(plan.ops):
         x = vals[op.ins[0]]
         assert x is not None
@@ -117,6 +123,12 @@ def run_plan(
             r = ring.reduce(x, op.dims)
         elif op.kind == "product":
             r = ring.product(x, op.dims)
+        elif op.kind == "chain":
+            assert op.chain is not None
+            xs = [vals[i] for i in op.ins]
+            r, levels, lengths, start = chain_forward(ring, xs, op.chain)  # type: ignore[arg-type]
+            if keep:
+                saved[k] = (levels, lengths, start)
         elif op.kind == "normalize":
             g = vals[op.ins[1]]
             assert g is not None
@@ -127,7 +139,7 @@ def run_plan(
             assert op.scan is not None
             r, levels, lengths = scan_forward(ring, x, op.scan)
             if keep:
-                saved[k] = (levels, lengths)
+                saved[k] = (levels, lengths, None)
         vals[op.out] = r
         if not keep:
             for i in plan.frees[k]:
@@ -158,7 +170,7 @@ def _gather(x: torch.Tensor, dims: tuple[str, ...], ctx: dict[str, torch.Tensor]
 def run_backward(
     plan: Plan,
     vals: list[torch.Tensor | None],
-    saved: dict[int, tuple[list[torch.Tensor], list[int]]],
+    saved: dict[int, Saved],
     ring: Semiring,
     num_samples: int,
 ) -> dict[str, torch.Tensor]:
@@ -203,9 +215,18 @@ def run_backward(
                     v = v.unsqueeze(1 + pos)
                 new[name] = v
             ctxs[op.ins[0]] = new
+        elif op.kind == "chain":
+            assert op.chain is not None
+            levels, lengths, start = saved[k]
+            picked = chain_backward(ring, levels, lengths, start, op.chain, ctx, s, out_plates,
+                                    plates)
+            chosen.update(picked)
+            new = {**ctx, **picked}
+            for i in op.ins:
+                ctxs[i] = new
         else:
             assert op.scan is not None
-            levels, lengths = saved[k]
+            levels, lengths, _ = saved[k]
             picked, child = scan_backward(ring, levels, lengths, op.scan, ctx, s, plates)
             chosen.update(picked)
             ctxs[op.ins[0]] = child

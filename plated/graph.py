@@ -182,8 +182,9 @@ class PlatedFactorGraph:
         plan, vals, saved = self._run(LOG, keep=True)
         with torch.no_grad():
             return run_backward(plan, [None if v is None else v.detach() for v in vals],
-                                {k: ([x.detach() for x in lv], ln) for k, (lv, ln)
-                                 in saved.items()}, LOG, num_samples)
+                                {k: ([x.detach() for x in lv], ln,
+                                     None if st is None else st.detach())
+                                 for k, (lv, ln, st) in saved.items()}, LOG, num_samples)
 
     def marginals(self) -> dict[str, torch.Tensor]:
         """Posterior marginal of every variable, by differentiating :math:`\\log Z`.

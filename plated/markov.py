@@ -20,10 +20,71 @@ import math
 
 import torch
 
-from .plan import ScanSpec
+from .plan import ChainSpec, ScanSpec
 from .rings import Semiring
 
-__all__ = ["scan_forward", "scan_backward", "unravel"]
+__all__ = ["scan_forward", "scan_backward", "chain_forward", "chain_backward", "unravel",
+           "scan_levels", "descend"]
+
+
+def scan_levels(ring: Semiring, m: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    """All levels of the pairwise product tree of ``m`` ``(batch, n, K, K)``.
+
+    :return: the padded tensor of every level, the last ``(batch, 1, K, K)`` being the product of
+        all ``n`` matrices; and each level's unpadded length.
+    """
+    batch, _, k, _ = m.shape
+    levels: list[torch.Tensor] = []
+    lengths: list[int] = []
+    while True:
+        n = m.shape[1]
+        lengths.append(n)
+        if n == 1:
+            levels.append(m)
+            return levels, lengths
+        if n % 2:
+            eye = ring.identity(k, m).expand(batch, 1, k, k)
+            m = torch.cat([m, eye], dim=1)
+        levels.append(m)
+        m = ring.matmul(m[:, 0::2], m[:, 1::2])
+
+
+def descend(ring: Semiring, levels: list[torch.Tensor], lengths: list[int], b: torch.Tensor,
+            bnd: torch.Tensor) -> torch.Tensor:
+    """Choose every interior state of a chain given its two end states.
+
+    :param b: batch index into the levels, ``(S, P)``.
+    :param bnd: the states before the first and after the last matrix, ``(S, P, 2)``.
+    :return: all ``n + 1`` states, ``(S, P, n + 1)``.
+    """
+    s = b.shape[0]
+    bcol = b.unsqueeze(-1)
+    for lev, n in zip(reversed(levels[:-1]), reversed(lengths[:-1]), strict=True):
+        pairs = bnd.shape[-1] - 1
+        i = torch.arange(pairs, device=b.device)
+        a_rows = lev[bcol, 2 * i, bnd[..., :-1], :]
+        b_cols = lev[bcol, 2 * i + 1, :, bnd[..., 1:]]
+        mid = ring.choose(a_rows + b_cols)
+        inter = torch.stack([bnd[..., :-1], mid], dim=-1).reshape(s, -1, 2 * pairs)
+        bnd = torch.cat([inter, bnd[..., -1:]], dim=-1)[..., : n + 1]
+    return bnd
+
+
+def _batch_index(batch_dims: tuple[str, ...], batch_shape: tuple[int, ...],
+                 plates: tuple[str, ...], ctx: dict[str, torch.Tensor], device: torch.device
+                 ) -> torch.Tensor:
+    """Flat index over ``batch_dims`` (plates first, then variables), aligned to ``plates``."""
+    na = len(plates)
+    b = torch.zeros((1,) * (1 + na), dtype=torch.long, device=device)
+    for d, n in zip(batch_dims, batch_shape, strict=True):
+        if d in plates:
+            shape = [1] * (1 + na)
+            shape[1 + plates.index(d)] = n
+            idx = torch.arange(n, device=device).view(shape)
+        else:
+            idx = ctx[d]
+        b = b * n + idx
+    return b
 
 
 def scan_forward(
@@ -41,20 +102,8 @@ def scan_forward(
     k = spec.state
     m = x.permute(spec.in_perm).reshape(spec.in_view).expand(spec.in_full)
     m = m.reshape(batch, spec.length, k, k)
-    levels: list[torch.Tensor] = []
-    lengths: list[int] = []
-    while True:
-        n = m.shape[1]
-        lengths.append(n)
-        if n == 1:
-            levels.append(m)
-            break
-        if n % 2:
-            eye = ring.identity(k, m).expand(batch, 1, k, k)
-            m = torch.cat([m, eye], dim=1)
-        levels.append(m)
-        m = ring.matmul(m[:, 0::2], m[:, 1::2])
-    top = m[:, 0]
+    levels, lengths = scan_levels(ring, m)
+    top = levels[-1][:, 0]
     res = ring.reduce(top, (-1,))  # eliminate the last state of the chain
     res = res.reshape(tuple(spec.batch_shape) + tuple(spec.prev_sizes))
     nb = len(spec.batch_shape)
@@ -116,16 +165,7 @@ def scan_backward(
 
     top = levels[-1][:, 0]
     last = ring.choose(top[b, left])
-    bnd = torch.stack([left, last], dim=-1)
-    bcol = b.unsqueeze(-1)
-    for lev, n in zip(reversed(levels[:-1]), reversed(lengths[:-1]), strict=True):
-        pairs = bnd.shape[-1] - 1
-        i = torch.arange(pairs, device=device)
-        a_rows = lev[bcol, 2 * i, bnd[..., :-1], :]
-        b_cols = lev[bcol, 2 * i + 1, :, bnd[..., 1:]]
-        mid = ring.choose(a_rows + b_cols)
-        inter = torch.stack([bnd[..., :-1], mid], dim=-1).reshape(s, -1, 2 * pairs)
-        bnd = torch.cat([inter, bnd[..., -1:]], dim=-1)[..., : n + 1]
+    bnd = descend(ring, levels, lengths, b, torch.stack([left, last], dim=-1))
 
     t_pos = spec.plates_before.index(spec.plate)
 
@@ -139,3 +179,62 @@ def scan_backward(
     prevs = [to_before(v) for v in unravel(bnd[..., :-1], spec.prev_sizes)]
     child.update(zip(spec.prev, prevs, strict=True))
     return chosen, child
+
+
+def chain_forward(ring: Semiring, xs: list[torch.Tensor], spec: ChainSpec
+                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[int], torch.Tensor | None]:
+    """Eliminate a chain of variables found inside a contraction (see :class:`ChainSpec`).
+
+    :return: the result over the batch dims, the scan levels and lengths, and the start vector
+        ``(batch, K)`` (or ``None``) needed by :func:`chain_backward`.
+    """
+    k = spec.size
+    n = len(spec.vars) - 1
+    bshape = spec.batch_shape
+    batch = math.prod(bshape)
+    steps: list[torch.Tensor | None] = [None] * n
+    start: torch.Tensor | None = None
+    const: torch.Tensor | None = None
+    for x, (role, step, perm, view) in zip(xs, spec.parts, strict=True):
+        y = x.permute(perm).reshape(view)
+        if role in ("edge", "next"):
+            old = steps[step]
+            steps[step] = y if old is None else old + y
+        elif role == "start":
+            start = y if start is None else start + y
+        else:
+            const = y if const is None else const + y
+    mats = [m.expand(*bshape, k, k) for m in steps if m is not None]
+    m = torch.stack(mats, dim=-3).reshape(batch, n, k, k)
+    levels, lengths = scan_levels(ring, m)
+    top = levels[-1][:, 0]
+    flat_start = None
+    if start is not None:
+        flat_start = start.expand(*bshape, k).reshape(batch, k)
+        top = top + flat_start.unsqueeze(-1)
+    res = ring.reduce(top, (-2, -1)).reshape(bshape)
+    if const is not None:
+        res = res + const
+    return res, levels, lengths, flat_start
+
+
+def chain_backward(ring: Semiring, levels: list[torch.Tensor], lengths: list[int],
+                   start: torch.Tensor | None, spec: ChainSpec, ctx: dict[str, torch.Tensor],
+                   num_samples: int, plates: tuple[str, ...], plate_sizes: dict[str, int]
+                   ) -> dict[str, torch.Tensor]:
+    """Choose every variable of a chain given the chosen values of its batch variables.
+
+    :return: each chain variable, ``(S, *plates)``.
+    """
+    device = levels[0].device
+    s = num_samples
+    full = (s,) + tuple(plate_sizes[p] for p in plates)
+    b = _batch_index(spec.batch_dims, spec.batch_shape, plates, ctx, device)
+    b = b.expand(full).reshape(s, -1)
+    top = levels[-1][:, 0]
+    if start is not None:
+        top = top + start.unsqueeze(-1)
+    first = ring.choose(ring.reduce(top, (-1,))[b])
+    last = ring.choose(top[b, first])
+    bnd = descend(ring, levels, lengths, b, torch.stack([first, last], dim=-1))
+    return {v: bnd[..., t].reshape(full) for t, v in enumerate(spec.vars)}

@@ -39,6 +39,10 @@ __all__ = [
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
+#: Contractions that eliminate a chain of at least this many equal-sized variables (an unrolled
+#: HMM, say) run as one parallel scan instead of pairwise steps. Set to a huge value to disable.
+CHAIN_MIN_LENGTH = 8
+
 
 @dataclass(frozen=True)
 class Structure:
@@ -76,7 +80,8 @@ class Slot:
 
 @dataclass
 class Op:
-    """One step of a plan: ``pair``, ``unary``, ``product``, ``scan`` or ``normalize``."""
+    """One step of a plan: ``pair``, ``unary``, ``product``, ``scan``, ``chain`` or
+    ``normalize``."""
 
     kind: str
     ins: tuple[int, ...]
@@ -85,6 +90,7 @@ class Op:
     spec: PairSpec | None = None
     dims: tuple[int, ...] = ()
     scan: ScanSpec | None = None
+    chain: ChainSpec | None = None
     flops: int = 0
     temp_numel: int = 0
     slice_dim: int | None = None
@@ -112,6 +118,25 @@ class ScanSpec:
     out_perm: tuple[int, ...]
     plates_before: tuple[str, ...]
     plates_after: tuple[str, ...]
+
+
+@dataclass
+class ChainSpec:
+    """Layout of a chain of variables found inside one contraction (see :meth:`_Builder.chain_scan`).
+
+    The chain ``v_0 - v_1 - ... - v_n`` of equal-sized variables is eliminated by the same
+    parallel scan as a sequential plate. Each input is laid out as ``(*batch, K, K)`` (an edge
+    between ``v_t`` and ``v_{t+1}``), ``(*batch, 1, K)`` (a unary factor of ``v_{t+1}``),
+    ``(*batch, K)`` (a unary factor of ``v_0``) or ``(*batch,)`` (a constant).
+    """
+
+    vars: tuple[str, ...]
+    size: int
+    batch_dims: tuple[str, ...]
+    batch_shape: tuple[int, ...]
+    # per input: (role, step, perm, view); role is "edge", "next", "start" or "const"
+    parts: tuple[tuple[str, int, tuple[int, ...], tuple[int, ...]], ...]
+    out_perm: tuple[int, ...]
 
 
 @dataclass
@@ -362,6 +387,9 @@ class _Builder:
             return self.unary(i, out_dims, note)
         if len(ins) == 2:
             return self.pair(ins[0], ins[1], out_dims, note)
+        chained = self.chain_scan(ins, elim, out_dims, note)
+        if chained is not None:
+            return chained
         symbols = {d: opt_einsum.get_symbol(k) for k, d in enumerate(self.canon(all_dims))}
         eq = (",".join("".join(symbols[d] for d in self.slots[i].dims) for i in ins) + "->"
               + "".join(symbols[d] for d in out_dims))
@@ -389,6 +417,73 @@ class _Builder:
             live.append(r)
         (r,) = live
         return r
+
+    def chain_scan(self, ins: list[int], elim: set[str], out_dims: tuple[str, ...], note: str
+              ) -> int | None:
+        """Recognise a long chain among ``ins`` and eliminate it by parallel scan.
+
+        Applies when the eliminated variables all have one size and the inputs are edges
+        between consecutive variables of a path through all of them, unary factors or
+        constants; e.g. an HMM unrolled into one einsum. Returns ``None`` otherwise.
+        """
+        if len(elim) < CHAIN_MIN_LENGTH:
+            return None
+        sizes = {self.sizes[v] for v in elim}
+        if len(sizes) != 1:
+            return None
+        (k,) = sizes
+        scopes = [tuple(d for d in self.slots[i].dims if d in elim) for i in ins]
+        if any(len(sc) > 2 for sc in scopes):
+            return None
+        nbrs: dict[str, set[str]] = {v: set() for v in elim}
+        for sc in scopes:
+            if len(sc) == 2:
+                nbrs[sc[0]].add(sc[1])
+                nbrs[sc[1]].add(sc[0])
+        ends = [v for v, n in nbrs.items() if len(n) == 1]
+        if any(len(n) > 2 or not n for n in nbrs.values()) or len(ends) != 2:
+            return None
+        order = [min(ends, key=self.order.__getitem__)]
+        while len(order) < len(elim):
+            nxt = nbrs[order[-1]] - ({order[-2]} if len(order) > 1 else set())
+            if len(nxt) != 1:
+                return None
+            order.append(nxt.pop())
+        pos = {v: t for t, v in enumerate(order)}
+        batch = out_dims
+        parts = []
+        for i, sc in zip(ins, scopes, strict=True):
+            dims = self.slots[i].dims
+            rest = [d for d in batch if d in dims]
+            view_b = [self.sizes[d] if d in dims else 1 for d in batch]
+            if len(sc) == 2:
+                a, b = sorted(sc, key=pos.__getitem__)
+                if pos[b] != pos[a] + 1:
+                    return None  # pragma: no cover - a path's edges join neighbours
+                role, step, tail = "edge", pos[a], [a, b]
+                view = (*view_b, k, k)
+            elif len(sc) == 1:
+                (v,) = sc
+                if pos[v] == 0:
+                    role, step, tail, view = "start", 0, [v], (*view_b, k)
+                else:
+                    role, step, tail, view = "next", pos[v] - 1, [v], (*view_b, 1, k)
+            else:
+                role, step, tail, view = "const", 0, [], tuple(view_b)
+            perm = tuple(dims.index(d) for d in rest + tail)
+            parts.append((role, step, perm, tuple(view)))
+        out = self.new_slot(out_dims)
+        spec = ChainSpec(tuple(order), k, batch, tuple(self.sizes[d] for d in batch),
+                         tuple(parts), tuple(range(len(batch))))
+        nb = math.prod(spec.batch_shape)
+        n = len(order) - 1
+        flops = 2 * nb * n * k ** 3
+        temp = 2 * nb * n * k * k if self.s.ring == "log" else nb * n * k ** 3
+        self.ops.append(Op("chain", tuple(ins), out, elim=tuple(order), chain=spec, flops=flops,
+                           temp_numel=temp, note=f"{note}: chain of {len(order)} variables by "
+                           "parallel scan"))
+        self._record_elim(order, len(self.ops) - 1)
+        return out
 
     def unary(self, i: int, out_dims: tuple[str, ...], note: str) -> int:
         src = self.slots[i]
@@ -543,7 +638,7 @@ class _Builder:
                          if self.ordinals[v] == L and v in self.local_dims}
             for members, elim in self.components(slots, local | kept_here):
                 elim = elim - kept_here
-                r = self.contract(members, elim, f"sum out {sorted(elim)} in {_plate_str(L)}")
+                r = self.contract(members, elim, f"in {_plate_str(L)}")
                 rest = self.vars_of(r)
                 split = rest & kept_here
                 parent = frozenset().union(
@@ -560,7 +655,7 @@ class _Builder:
                  if v not in self.local_dims}
         finals = []
         for members, elim in self.components(roots, local):
-            finals.append(self.contract(members, elim, f"sum out {sorted(elim)} at the root"))
+            finals.append(self.contract(members, elim, "at the root"))
         if self.local_terms:
             # Pyro's localizing pass: combine the root with the conditional (local) terms and sum
             # out every variable that is not an output
@@ -620,8 +715,7 @@ class _Builder:
         nonchain = local - set(curr)
         parts = []
         for members, elim in self.components(slots, nonchain):
-            parts.append(self.contract(members, elim,
-                                       f"sum out {sorted(elim)} per element of {t!r}"))
+            parts.append(self.contract(members, elim, f"per element of {t!r}"))
         x = self.contract(parts, set(), f"transition of chain {t!r}") if len(parts) > 1 \
             else parts[0]
         outer = self.vars_of(x) - set(curr) - set(prev)
@@ -691,7 +785,8 @@ class _Builder:
         for k, op in enumerate(self.ops):
             out = self.slots[op.out].numel
             peak = max(peak, inputs + live + out + op.temp_numel)
-            saved += out + (op.temp_numel if op.kind in ("pair", "scan", "unary") else 0)
+            saved += out + (op.temp_numel if op.kind in ("pair", "scan", "unary", "chain")
+                            else 0)
             live += out
             for i in op.ins:
                 if i >= n_inputs and consumer.get(i) == k:
@@ -700,8 +795,12 @@ class _Builder:
             ins = " x ".join("(" + ",".join(self.slots[i].dims) + ")" for i in op.ins)
             sl = f" [sliced {op.slice_chunks}x along {self.slots[op.out].dims[op.slice_dim]!r}]" \
                 if op.slice_dim is not None else ""
-            steps.append(f"{op.kind:7s} {ins} -> ({','.join(self.slots[op.out].dims)})  "
-                         f"{op.note}{sl}")
+            what = f"sum out {list(op.elim)} " if op.kind in ("pair", "unary") and op.elim \
+                else ""
+            if op.kind == "chain":
+                ins = f"{len(op.ins)} factors"
+            steps.append(f"{op.kind:9s} {ins} -> ({','.join(self.slots[op.out].dims)})  "
+                         f"{what}{op.note}{sl}")
         return CostReport(flops=flops, peak_bytes=peak * item, peak_bytes_saved=saved * item,
                           steps=steps)
 

@@ -24,16 +24,30 @@ __all__ = ["RingName", "Semiring", "LogRing", "MaxRing", "get_ring", "safe_log",
 RingName = Literal["log", "max"]
 
 
+class _SafeLog(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.log()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
+                 ) -> torch.Tensor:
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        (g,) = grads
+        return torch.where(x > 0, g / x, torch.zeros_like(g))
+
+
 def safe_log(x: torch.Tensor) -> torch.Tensor:
     """``log(x)`` for ``x >= 0`` with ``log(0) = -inf`` and a zero (not NaN) gradient at 0."""
-    pos = x > 0
-    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).log(), -torch.inf)
+    if x.requires_grad:
+        return _SafeLog.apply(x)
+    return x.log()
 
 
 def finite_shift(m: torch.Tensor) -> torch.Tensor:
     """Detach a max used as a shift and replace ``-inf`` (an all-zero slice) by 0."""
-    m = m.detach()
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.nan_to_num(m.detach(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class Semiring:
