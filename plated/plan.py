@@ -122,7 +122,7 @@ class ScanSpec:
 
 @dataclass
 class ChainSpec:
-    """Layout of a chain of variables found inside one contraction (see :meth:`_Builder.chain_scan`).
+    """Layout of a chain of variables inside one contraction (see ``_Builder.chain_scan``).
 
     The chain ``v_0 - v_1 - ... - v_n`` of equal-sized variables is eliminated by the same
     parallel scan as a sequential plate. Each input is laid out as ``(*batch, K, K)`` (an edge
