@@ -7,11 +7,13 @@ marginals with batched einsum contractions.
 
 Two faces:
 
-* :func:`plated.einsum` — the functional face, with the semantics of
+* :func:`~plated.contract.einsum` — the functional face, with the semantics of
   :func:`pyro.ops.contract.einsum`;
-* :class:`plated.PlatedFactorGraph` — the graph face, with :meth:`~PlatedFactorGraph.log_partition`,
-  :meth:`~PlatedFactorGraph.map`, :meth:`~PlatedFactorGraph.sample`,
-  :meth:`~PlatedFactorGraph.marginals` and :meth:`~PlatedFactorGraph.cost`.
+* :class:`~plated.graph.PlatedFactorGraph` — the graph face, with
+  :meth:`~plated.graph.PlatedFactorGraph.log_partition`,
+  :meth:`~plated.graph.PlatedFactorGraph.map`, :meth:`~plated.graph.PlatedFactorGraph.sample`,
+  :meth:`~plated.graph.PlatedFactorGraph.marginals` and
+  :meth:`~plated.graph.PlatedFactorGraph.cost`.
 
 :mod:`plated.naive` is the brute-force twin used to check both.
 """

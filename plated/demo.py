@@ -76,7 +76,7 @@ def true_params(num_states: int, dtype: torch.dtype, device: torch.device) -> HM
         init_logits=torch.zeros(k, dtype=dtype, device=device),
         trans_logits=trans.log().to(device),
         loc=loc.to(device),
-        log_scale=torch.full((k,), math.log(1.0), dtype=dtype, device=device),
+        log_scale=torch.zeros(k, dtype=dtype, device=device),  # unit scales
     )
 
 
@@ -156,7 +156,7 @@ def init_params(
     obs: torch.Tensor, num_states: int, generator: torch.Generator
 ) -> HMMParams:
     """A plain start: uniform initial and transition probabilities, emission means at evenly
-    spaced quantiles of the data (in a random order, so the fitted labels are not the true ones)
+    spaced quantiles of the data (in a random order, so fitted labels need not match true ones)
     and one shared scale.
 
     Gradient ascent, like EM, finds a local optimum; starting the means spread over the data keeps

@@ -179,7 +179,7 @@ def sample(factors: Sequence[Factor], plates: Sequence[Plate] = (), num_samples:
 
 def einsum(equation: str, *operands: torch.Tensor, plates: str = "", ring: str = "log"
            ) -> tuple[torch.Tensor, ...]:
-    """Brute-force :func:`plated.einsum`: unroll, enumerate, and reduce per output.
+    """Brute-force :func:`~plated.contract.einsum`: unroll, enumerate, and reduce per output.
 
     ``ring`` is ``"log"`` (logsumexp) or ``"max"``.
     """

@@ -1,0 +1,21 @@
+"""The README's "Exact inference in ten lines" example runs as printed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    text = README.read_text()
+    section = text.split("## Exact inference in ten lines", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "the section holds one python example"
+    exec(compile(blocks[0], str(README), "exec"), {})
+    out = capsys.readouterr().out
+    assert "torch.Size([5, 2])" in out
+    assert re.search(r"^plan: \d+ steps", out, flags=re.M)
