@@ -46,7 +46,8 @@ def scan_levels(ring: Semiring, m: torch.Tensor) -> tuple[list[torch.Tensor], li
             eye = ring.identity(k, m).expand(batch, 1, k, k)
             m = torch.cat([m, eye], dim=1)
         levels.append(m)
-        m = ring.matmul(m[:, 0::2], m[:, 1::2])
+        even, odd = m.reshape(batch, -1, 2, k, k).unbind(2)
+        m = ring.matmul(even, odd)
 
 
 def descend(ring: Semiring, levels: list[torch.Tensor], lengths: list[int], b: torch.Tensor,

@@ -38,6 +38,41 @@ class _SafeLog(torch.autograd.Function):
         return torch.where(x > 0, g / x, torch.zeros_like(g))
 
 
+class _LogMatmul(torch.autograd.Function):
+    r"""``C = log(exp(A) @ exp(B))`` with shifts, and a fused backward.
+
+    With :math:`E_a = e^{A - s_a}`, :math:`E_b = e^{B - s_b}` (row maxima of ``A``, column maxima
+    of ``B``) and :math:`P = E_a E_b`, the gradients are
+    :math:`\partial A = E_a \odot ((G / P) E_b^\top)` and
+    :math:`\partial B = E_b \odot (E_a^\top (G / P))`, with :math:`G / P := 0` where
+    :math:`P = 0` (a hard zero), so no NaN appears.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, b: torch.Tensor
+                ) -> torch.Tensor:
+        sa = finite_shift(a.amax(dim=-1, keepdim=True))
+        sb = finite_shift(b.amax(dim=-2, keepdim=True))
+        ea = (a - sa).exp()
+        eb = (b - sb).exp()
+        p = torch.matmul(ea, eb)
+        ctx.save_for_backward(ea, eb, p)
+        return p.log() + sa + sb
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        ea, eb, p = ctx.saved_tensors  # type: ignore[attr-defined]
+        (g,) = grads
+        q = torch.where(p > 0, g / p, torch.zeros_like(g))
+        return ea * torch.matmul(q, eb.transpose(-1, -2)), eb * torch.matmul(ea.transpose(-1, -2), q)
+
+
+def log_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""Batched :math:`\log(e^A e^B)`: the log ring's matrix product (see ``_LogMatmul``)."""
+    return _LogMatmul.apply(a, b)
+
+
 def safe_log(x: torch.Tensor) -> torch.Tensor:
     """``log(x)`` for ``x >= 0`` with ``log(0) = -inf`` and a zero (not NaN) gradient at 0."""
     if x.requires_grad:
@@ -145,9 +180,7 @@ class LogRing(Semiring):
         return safe_log((x - s).exp().sum(dim=dims)) + s.squeeze(dims)
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        sa = finite_shift(a.amax(dim=-1, keepdim=True))
-        sb = finite_shift(b.amax(dim=-2, keepdim=True))
-        return safe_log(torch.matmul((a - sa).exp(), (b - sb).exp())) + sa + sb
+        return log_matmul(a, b)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         u = torch.rand_like(logits)
