@@ -65,7 +65,9 @@ class _LogMatmul(torch.autograd.Function):
         ea, eb, p = ctx.saved_tensors  # type: ignore[attr-defined]
         (g,) = grads
         q = torch.where(p > 0, g / p, torch.zeros_like(g))
-        return ea * torch.matmul(q, eb.transpose(-1, -2)), eb * torch.matmul(ea.transpose(-1, -2), q)
+        grad_a = ea * torch.matmul(q, eb.transpose(-1, -2))
+        grad_b = eb * torch.matmul(ea.transpose(-1, -2), q)
+        return grad_a, grad_b
 
 
 def log_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
