@@ -698,7 +698,8 @@ class _Builder:
             f"variables local to {_plate_str(L)}, a factor still couples {', '.join(by_plates)}, "
             "whose plates are not nested (the tractability condition of Obermeyer et al. "
             "2019). Way out: unroll one of those plates (PlatedFactorGraph(..., "
-            "unroll=[plate]); exact, exponential in its size), or move the coupling factor out of one of the plates"
+            "unroll=[plate]); exact, exponential in its size), or move the coupling factor "
+            "out of one of the plates"
         )
 
     def scan_leaf(self, L: frozenset[str], t: str, slots: list[int], local: set[str],
