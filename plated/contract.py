@@ -20,7 +20,7 @@ from .errors import GraphError
 from .factor import Plate
 from .markov import chain_backward, chain_forward, scan_backward, scan_forward, unravel
 from .plan import Op, Plan, Structure, make_plan
-from .rings import PairSpec, RingName, Semiring, finite_shift, get_ring
+from .rings import PairSpec, RingName, Semiring, get_ring
 
 __all__ = ["run_plan", "run_backward", "einsum", "check_values"]
 
@@ -134,7 +134,8 @@ def run_plan(
             assert g is not None
             for k2 in op.dims:
                 g = g.unsqueeze(k2)
-            r = x - finite_shift(g)
+            # not detached: the conditional depends on g (an all -inf slice stays -inf)
+            r = x - torch.where(torch.isfinite(g), g, torch.zeros_like(g))
         else:
             assert op.scan is not None
             r, levels, lengths = scan_forward(ring, x, op.scan)

@@ -193,7 +193,8 @@ class PlatedFactorGraph:
         the other dims of a factor ``f`` over ``v``; one backward pass gives all of them. The
         result is differentiable when a factor requires grad.
 
-        :return: for each variable, probabilities ``(*plate sizes, size)`` summing to one.
+        :return: for each variable, probabilities ``(*plate sizes, size)`` summing to one; all
+            zeros where :math:`\\log Z = -\\infty` (no assignment has positive weight).
         """
         self._check()
         plan = self.plan("log")
@@ -237,8 +238,17 @@ class PlatedFactorGraph:
                 g = g.sum(dim=others)
             kept = [d for d in keep_dims if d == v or d in plate_names]
             order = list(plan.var_plates(v)) + [v]
-            out[v] = g.permute([kept.index(d) for d in order])
+            g = g.permute([kept.index(d) for d in order])
+            # where log Z = -inf the posterior is undefined: report zeros (documented), not the
+            # gradient of an independent, finite part of the graph
+            alive = torch.isfinite(logz.detach()).reshape(
+                tuple(self._plate_size(p)
+                      if p in self.keep_plates else 1 for p in plan.var_plates(v)) + (1,))
+            out[v] = torch.where(alive, g, torch.zeros_like(g))
         return out
+
+    def _plate_size(self, name: str) -> int:
+        return next(p.size for p in self.plates if p.name == name)
 
 
 

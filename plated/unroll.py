@@ -67,5 +67,24 @@ def unroll_plates(
                         dims.append(d)
                 new.append(Factor(f.tensor.select(axis, i), tuple(dims), name=f"{f.label}[{i}]"))
         factors = new
-        plates = [p for p in plates if p.name != u]
+        kept: list[Plate] = []
+        for p in plates:
+            if p.name == u:
+                continue
+            if p.sequential and any(c in inside for c, _ in p.prev):
+                pairs = []
+                for c, q in p.prev:
+                    if c not in inside:
+                        pairs.append((c, q))
+                    elif q in inside or q not in ords:
+                        pairs += [(f"{c}[{i}]", f"{q}[{i}]") for i in range(plate.size)]
+                    else:
+                        raise GraphError(
+                            f"cannot unroll plate {u!r}: chain variable {c!r} of sequential plate "
+                            f"{p.name!r} varies along {u!r} but its initial state {q!r} does "
+                            f"not; put every factor over {q!r} inside {u!r} first"
+                        )
+                p = Plate(p.name, p.size, sequential=True, prev=pairs)
+            kept.append(p)
+        plates = kept
     return factors, plates
