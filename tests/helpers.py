@@ -1,0 +1,125 @@
+"""Helpers shared by the tests: tolerances, enumeration lookups and a chi-squared test.
+
+Kept free of fixtures so any test module can import it (``tests/`` is on ``sys.path`` because
+``tests/conftest.py`` lives there and the directory is not a package).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from plated import Factor, naive
+
+#: float64 relative tolerance for values compared with a brute-force or Pyro reference.
+RTOL = 1e-8
+
+
+def logz_atol(factors: Sequence[Factor], rtol: float = RTOL) -> float:
+    """An absolute tolerance that grows with problem size: rounding in a log-space sum-product is
+    at most a few ulps per added term, so allow ``rtol`` per thousand factor entries (at least
+    ``rtol``)."""
+    numel = sum(f.tensor.numel() for f in factors)
+    return rtol * max(1.0, numel / 1000.0)
+
+
+def assignment_rows(en: naive.Enumeration, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The enumeration row of each joint assignment in ``values``.
+
+    :param values: per variable, a long tensor ``(n, *plate sizes)`` (as ``sample`` returns, or a
+        MAP assignment with a leading dim of one).
+    :return: ``(n,)`` row indices into ``en.assignments`` / ``en.log_joint``.
+
+    ``en.assignments`` is the row-major Cartesian product of the copies' domains, so a row is the
+    mixed-radix number of its copy values; the decoding is checked against ``en.assignments``.
+    """
+    n = next(iter(values.values())).shape[0] if values else 1
+    cols = []
+    for v, e in en.copies:
+        x = values[v]
+        cols.append(x[(slice(None),) + tuple(e)] if e else x.reshape(n))
+    if not cols:
+        return torch.zeros(n, dtype=torch.long)
+    table = torch.stack(cols, dim=1)
+    rows = torch.zeros(n, dtype=torch.long)
+    for k, size in enumerate(en.sizes):
+        rows = rows * size + table[:, k]
+    assert torch.equal(en.assignments[rows], table), "enumeration is not row-major"
+    return rows
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0
+                ) -> tuple[float, int]:
+    """Pearson's chi-squared goodness-of-fit p-value of ``counts`` against ``probs``.
+
+    Bins with expected count below ``min_expected`` are merged (smallest first) into one pooled
+    bin, which is grown with the next smallest bin until its expected count reaches
+    ``min_expected``. Zero-probability bins must have zero counts (checked by the caller). The
+    p-value is the regularised upper incomplete gamma ``Q(dof / 2, chi2 / 2)``.
+
+    :return: ``(p_value, degrees of freedom)``; ``(1.0, 0)`` when everything merges into one bin.
+    """
+    n = counts.sum().to(torch.float64)
+    expected = probs.to(torch.float64) * n
+    observed = counts.to(torch.float64)
+    order = torch.argsort(expected)
+    expected, observed = expected[order].tolist(), observed[order].tolist()
+    bins_e: list[float] = []
+    bins_o: list[float] = []
+    pool_e = pool_o = 0.0
+    k = 0
+    while k < len(expected) and (expected[k] < min_expected or 0 < pool_e < min_expected):
+        pool_e += expected[k]
+        pool_o += observed[k]
+        k += 1
+    if pool_e > 0:
+        bins_e.append(pool_e)
+        bins_o.append(pool_o)
+    bins_e += expected[k:]
+    bins_o += observed[k:]
+    if len(bins_e) == 1:
+        return 1.0, 0
+    e = torch.tensor(bins_e, dtype=torch.float64)
+    o = torch.tensor(bins_o, dtype=torch.float64)
+    chi2 = ((o - e) ** 2 / e).sum()
+    dof = len(bins_e) - 1
+    p = torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), chi2 / 2)
+    return float(p), dof
+
+
+def sample_pvalue(en: naive.Enumeration, samples: Mapping[str, torch.Tensor]
+                  ) -> tuple[float, int, int]:
+    """Chi-squared p-value of joint ``samples`` against the enumerated posterior of ``en``.
+
+    :return: ``(p_value, dof, samples landing on zero-probability assignments)``.
+    """
+    rows = assignment_rows(en, samples)
+    counts = torch.bincount(rows, minlength=en.log_joint.numel())
+    logp = en.log_joint.detach() - en.log_joint.detach().logsumexp(0)
+    probs = logp.exp()
+    impossible = int(counts[probs == 0].sum())
+    p, dof = chi2_pvalue(counts[probs > 0], probs[probs > 0])
+    return p, dof, impossible
+
+
+def log_num_assignments(en: naive.Enumeration) -> float:
+    """``log`` of the number of joint assignments of an enumeration."""
+    return sum(math.log(s) for s in en.sizes)
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every ATen op dispatched while active: any real tensor work dispatches one, while
+    reading metadata (shape, dtype, device) does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
