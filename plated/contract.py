@@ -322,8 +322,6 @@ def einsum(
                 raise GraphError(f"dim {d!r} has two sizes: {sizes[d]} and {int(n)}")
     plate_objs = tuple(Plate(p, sizes[p]) for p in sorted(plate_set) if p in sizes)
     labels = tuple(f"{k}:{dims}" for k, dims in enumerate(inputs))
-    if validate:
-        check_values(operands, labels)
     r = get_ring(ring)
     itemsize = operands[0].element_size() if operands else 8
     ordinals: dict[str, set[str]] = {}
@@ -332,7 +330,7 @@ def einsum(
         for d in dims:
             if d not in plate_set:
                 ordinals[d] = ordinals[d] & ctx if d in ordinals else set(ctx)
-    results = []
+    plans = []
     for out in outputs:
         out_vars = [d for d in out if d not in plate_set]
         for v in out_vars:
@@ -346,7 +344,12 @@ def einsum(
                                          for d, x in zip(inputs, operands, strict=True)),
                        labels, keep_vars=tuple(out_vars), ring=r.name, itemsize=itemsize,
                        memory_cap=memory_cap)
-        plan = make_plan(st)
+        plans.append(make_plan(st))
+    # every structural error (tractability included) is raised above, before any tensor work
+    if validate:
+        check_values(operands, labels)
+    results = []
+    for out, plan in zip(outputs, plans, strict=True):
         vals, _ = run_plan(plan, operands, r)
         res = vals[plan.result]
         assert res is not None

@@ -132,8 +132,8 @@ class PlatedFactorGraph:
             _check_types(self._tensors, self._labels)
 
     def _run(self, ring: Semiring, keep: bool) -> tuple[Plan, list[torch.Tensor | None], dict]:
+        plan = self.plan(ring.name)  # structural errors first, before any tensor work
         self._check()
-        plan = self.plan(ring.name)
         vals, saved = run_plan(plan, self._tensors, ring, keep=keep)
         return plan, vals, saved
 
@@ -196,8 +196,8 @@ class PlatedFactorGraph:
         :return: for each variable, probabilities ``(*plate sizes, size)`` summing to one; all
             zeros where :math:`\\log Z = -\\infty` (no assignment has positive weight).
         """
-        self._check()
         plan = self.plan("log")
+        self._check()
         # pick, per variable, a factor over it with the fewest plates
         pick: dict[str, int] = {}
         pick_n: dict[str, int] = {}
