@@ -93,7 +93,6 @@ class PlatedFactorGraph:
         self.validate = validate
         self._tensors = [f.tensor for f in self.factors]
         self._labels = tuple(f.label for f in self.factors)
-        self._checked = False
 
     # -- planning ----------------------------------------------------------------------------------
     def structure(self, ring: RingName = "log") -> Structure:

@@ -147,7 +147,9 @@ class CostReport:
     :ivar peak_bytes: predicted peak bytes of inputs plus live intermediates plus the working
         memory of the largest step, for a forward run that frees intermediates (no gradient).
     :ivar peak_bytes_saved: the same when every intermediate is kept, as for a gradient, MAP,
-        sampling or marginals.
+        sampling or marginals. It counts the plan's own intermediates and step temporaries, not
+        autograd's extra saved tensors, backward temporaries or gradient buffers; measured peaks
+        of log Z plus gradient run about twice this (see ``benchmarks/README.md``).
     :ivar steps: one printable line per step of the elimination plan.
     """
 
@@ -212,7 +214,7 @@ class Plan:
 # structure analysis
 
 
-def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]], dict[str, int]]:
+def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]]]:
     plates = {p.name: p for p in s.plates}
     if len(plates) != len(s.plates):
         names = [p.name for p in s.plates]
@@ -295,7 +297,7 @@ def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]], d
     for v in s.keep_vars:
         if v not in var_sizes:
             raise GraphError(f"kept variable {v!r} is unknown; it appears in no factor")
-        if any(chain_plate.get(v) or prev_plate.get(v) for _ in (0,)):
+        if v in chain_plate or v in prev_plate:
             raise GraphError(f"kept variable {v!r} belongs to a chain; chains cannot be kept")
     for k in s.keep_plates:
         if k not in plates:
@@ -309,7 +311,7 @@ def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]], d
                     f"plate {k!r} is kept in the result but factor {lab} is not in it; a kept "
                     "plate must contain every factor"
                 )
-    return var_sizes, ordinals, {**{c: 0 for c in chain_plate}}
+    return var_sizes, ordinals
 
 
 def _plate_str(ps: frozenset[str] | set[str]) -> str:
@@ -319,7 +321,7 @@ def _plate_str(ps: frozenset[str] | set[str]) -> str:
 class _Builder:
     def __init__(self, s: Structure) -> None:
         self.s = s
-        self.var_sizes, self.ordinals, _ = _analyse(s)
+        self.var_sizes, self.ordinals = _analyse(s)
         self.plates = {p.name: p for p in s.plates}
         self.chain: dict[str, tuple[str, ...]] = {}  # plate -> curr vars
         self.chain_prev: dict[str, tuple[str, ...]] = {}
