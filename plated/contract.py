@@ -107,7 +107,7 @@ def run_plan(
     """
     vals: list[torch.Tensor | None] = [None] * len(plan.slots)
     for k, (t, perm) in enumerate(zip(tensors, plan.input_perms, strict=True)):
-        vals[k] = t.permute(perm) if perm != tuple(range(len(perm))) else t
+        vals[k] = t if perm is None else t.permute(perm)
     saved: dict[int, Saved] = {}
     for k, op in enumerate(plan.ops):
         x = vals[op.ins[0]]

@@ -132,10 +132,7 @@ def enumerate_joint(factors: Sequence[Factor], plates: Sequence[Plate] = (),
                 else:
                     key = (d, tuple(where[p] for p in var_plates[d]))
                 idx.append(assignments[:, index[key]])
-            if any(isinstance(i, torch.Tensor) for i in idx):
-                log_joint = log_joint + f.tensor[tuple(idx)]
-            else:
-                log_joint = log_joint + f.tensor[tuple(idx)]
+            log_joint = log_joint + f.tensor[tuple(idx)]
     return Enumeration(copies, sizes, assignments, log_joint, var_plates, plate_sizes)
 
 

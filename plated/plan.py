@@ -183,7 +183,7 @@ class Plan:
 
     :ivar structure: the structure it was made for.
     :ivar slots: the shape and dims of every slot; slots ``0..n-1`` are the input factors,
-        permuted into canonical dim order by ``input_perms``.
+        permuted into canonical dim order by ``input_perms`` (``None``: already in order).
     :ivar ops: the steps, in execution order.
     :ivar result: the slot holding the final result, with dims ``keep_plates + keep_vars`` in
         canonical order.
@@ -195,14 +195,13 @@ class Plan:
     structure: Structure
     slots: list[Slot]
     ops: list[Op]
-    input_perms: list[tuple[int, ...]]
+    input_perms: list[tuple[int, ...] | None]
     result: int
     result_dims: tuple[str, ...]
     var_sizes: dict[str, int]
     ordinals: dict[str, frozenset[str]]
     order: dict[str, int]
     cost: CostReport
-    eliminated_by: dict[str, int]
     frees: list[tuple[int, ...]] = field(default_factory=list)
 
     def var_plates(self, var: str) -> tuple[str, ...]:
@@ -348,7 +347,6 @@ class _Builder:
         self.sizes = {**{p.name: p.size for p in s.plates}, **self.var_sizes}
         self.slots: list[Slot] = []
         self.ops: list[Op] = []
-        self.eliminated_by: dict[str, int] = {}
         self.keep_vars = set(s.keep_vars)
         self.local_dims: set[str] = set(s.keep_vars)
         self.local_terms: list[int] = []
@@ -484,7 +482,6 @@ class _Builder:
         self.ops.append(Op("chain", tuple(ins), out, elim=tuple(order), chain=spec, flops=flops,
                            temp_numel=temp, note=f"{note}: chain of {len(order)} variables by "
                            "parallel scan"))
-        self._record_elim(order, len(self.ops) - 1)
         return out
 
     def unary(self, i: int, out_dims: tuple[str, ...], note: str) -> int:
@@ -494,7 +491,6 @@ class _Builder:
         out = self.new_slot(out_dims)
         op = Op("unary", (i,), out, elim=elim, dims=red, flops=2 * src.numel,
                 temp_numel=2 * src.numel, note=note)
-        self._record_elim(elim, len(self.ops))
         self.ops.append(op)
         return out
 
@@ -526,14 +522,9 @@ class _Builder:
             temp = sa.numel + sb.numel + out_numel
         op = Op("pair", (a, b), out, elim=elim, spec=spec, flops=2 * union_numel,
                 temp_numel=temp, note=note)
-        self._record_elim(elim, len(self.ops))
         self.ops.append(op)
         self._maybe_slice(op)
         return out
-
-    def _record_elim(self, elim: Sequence[str], k: int) -> None:
-        for v in elim:
-            self.eliminated_by[v] = k
 
     def _maybe_slice(self, op: Op) -> None:
         """Under a memory cap, split a pairwise step along its largest kept dim, or refuse."""
@@ -606,11 +597,12 @@ class _Builder:
 
     def build(self) -> Plan:
         s = self.s
-        input_perms = []
+        input_perms: list[tuple[int, ...] | None] = []
         tree: dict[frozenset[str], list[int]] = {}
         for dims, shape in s.inputs:
             cdims = self.canon(dims)
-            input_perms.append(tuple(dims.index(d) for d in cdims))
+            perm = tuple(dims.index(d) for d in cdims)
+            input_perms.append(None if perm == tuple(range(len(perm))) else perm)
             k = self.new_slot(cdims)
             assert self.slots[k].shape == tuple(shape[dims.index(d)] for d in cdims)
             tree.setdefault(frozenset(d for d in dims if d in self.plates), []).append(k)
@@ -675,7 +667,7 @@ class _Builder:
         frees = [tuple(i for i in op.ins if i >= n_inputs and last[i] == k)
                  for k, op in enumerate(self.ops)]
         return Plan(s, self.slots, self.ops, input_perms, result, result_dims, self.var_sizes,
-                    self.ordinals, self.order, cost, self.eliminated_by, frees)
+                    self.ordinals, self.order, cost, frees)
 
     def global_local(self, r: int, split: set[str], L: frozenset[str]) -> int:
         """Split a term over kept variables ``split`` (plates ``L``) into a global part, which is
@@ -761,7 +753,6 @@ class _Builder:
         self.ops.append(Op("scan", (x,), out, elim=tuple(curr), scan=spec, flops=flops,
                            temp_numel=temp, note=f"parallel scan along {t!r} (length {T}, "
                            f"{k_state} states, batch {batch})"))
-        self._record_elim(curr, len(self.ops) - 1)
         if self.s.memory_cap is not None and temp * self.s.itemsize > self.s.memory_cap:
             raise MemoryCapError(
                 f"the scan along sequential plate {t!r} needs "

@@ -14,22 +14,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_import_plated_loads_no_applications() -> None:
+def _applications_loaded(imports: str) -> subprocess.CompletedProcess[str]:
+    """In a fresh interpreter, import ``imports`` and print the application modules loaded."""
     code = (
-        "import sys, plated; "
+        f"import sys, {imports}; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('attention', 'examples')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True, timeout=120)
+
+
+def test_import_plated_loads_no_applications() -> None:
+    out = _applications_loaded("plated")
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_the_check_can_fail() -> None:
     """The same probe sees ``attention`` when it is imported, so an empty answer means something."""
-    code = (
-        "import sys, plated, attention; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('attention', 'examples')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = _applications_loaded("plated, attention")
     assert "attention" in out.stdout, out.stdout + out.stderr
