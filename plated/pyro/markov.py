@@ -1,0 +1,131 @@
+"""The vectorized Markov construct: :class:`markov_plate`.
+
+A ``pyro.markov`` loop runs the model body once per time step, and the trace holds one enumerated
+variable per step. :class:`markov_plate` runs the body once for all steps: it is a
+:class:`pyro.plate` whose elements form a Markov chain. Inside it, a chain site such as ``"x"``
+has one value per step, and the tensor returned by :meth:`markov_plate.init` stands for the value of
+``x`` at the previous step. :class:`~plated.pyro.TVE_ELBO` turns the plate into a sequential plate
+of the engine, which eliminates it by a log-depth parallel scan.
+
+The two forms of a first-order HMM side by side::
+
+    # pyro.markov loop: T sample sites per chain
+    x = 0
+    for t in pyro.markov(range(T)):
+        x = pyro.sample(f"x_{t}", dist.Categorical(probs_x[x]),
+                        infer={"enumerate": "parallel"})
+        pyro.sample(f"y_{t}", dist.Normal(locs[x], 1.0), obs=data[t])
+
+    # markov_plate: one sample site per chain
+    time = markov_plate("time", T, dim=-1)
+    x_prev = time.init("x", 0, size=K)           # x at t - 1 (x at -1 is state 0)
+    with time:
+        x = pyro.sample("x", dist.Categorical(probs_x[x_prev]),
+                        infer={"enumerate": "parallel"})
+        pyro.sample("y", dist.Normal(locs[x], 1.0), obs=data)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.poutine.runtime import Message
+
+from ..errors import GraphError
+
+__all__ = ["markov_plate", "INIT_KEY", "MARKOV_KEY"]
+
+#: ``infer`` key marking a sample site inside a :class:`markov_plate` (value: the plate names).
+MARKOV_KEY = "_plated_markov"
+#: ``infer`` key marking an initial-state site (value: ``(plate name, chain site, lag)``).
+INIT_KEY = "_plated_markov_init"
+
+
+class markov_plate(pyro.plate):
+    """A :class:`pyro.plate` whose elements form a Markov chain (a sequential plate).
+
+    Declare each chain with :meth:`init` *before* entering the plate; it returns the tensor that,
+    inside the plate, stands for the chain's value at the previous step (or, for ``history=2``,
+    the previous two steps). Then, inside the plate, sample the chain site under the name given to
+    :meth:`init`, with ``infer={"enumerate": "parallel"}``.
+
+    Only :class:`~plated.pyro.TVE_ELBO` and the queries of :mod:`plated.pyro` understand the
+    chain; Pyro's own ``TraceEnum_ELBO`` would treat this plate as independent.
+
+    :param name: the plate name.
+    :param size: the number of time steps.
+    :param dim: the plate's batch dim, as for :class:`pyro.plate`.
+    :param history: how many previous steps a chain site may depend on (1 for an HMM, 2 for a
+        second-order HMM). Higher orders cost ``size ** history`` states per step.
+    """
+
+    def __init__(self, name: str, size: int, dim: int | None = None, *,
+                 history: int = 1) -> None:
+        if history < 1:
+            raise GraphError(f"markov_plate {name!r}: history must be >= 1, got {history}")
+        super().__init__(name, size, dim=dim)
+        self.history = int(history)
+        self._active = False
+
+    def __enter__(self) -> Any:
+        self._active = True
+        return super().__enter__()
+
+    def __exit__(self, *args: Any) -> Any:
+        self._active = False
+        return super().__exit__(*args)
+
+    def init(self, chain: str, initial: int | dist.TorchDistribution, *,
+             size: int | None = None) -> Any:
+        """Declare chain site ``chain`` and sample its state(s) before the first step.
+
+        Call this outside the plate. It adds one enumerated sample site per lag, named
+        ``"{chain}_prev"`` (or ``"{chain}_prev1"``, ``"{chain}_prev2"``, ... when
+        ``history > 1``): outside the plate it is the state before step 0; inside the plate it
+        stands for the chain's value ``lag`` steps earlier.
+
+        :param chain: the name of the sample site, inside this plate, that forms the chain.
+        :param initial: a fixed initial state (an ``int``, with ``size``), or a discrete
+            distribution with enumerable support over the initial state (used for every lag).
+        :param size: the number of states; required when ``initial`` is an ``int``.
+        :return: the previous-value tensor, or for ``history > 1`` a tuple of them, most recent
+            first.
+        :raises GraphError: if called inside the plate, or with an invalid initial state.
+        """
+        if self._active:
+            raise GraphError(
+                f"markov_plate {self.name!r}: call init({chain!r}, ...) before entering the "
+                "plate; the initial state lives outside it"
+            )
+        fn: dist.TorchDistribution
+        if isinstance(initial, dist.TorchDistribution):
+            if not initial.has_enumerate_support:
+                raise GraphError(
+                    f"markov_plate {self.name!r}: the initial distribution of chain {chain!r} "
+                    f"({type(initial).__name__}) has no enumerable support; use a discrete one"
+                )
+            fn = initial
+        else:
+            if size is None or not 0 <= int(initial) < size:
+                raise GraphError(
+                    f"markov_plate {self.name!r}: a fixed initial state of chain {chain!r} needs "
+                    f"size= and 0 <= initial < size (got initial={initial!r}, size={size!r})"
+                )
+            logits = torch.full((size,), -float("inf"))
+            logits[int(initial)] = 0.0
+            fn = dist.Categorical(logits=logits)
+        values = []
+        for lag in range(1, self.history + 1):
+            site = f"{chain}_prev" if self.history == 1 else f"{chain}_prev{lag}"
+            infer: Any = {"enumerate": "parallel", INIT_KEY: (self.name, chain, lag)}
+            values.append(pyro.sample(site, fn, infer=infer))
+        return values[0] if self.history == 1 else tuple(values)
+
+    def _process_message(self, msg: Message) -> None:
+        super()._process_message(msg)
+        infer: Any = msg["infer"]
+        if msg["type"] == "sample" and infer is not None:
+            infer[MARKOV_KEY] = (*infer.get(MARKOV_KEY, ()), self.name)
