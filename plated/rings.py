@@ -53,11 +53,11 @@ class _LogMatmul(torch.autograd.Function):
                 ) -> torch.Tensor:
         sa = finite_shift(a.amax(dim=-1, keepdim=True))
         sb = finite_shift(b.amax(dim=-2, keepdim=True))
-        ea = (a - sa).exp()
-        eb = (b - sb).exp()
+        ea = torch.sub(a, sa).exp_()  # in place on fresh temporaries: fewer large allocations
+        eb = torch.sub(b, sb).exp_()
         p = torch.matmul(ea, eb)
         ctx.save_for_backward(ea, eb, p)
-        return p.log() + sa + sb
+        return p.log().add_(sa).add_(sb)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
@@ -65,8 +65,8 @@ class _LogMatmul(torch.autograd.Function):
         ea, eb, p = ctx.saved_tensors  # type: ignore[attr-defined]
         (g,) = grads
         q = torch.where(p > 0, g / p, torch.zeros_like(g))
-        grad_a = ea * torch.matmul(q, eb.transpose(-1, -2))
-        grad_b = eb * torch.matmul(ea.transpose(-1, -2), q)
+        grad_a = torch.matmul(q, eb.transpose(-1, -2)).mul_(ea)
+        grad_b = torch.matmul(ea.transpose(-1, -2), q).mul_(eb)
         return grad_a, grad_b
 
 

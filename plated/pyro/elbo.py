@@ -52,39 +52,45 @@ def _components(c: Collected) -> list[list[Term]]:
 def marginal_terms(c: Collected, validate: bool) -> list[Term]:
     """The model's enumerated sites summed out by the engine, as cost terms.
 
-    Without guide enumeration this is one scalar, the log partition function of the whole graph
-    times the common scale. A group of factors that depends on guide-enumerated values becomes a
-    term over those values, at the group's smallest plate context (as Pyro's
-    ``contract_tensor_tree`` leaves it), so that the guide expectation can be taken exactly.
+    When the guide neither enumerates nor samples sites inside plates without reparameterization,
+    this is one scalar: the log partition function of the whole graph times the common scale.
+    Otherwise each group of factors connected through model-enumerated variables becomes a term
+    at the group's smallest plate context, over the guide-enumerated values it depends on (as
+    Pyro's ``contract_tensor_tree`` leaves it), so that the guide's expectation of each plate
+    element's term is taken with that element's own weights.
     """
     if not c.factors:
         return []
     guide = set(c.guide_enum)
+    tree = bool(guide) or any(d.ordinal for d in c.dice)
     plain: list[Term] = []
-    coupled: list[list[Term]] = []
-    for comp in ([c.factors] if not guide else _components(c)):
-        if any(d in guide for t in comp for d in t.dims):
-            coupled.append(comp)
-        else:
-            plain.extend(comp)
     out = []
     try:
+        for comp in (_components(c) if tree else [c.factors]):
+            ordinal = frozenset.intersection(*(t.ordinal for t in comp)) if tree else frozenset()
+            if not ordinal and not any(d in guide for t in comp for d in t.dims):
+                plain.extend(comp)
+            else:
+                out.append(_tree_term(c, comp, ordinal, guide, validate))
         if plain:
             logz = c.graph(plain, validate=validate).log_partition()
             out.append(Term(logz * c.scale, (), frozenset(), "enumerated sites"))
-        for comp in coupled:
-            out.append(_coupled_term(c, comp, guide, validate))
     except IntractableError as e:
         raise intractable_hint(e) from None
     return out
 
 
-def _coupled_term(c: Collected, comp: list[Term], guide: set[str], validate: bool) -> Term:
+def _tree_term(c: Collected, comp: list[Term], ordinal: frozenset[str], guide: set[str],
+               validate: bool) -> Term:
+    """One group's log partition function per element of its plates and guide-enumerated values.
+
+    Guide-enumerated values are synchronized across plate elements (Pyro's parallel
+    enumeration), so their dims act as extra kept plates; factors lacking one are broadcast.
+    """
     sizes: dict[str, int] = {}
     for t in comp:
         sizes.update(zip(t.dims, t.tensor.shape, strict=True))
     g_dims = tuple(sorted(d for d in sizes if d in guide))
-    ordinal = frozenset.intersection(*(t.ordinal for t in comp))
     expanded = []
     for t in comp:
         missing = tuple(d for d in g_dims if d not in t.dims)
@@ -92,10 +98,12 @@ def _coupled_term(c: Collected, comp: list[Term], guide: set[str], validate: boo
         x = x.expand(t.tensor.shape + tuple(sizes[d] for d in missing))
         expanded.append(Term(x, t.dims + missing, t.ordinal, t.name))
     keep_plates = tuple(p for p in c.plates if p in ordinal and p in sizes)
-    if any(c.plates[p].sequential for p in keep_plates):
+    chains = {curr for p in keep_plates for curr, _ in c.plates[p].prev}
+    if chains & sizes.keys():
         raise GraphError(
-            f"guide-enumerated sites {list(g_dims)} meet a markov_plate {keep_plates}: enumerate "
-            "them in the model instead"
+            f"the chain of markov_plate {[p for p in keep_plates if c.plates[p].sequential]} "
+            f"meets guide-enumerated sites {list(g_dims)} or guide sites sampled inside it; "
+            "enumerate those sites in the model instead"
         )
     graph = c.graph(expanded, keep=keep_plates + g_dims,
                     extra_plates=tuple(Plate(d, sizes[d]) for d in g_dims), validate=validate)
@@ -135,10 +143,10 @@ def _marginal(factors: list[Term], cost: Term) -> torch.Tensor:
     return logp.exp().reshape(shape)
 
 
-def elbo_particle(model_trace: Any, guide_trace: Any, validate: bool = True
-                  ) -> torch.Tensor | float:
+def elbo_particle(model_trace: Any, guide_trace: Any, max_plate_nesting: int,
+                  validate: bool = True) -> torch.Tensor | float:
     """The ELBO of one traced (model, guide) pair: exact over every enumerated site."""
-    c = collect(model_trace, guide_trace)
+    c = collect(model_trace, guide_trace, max_plate_nesting)
     costs = c.costs + marginal_terms(c, validate) + c.guide_costs
     return _expectation(costs, c.dice, c.log_denom)
 
@@ -191,6 +199,9 @@ class TVE_ELBO(ELBO):
         """One traced (model, guide) pair (the first, under sequential guide enumeration)."""
         return next(iter(self._traces(model, guide, args, kwargs)))
 
+    def _nesting(self) -> int:
+        return check_max_plate_nesting(self.max_plate_nesting)
+
     def _traces(self, model: Callable[..., Any], guide: Callable[..., Any],
                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
         nesting = check_max_plate_nesting(self.max_plate_nesting)
@@ -209,7 +220,7 @@ class TVE_ELBO(ELBO):
                               "mark discrete sites infer={'enumerate': 'parallel'}", stacklevel=3)
             params = any(site["type"] == "param" for tr in (model_trace, guide_trace)
                          for site in tr.nodes.values())
-            yield elbo_particle(model_trace, guide_trace, validate), params
+            yield elbo_particle(model_trace, guide_trace, self._nesting(), validate), params
 
     def loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
              **kwargs: Any) -> float:

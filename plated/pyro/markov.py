@@ -32,6 +32,7 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 
 from ..errors import GraphError
@@ -42,6 +43,22 @@ __all__ = ["markov_plate", "INIT_KEY", "MARKOV_KEY"]
 MARKOV_KEY = "_plated_markov"
 #: ``infer`` key marking an initial-state site (value: ``(plate name, chain site, lag)``).
 INIT_KEY = "_plated_markov_init"
+
+
+class _MarkInit(Messenger):
+    """Marks an initial-state site after every other handler (``replay`` included) has seen it.
+
+    The mark is set in place on the site's ``infer`` dict, which the trace shares.
+    """
+
+    def __init__(self, info: tuple[str, str, int]) -> None:
+        super().__init__()
+        self.info = info
+
+    def _postprocess_message(self, msg: Message) -> None:
+        infer: Any = msg["infer"]
+        if msg["type"] == "sample" and infer is not None:
+            infer[INIT_KEY] = self.info
 
 
 class markov_plate(pyro.plate):
@@ -78,7 +95,7 @@ class markov_plate(pyro.plate):
         self._active = False
         return super().__exit__(*args)
 
-    def init(self, chain: str, initial: int | dist.TorchDistribution, *,
+    def init(self, chain: str, initial: int | torch.distributions.Distribution, *,
              size: int | None = None) -> Any:
         """Declare chain site ``chain`` and sample its state(s) before the first step.
 
@@ -100,8 +117,8 @@ class markov_plate(pyro.plate):
                 f"markov_plate {self.name!r}: call init({chain!r}, ...) before entering the "
                 "plate; the initial state lives outside it"
             )
-        fn: dist.TorchDistribution
-        if isinstance(initial, dist.TorchDistribution):
+        fn: Any
+        if isinstance(initial, torch.distributions.Distribution):
             if not initial.has_enumerate_support:
                 raise GraphError(
                     f"markov_plate {self.name!r}: the initial distribution of chain {chain!r} "
@@ -120,8 +137,9 @@ class markov_plate(pyro.plate):
         values = []
         for lag in range(1, self.history + 1):
             site = f"{chain}_prev" if self.history == 1 else f"{chain}_prev{lag}"
-            infer: Any = {"enumerate": "parallel", INIT_KEY: (self.name, chain, lag)}
-            values.append(pyro.sample(site, fn, infer=infer))
+            infer: Any = {"enumerate": "parallel"}
+            with _MarkInit((self.name, chain, lag)):
+                values.append(pyro.sample(site, fn, infer=infer))
         return values[0] if self.history == 1 else tuple(values)
 
     def _process_message(self, msg: Message) -> None:

@@ -128,7 +128,7 @@ def posterior(model: Callable[..., Any], *args: Any, max_plate_nesting: int,
     if len(traces) != 1:
         raise NotImplementedError("posterior queries do not support sequential guide enumeration")
     with poutine.block():
-        c = collect(*traces[0])
+        c = collect(*traces[0], nesting)
     if c.guide_enum:
         raise NotImplementedError(
             f"posterior queries do not support guide enumeration (guide enumerates "

@@ -24,12 +24,14 @@ from typing import Any
 import torch
 from pyro import poutine
 from pyro.distributions.util import is_identically_zero, scale_and_mask
-from pyro.infer.enum import get_importance_trace, iter_discrete_escape, iter_discrete_extend
+from pyro.infer.enum import iter_discrete_escape, iter_discrete_extend
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
+from pyro.util import check_model_guide_match
 
 from ..errors import GraphError, IntractableError
 from ..factor import Factor, Plate
@@ -80,7 +82,13 @@ class Collected:
         """The plated factor graph of ``factors`` (default: all of them)."""
         terms = self.factors if factors is None else factors
         used = {d for t in terms for d in t.dims}
-        plates = [p for p in self.plates.values() if p.name in used]
+        plates = []
+        for p in self.plates.values():
+            if p.name not in used:
+                continue
+            if p.sequential and not any(curr in used for curr, _ in p.prev):
+                p = Plate(p.name, p.size)  # none of its chains is here: independent for these
+            plates.append(p)
         plates.extend(extra_plates)
         return PlatedFactorGraph(
             [Factor(t.tensor, t.dims, name=f"site {t.name!r}") for t in terms], plates,
@@ -139,7 +147,10 @@ def get_traces(model: Callable[..., Any], guide: Callable[..., Any], args: tuple
     """Run the guide, then the model against it, with Pyro's own enumeration handlers.
 
     Guide sites marked ``enumerate="sequential"`` yield one trace pair per value, as in
-    ``TraceEnum_ELBO``; everything else yields a single pair.
+    ``TraceEnum_ELBO``; everything else yields a single pair. Guide sites get Pyro's score parts;
+    model log-probabilities are left to :func:`collect`, which computes each once, in the form it
+    needs (Pyro's ``compute_log_prob`` would compute a scaled and masked copy of every site, and
+    check each for NaN at the cost of a host-device sync per site).
     """
     guide = EnumMessenger(first_available_dim=-1 - max_plate_nesting)(
         _SiteChecks(max_plate_nesting, "guide")(guide))
@@ -149,7 +160,17 @@ def get_traces(model: Callable[..., Any], guide: Callable[..., Any], args: tuple
                           extend_fn=iter_discrete_extend)
     q.put(poutine.Trace())
     while not q.empty():
-        yield get_importance_trace("flat", max_plate_nesting, model, guide, args, kwargs)
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace),
+                                    graph_type="flat").get_trace(*args, **kwargs)
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+        for _, site in _sample_sites(guide_trace):
+            site["score_parts"] = site["fn"].score_parts(
+                site["value"], *site["args"], **site["kwargs"]).scale_and_mask(
+                site["scale"], site["mask"])
+            site["log_prob"] = site["score_parts"].log_prob
+        yield model_trace, guide_trace
 
 
 def _sample_sites(trace: Trace) -> Iterator[tuple[str, Any]]:
@@ -162,7 +183,7 @@ def _ordinal(site: Any) -> frozenset[str]:
     return frozenset(f.name for f in site["cond_indep_stack"] if f.vectorized)
 
 
-def collect(model_trace: Trace, guide_trace: Trace) -> Collected:
+def collect(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> Collected:
     """Sort the sample sites of a traced (model, guide) pair into factors and costs."""
     out = Collected()
     id_to_name: dict[int, str] = {}
@@ -217,21 +238,45 @@ def collect(model_trace: Trace, guide_trace: Trace) -> Collected:
             dims.append(names[d])
         return Term(x.squeeze() if len(dims) < n else x, tuple(dims), _ordinal(site), name)
 
-    max_nest = max((-d for d in out.plate_dims.values() if d is not None), default=0)
+    max_nest = max_plate_nesting
     enum_names = set(out.model_enum) | out.hidden
+    var_plates = {v: _ordinal(site) for v, site in out.model_enum.items()}
+    for c in out.chains:
+        for lag in range(1, len(c.inits)):
+            var_plates[_lag_var(c.site, lag)] = var_plates[c.site]
     scales: list[tuple[str, Any]] = []
     for name, site in _sample_sites(model_trace):
-        if name in out.model_enum:
-            out.factors.append(pack(site["unscaled_log_prob"], name, site, "log-probability"))
+        if name in out.model_enum:  # Pyro's semantics: enumerated sites are never masked
+            out.factors.append(pack(_log_prob(site), name, site, "log-probability"))
             scales.append((name, site["scale"]))
             continue
-        t = pack(site["log_prob"], name, site, "log-probability")
+        t = pack(_log_prob(site), name, site, "log-probability")
         if enum_names.isdisjoint(t.dims):
+            if site["mask"] is not None or not _is_one(site["scale"]):
+                t = pack(scale_and_mask(_log_prob(site), site["scale"], site["mask"]),
+                         name, site, "log-probability")
             out.costs.append(t)
-        else:
-            masked = scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
-            out.factors.append(pack(masked, name, site, "log-probability"))
-            scales.append((name, site["scale"]))
+            continue
+        # A term over enumerated variables: masked inside the log, scaled outside it. Plates that
+        # none of its variables lives in are summed first (the engine would product-reduce them
+        # first anyway), so the mask is applied to the smaller tensor.
+        free = [d for d in t.dims if d in out.plates and all(
+            d not in var_plates[v] for v in t.dims if v in var_plates)]
+        mask = site["mask"]
+        if isinstance(mask, torch.Tensor):
+            m = pack(mask, name, site, "mask")
+            free = [d for d in free if d not in m.dims]
+        if free:
+            t = Term(t.tensor.sum([t.dims.index(d) for d in free]),
+                     tuple(d for d in t.dims if d not in free), t.ordinal, name)
+        if isinstance(mask, torch.Tensor):
+            dims = t.dims + tuple(d for d in m.dims if d not in t.dims)
+            t = Term(torch.where(_align(m, dims), _align(t, dims),
+                                 t.tensor.new_zeros(())), dims, t.ordinal, name)
+        elif mask is False:
+            t = Term(torch.zeros_like(t.tensor), t.dims, t.ordinal, name)
+        out.factors.append(t)
+        scales.append((name, site["scale"]))
     out.factors.extend(_markov_factors(out))
     for name, site in _sample_sites(guide_trace):
         lp = site["log_prob"]
@@ -254,6 +299,26 @@ def collect(model_trace: Trace, guide_trace: Trace) -> Collected:
     if out.model_enum and out.guide_enum:
         _check_guide_more_global(out)
     return out
+
+
+def _log_prob(site: Any) -> torch.Tensor:
+    """A model site's unscaled, unmasked log-probability, computed once per trace."""
+    lp = site.get("unscaled_log_prob")
+    if lp is None:
+        lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        site["unscaled_log_prob"] = lp
+    return lp
+
+
+def _is_one(scale: Any) -> bool:
+    return not isinstance(scale, torch.Tensor) and scale == 1.0
+
+
+def _align(t: Term, dims: tuple[str, ...]) -> torch.Tensor:
+    """``t``'s tensor permuted and unsqueezed to broadcast against ``dims``."""
+    x = t.tensor.permute([t.dims.index(d) for d in dims if d in t.dims])
+    return x.reshape([x.shape[[d for d in dims if d in t.dims].index(d)] if d in t.dims else 1
+                      for d in dims])
 
 
 def _common_scale(scales: list[tuple[str, Any]]) -> float | torch.Tensor:
@@ -371,17 +436,20 @@ def _markov_factors(out: Collected) -> list[Term]:
     terms: list[Term] = []
     for c in out.chains:
         site = out.model_enum[c.site]
-        x = site["unscaled_log_prob"]
+        x = _log_prob(site)
         size = int(site["fn"].enumerate_support(expand=False).shape[0])
-        plate = out.plates[c.plate]
+        # the factor lives in every plate of the chain site (the engine requires it of factors
+        # that use a previous-value dim); stride-0 expansion costs no memory
+        outer = [p for p in out.plates if p in _ordinal(site) and p != c.plate]
         eye = torch.full((size, size), -math.inf, dtype=x.dtype, device=x.device)
         eye.fill_diagonal_(0.0)
-        eq = eye.expand(plate.size, size, size)
+        eq = eye.expand(*(out.plates[p].size for p in outer), out.plates[c.plate].size,
+                        size, size)
         # L_1(t) = site(t - 1), which is inits[1] inside the plate, and
         # L_lag(t) = L_{lag-1}(t - 1), which is inits[lag] (the previous value of L_{lag-1})
         for lag in range(1, len(c.inits)):
-            terms.append(Term(eq, (c.plate, _lag_var(c.site, lag), c.inits[lag]),
-                              frozenset({c.plate}), f"{c.site} (lag {lag} of history)"))
+            terms.append(Term(eq, (*outer, c.plate, _lag_var(c.site, lag), c.inits[lag]),
+                              _ordinal(site), f"{c.site} (lag {lag} of history)"))
     return terms
 
 
