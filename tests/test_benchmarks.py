@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end (smoke mode) and their implementations agree."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    cands = [c for c in (os.environ.get("PLATED_DATA"), str(REPO.parent / "shared" / "data")) if c]
+    for cand in cands:
+        if (Path(cand) / "polyphonic" / "JSB_Chorales.mat").is_file():
+            return Path(cand)
+    raise AssertionError(f"JSB chorales not found in {cands}; set PLATED_DATA to the data folder")
+
+
+DATA = _data_dir()
+
+
+def test_pyro_hmm_smoke() -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    cmd = [sys.executable, str(REPO / "benchmarks" / "pyro_hmm.py"), "--smoke-test",
+           "--threads", "1", "--data-dir", str(DATA)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+                       check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "8 sequences" in out
+    agree = re.findall(r"^\s+(\d\w?) .*loss (\S+)\s+rel\. diff (\S+) .* (ok|DISAGREE)$",
+                       r.stdout, flags=re.MULTILINE)
+    assert [a[0] for a in agree] == ["1", "2", "3", "3b", "4"], out
+    assert all(a[3] == "ok" for a in agree), out
+    losses = [float(a[1]) for a in agree]
+    assert all(abs(x - losses[0]) <= 1e-4 * abs(losses[0]) for x in losses), out
+    for variant in ("pyro TraceEnum_ELBO", "TVE_ELBO (loop)", "TVE_ELBO (markov_plate)",
+                    "torch forward"):
+        assert re.search(rf"{re.escape(variant)}\s+[\d.e+]+ \[", r.stdout), out
+    assert "targets:" in r.stdout

