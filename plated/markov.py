@@ -3,7 +3,7 @@
 A chain of length :math:`T` with transition log-matrices :math:`M_0, \\dots, M_{T-1}` (each
 :math:`M_t[x_{t-1}, x_t]`, batched) is eliminated by pairing neighbours,
 :math:`M^{(l+1)}_i = M^{(l)}_{2i} \\otimes M^{(l)}_{2i+1}`, for :math:`\\lceil \\log_2 T \\rceil`
-levels, padding an odd level with the ring's identity matrix. The Python loop runs over levels,
+levels, carrying an odd level's last matrix to the next level. The Python loop runs over levels,
 never over time steps. The result is :math:`\\bigoplus_{x_{T-1}} (M_0 \\otimes \\cdots \\otimes
 M_{T-1})[x_{-1}, x_{T-1}]`, a factor of the state before the chain.
 
@@ -30,8 +30,11 @@ __all__ = ["scan_forward", "scan_backward", "chain_forward", "chain_backward", "
 def scan_levels(ring: Semiring, m: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
     """All levels of the pairwise product tree of ``m`` ``(batch, n, K, K)``.
 
-    :return: the padded tensor of every level, the last ``(batch, 1, K, K)`` being the product of
-        all ``n`` matrices; and each level's unpadded length.
+    An odd level's last matrix has no partner; it is carried to the next level unchanged (its
+    block holds one matrix), which copies only the small next level, never the whole one.
+
+    :return: the tensor of every level, ``(batch, n_l, K, K)``, the last ``(batch, 1, K, K)``
+        being the product of all ``n`` matrices; and each level's length ``n_l``.
     """
     batch, _, k, _ = m.shape
     levels: list[torch.Tensor] = []
@@ -39,15 +42,13 @@ def scan_levels(ring: Semiring, m: torch.Tensor) -> tuple[list[torch.Tensor], li
     while True:
         n = m.shape[1]
         lengths.append(n)
-        if n == 1:
-            levels.append(m)
-            return levels, lengths
-        if n % 2:
-            eye = ring.identity(k, m).expand(batch, 1, k, k)
-            m = torch.cat([m, eye], dim=1)
         levels.append(m)
-        even, odd = m.reshape(batch, -1, 2, k, k).unbind(2)
-        m = ring.matmul(even, odd)
+        if n == 1:
+            return levels, lengths
+        h = n // 2
+        even, odd = m[:, : 2 * h].reshape(batch, h, 2, k, k).unbind(2)
+        p = ring.matmul(even, odd)
+        m = torch.cat([p, m[:, 2 * h:]], dim=1) if n % 2 else p
 
 
 def descend(ring: Semiring, levels: list[torch.Tensor], lengths: list[int], b: torch.Tensor,
@@ -61,12 +62,15 @@ def descend(ring: Semiring, levels: list[torch.Tensor], lengths: list[int], b: t
     s = b.shape[0]
     bcol = b.unsqueeze(-1)
     for lev, n in zip(reversed(levels[:-1]), reversed(lengths[:-1]), strict=True):
-        pairs = bnd.shape[-1] - 1
+        blocks = bnd.shape[-1] - 1
+        pairs = n // 2  # blocks of two matrices; an odd level's last block holds one
         i = torch.arange(pairs, device=b.device)
-        a_rows = lev[bcol, 2 * i, bnd[..., :-1], :]
-        b_cols = lev[bcol, 2 * i + 1, :, bnd[..., 1:]]
+        a_rows = lev[bcol, 2 * i, bnd[..., :pairs], :]
+        b_cols = lev[bcol, 2 * i + 1, :, bnd[..., 1: pairs + 1]]
         mid = ring.choose(a_rows + b_cols)
-        inter = torch.stack([bnd[..., :-1], mid], dim=-1).reshape(s, -1, 2 * pairs)
+        if blocks > pairs:  # a one-matrix block: no interior state; its end stands in
+            mid = torch.cat([mid, bnd[..., -1:]], dim=-1)
+        inter = torch.stack([bnd[..., :-1], mid], dim=-1).reshape(s, -1, 2 * blocks)
         bnd = torch.cat([inter, bnd[..., -1:]], dim=-1)[..., : n + 1]
     return bnd
 
@@ -96,8 +100,8 @@ def scan_forward(
     :param x: log transition factor with the slot's canonical dims (plates, outer variables, the
         chain's previous-value dims and its variables).
     :return: ``(result, levels, lengths)``: the result over the remaining plates, outer variables
-        and previous-value dims (canonical order); the padded tensor of every level of the scan,
-        each ``(batch, n, K, K)``; and the unpadded length of every level.
+        and previous-value dims (canonical order); the tensor of every level of the scan, each
+        ``(batch, n, K, K)``; and the length of every level.
     """
     batch = math.prod(spec.batch_shape)
     k = spec.state

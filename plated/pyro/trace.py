@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import is_identically_zero, scale_and_mask
@@ -32,10 +33,12 @@ from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match
+from torch.distributions.utils import probs_to_logits
 
 from ..errors import GraphError, IntractableError
 from ..factor import Factor, Plate
 from ..graph import PlatedFactorGraph
+from ..rings import LOG
 from .markov import INIT_KEY, MARKOV_KEY
 
 __all__ = ["Collected", "Term", "collect", "get_traces", "check_max_plate_nesting"]
@@ -305,9 +308,45 @@ def _log_prob(site: Any) -> torch.Tensor:
     """A model site's unscaled, unmasked log-probability, computed once per trace."""
     lp = site.get("unscaled_log_prob")
     if lp is None:
-        lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        lp = _enumerated_categorical(site)
+        if lp is None:
+            lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
         site["unscaled_log_prob"] = lp
     return lp
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its broadcast (stride-0) dims: a size-1 view along each."""
+    for i, (n, st) in enumerate(zip(t.shape, t.stride(), strict=True)):
+        if st == 0 and n > 1:
+            t = t.narrow(i, 0, 1)
+    return t
+
+
+def _enumerated_categorical(site: Any) -> torch.Tensor | None:
+    """The log-probability of an enumerated ``Categorical`` site at its whole support, as a view.
+
+    At the enumerated support, ``log_prob`` is the table of log-probabilities itself, moved to
+    the enumeration dim. Pyro's plates broadcast the distribution to the full batch shape; taking
+    the table from the distribution's (stride-0) parameters keeps that broadcast a view, where
+    ``log_prob`` would gather (and differentiate) one entry per batch element and value. Values
+    are those of ``Categorical.log_prob``; ``None`` where this does not apply.
+    """
+    fn = site["fn"]
+    dim = site["infer"].get(ENUM_DIM)
+    if (dim is None or type(fn) is not dist.Categorical or site["args"] or site["kwargs"]
+            or site["value"].dim() != -dim):
+        return None
+    batch = tuple(fn.batch_shape)
+    if len(batch) >= -dim and batch[dim] != 1:
+        return None
+    if "logits" in fn.__dict__:
+        table = _compact(fn.logits)
+    else:
+        table = probs_to_logits(_compact(fn.probs))
+    table = table.expand(*batch, table.shape[-1])
+    x = table[(None,) * max(0, -dim - len(batch))]
+    return x.transpose(-1, dim - 1).squeeze(-1)
 
 
 def _is_one(scale: Any) -> bool:
@@ -441,10 +480,8 @@ def _markov_factors(out: Collected) -> list[Term]:
         # the factor lives in every plate of the chain site (the engine requires it of factors
         # that use a previous-value dim); stride-0 expansion costs no memory
         outer = [p for p in out.plates if p in _ordinal(site) and p != c.plate]
-        eye = torch.full((size, size), -math.inf, dtype=x.dtype, device=x.device)
-        eye.fill_diagonal_(0.0)
-        eq = eye.expand(*(out.plates[p].size for p in outer), out.plates[c.plate].size,
-                        size, size)
+        sizes = [out.plates[p].size for p in (*outer, c.plate)]
+        eq = LOG.identity(size, x).expand(*sizes, size, size)
         # L_1(t) = site(t - 1), which is inits[1] inside the plate, and
         # L_lag(t) = L_{lag-1}(t - 1), which is inits[lag] (the previous value of L_{lag-1})
         for lag in range(1, len(c.inits)):
