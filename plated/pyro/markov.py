@@ -76,7 +76,7 @@ class markov_plate(pyro.plate):
     :param size: the number of time steps.
     :param dim: the plate's batch dim, as for :class:`pyro.plate`.
     :param history: how many previous steps a chain site may depend on (1 for an HMM, 2 for a
-        second-order HMM). Higher orders cost ``size ** history`` states per step.
+        second-order HMM). A chain of ``K`` states then runs on ``K ** history`` joint states.
     """
 
     def __init__(self, name: str, size: int, dim: int | None = None, *,

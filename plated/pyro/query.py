@@ -84,7 +84,11 @@ class Posterior:
         return {s: self._values(s, idx[s], lead=1) for s in self.sites}
 
     def marginals(self) -> dict[str, torch.Tensor]:
-        """Posterior marginal probabilities of each enumerated site, ``(*site shape, values)``."""
+        """Posterior marginal probabilities of each enumerated site, ``(*site shape, values)``.
+
+        One backward pass of the engine gives all of them. They are differentiable with respect
+        to the model's parameters (``.detach()`` them to plot or convert to numpy).
+        """
         probs = self._call(self.graph.marginals)
         return {s: self._layout(s, probs[s], lead=0, trail=1) for s in self.sites}
 

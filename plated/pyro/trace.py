@@ -491,9 +491,10 @@ def _markov_factors(out: Collected) -> list[Term]:
 
 
 def intractable_hint(err: IntractableError) -> IntractableError:
-    """Add the Pyro-level ways out to an engine :class:`~plated.IntractableError`."""
+    """An engine :class:`~plated.IntractableError` with the ways out a Pyro model has."""
+    what = str(err).split(" Way out:")[0].rstrip(".")
     return IntractableError(
-        f"{err}\nIn a Pyro model the ways out are: enumerate the offending sites in the guide "
+        f"{what}.\nIn a Pyro model the ways out are: enumerate the offending sites in the guide "
         "instead, move a site that several plate elements share outside the plate (or the plate's "
         "sites inside it), or sequentialize the plate (iterate over pyro.plate rather than using "
         "it as a context)."
