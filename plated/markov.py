@@ -36,7 +36,6 @@ def scan_levels(ring: Semiring, m: torch.Tensor) -> tuple[list[torch.Tensor], li
     :return: the tensor of every level, ``(batch, n_l, K, K)``, the last ``(batch, 1, K, K)``
         being the product of all ``n`` matrices; and each level's length ``n_l``.
     """
-    batch, _, k, _ = m.shape
     levels: list[torch.Tensor] = []
     lengths: list[int] = []
     while True:
@@ -45,10 +44,7 @@ def scan_levels(ring: Semiring, m: torch.Tensor) -> tuple[list[torch.Tensor], li
         levels.append(m)
         if n == 1:
             return levels, lengths
-        h = n // 2
-        even, odd = m[:, : 2 * h].reshape(batch, h, 2, k, k).unbind(2)
-        p = ring.matmul(even, odd)
-        m = torch.cat([p, m[:, 2 * h:]], dim=1) if n % 2 else p
+        m = ring.level(m)
 
 
 def descend(ring: Semiring, levels: list[torch.Tensor], lengths: list[int], b: torch.Tensor,

@@ -56,18 +56,30 @@ class _LogMatmul(torch.autograd.Function):
         ea = torch.sub(a, sa).exp_()  # in place on fresh temporaries: fewer large allocations
         eb = torch.sub(b, sb).exp_()
         p = torch.matmul(ea, eb)
-        ctx.save_for_backward(ea, eb, p)
+        ctx.save_for_backward(a, b, ea, eb, p)
         return p.log().add_(sa).add_(sb)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        ea, eb, p = ctx.saved_tensors  # type: ignore[attr-defined]
+        a, b, ea, eb, p = ctx.saved_tensors  # type: ignore[attr-defined]
         (g,) = grads
+        if torch.is_grad_enabled():  # double backward: differentiate a differentiable twin
+            with torch.enable_grad():
+                ga, gb = torch.autograd.grad(_log_matmul_twin(a, b), (a, b), g,
+                                             create_graph=True)
+            return ga, gb
         q = torch.where(p > 0, g / p, torch.zeros_like(g))
         grad_a = torch.matmul(q, eb.transpose(-1, -2)).mul_(ea)
         grad_b = torch.matmul(ea.transpose(-1, -2), q).mul_(eb)
         return grad_a, grad_b
+
+
+def _log_matmul_twin(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`log_matmul` from differentiable operations (for higher derivatives)."""
+    sa = finite_shift(a.amax(dim=-1, keepdim=True))
+    sb = finite_shift(b.amax(dim=-2, keepdim=True))
+    return safe_log(torch.matmul((a - sa).exp(), (b - sb).exp())) + sa + sb
 
 
 def log_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -110,6 +122,15 @@ class Semiring:
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - interface
+
+    def level(self, m: torch.Tensor) -> torch.Tensor:
+        """One level of the scan's product tree: ``(batch, n, K, K)`` to
+        ``(batch, ceil(n / 2), K, K)``, multiplying neighbours and carrying an odd last matrix."""
+        batch, n, k, _ = m.shape
+        h = n // 2
+        even, odd = m[:, : 2 * h].reshape(batch, h, 2, k, k).unbind(2)
+        p = self.matmul(even, odd)
+        return torch.cat([p, m[:, 2 * h:]], dim=1) if n % 2 else p
 
     @staticmethod
     def product(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
