@@ -247,6 +247,9 @@ def collect(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> C
     for c in out.chains:
         for lag in range(1, len(c.inits)):
             var_plates[_lag_var(c.site, lag)] = var_plates[c.site]
+    for p in out.plates.values():  # inside its plate a previous-value dim varies along it
+        for _, prev in p.prev:
+            var_plates[prev] = var_plates.get(prev, frozenset()) | {p.name}
     scales: list[tuple[str, Any]] = []
     for name, site in _sample_sites(model_trace):
         if name in out.model_enum:  # Pyro's semantics: enumerated sites are never masked
