@@ -105,7 +105,8 @@ class markov_plate(pyro.plate):
         stands for the chain's value ``lag`` steps earlier.
 
         :param chain: the name of the sample site, inside this plate, that forms the chain.
-        :param initial: a fixed initial state (an ``int``, with ``size``), or a discrete
+        :param initial: a fixed initial state (an ``int``, with ``size``; its table is made with
+            torch's default dtype and device, as Pyro makes plate indices), or a discrete
             distribution with enumerable support over the initial state (used for every lag).
         :param size: the number of states; required when ``initial`` is an ``int``.
         :return: the previous-value tensor, or for ``history > 1`` a tuple of them, most recent
