@@ -33,3 +33,16 @@ def test_the_check_can_fail() -> None:
     """The same probe sees ``attention`` when it is imported, so an empty answer means something."""
     out = _applications_loaded("plated, attention")
     assert "attention" in out.stdout, out.stdout + out.stderr
+
+
+def test_import_attention_loads_no_examples() -> None:
+    """``attention`` builds on ``plated`` only: importing all of it loads nothing of ``examples``."""
+    mods = "attention, attention.decoding, attention.plotting"
+    out = _applications_loaded(mods)
+    loaded = eval(out.stdout.strip())  # a printed list of module names
+    assert loaded and not [m for m in loaded if m.startswith("examples")], out.stdout + out.stderr
+
+
+def test_import_plated_pyro_loads_no_applications() -> None:
+    out = _applications_loaded("plated.pyro")
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
