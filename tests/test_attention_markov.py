@@ -21,6 +21,7 @@ from pyro.ops.indexing import Vindex
 from torch.testing import assert_close
 
 from attention.distributions import AlignmentCategorical, markov_alignment_site
+from attention.functional import alignment_loss
 from attention.markov import (
     MarkovAlignmentPrior,
     markov_alignment_elbo,
@@ -408,6 +409,10 @@ def test_pyro_independent_model_matches_direct_and_trace_enum() -> None:
     terms = prior.log_softmax(-1) + ll_masked
     direct = -torch.where(src[:, None, :], terms, -math.inf).logsumexp(-1).sum()
     assert_close(loss, direct, rtol=1e-10, atol=1e-10)
+    # ... and equals the functional face's exact "marginal" mode on the same scores
+    functional = alignment_loss(query @ memory.transpose(-1, -2), ll,
+                                src[:, None, :].expand(B, T, S), mode="marginal").sum()
+    assert_close(loss, functional, rtol=1e-10, atol=1e-10)
     ref = TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(independent_model, empty_guide,
                                                                   y, src)
     assert_close(loss, ref, rtol=1e-10, atol=1e-10)
