@@ -39,7 +39,6 @@ Objectives (``mode`` of :func:`alignment_loss`, all returned as losses, i.e. neg
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal, get_args
 
@@ -91,9 +90,8 @@ _DIMS = (_PLATE, _VAR)
 # -- the engine face ------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=256)
 def _plate(n: int) -> Plate:
-    return Plate(_PLATE, n)
+    return Plate(_PLATE, n)  # cheap; plans are cached by the engine, not here
 
 
 def _graph(*tensors: Tensor) -> PlatedFactorGraph:

@@ -36,8 +36,10 @@ def test_the_check_can_fail() -> None:
 
 
 def test_import_attention_loads_no_examples() -> None:
-    """``attention`` builds on ``plated`` only: importing all of it loads nothing of ``examples``."""
-    mods = "attention, attention.decoding, attention.plotting"
+    """``attention`` builds on ``plated`` only: importing all of it loads nothing of
+    ``examples``."""
+    mods = ("attention, attention.functional, attention.modules, attention.output, "
+            "attention.markov, attention.distributions, attention.decoding, attention.plotting")
     out = _applications_loaded(mods)
     loaded = eval(out.stdout.strip())  # a printed list of module names
     assert loaded and not [m for m in loaded if m.startswith("examples")], out.stdout + out.stderr
