@@ -34,6 +34,8 @@ from .functional import (
     EMABaseline,
     alignment_loss,
     alignment_posterior,
+    dirichlet_alignment,
+    dirichlet_kl,
 )
 
 __all__ = [
@@ -518,6 +520,42 @@ class LatentAlignmentAttention(nn.Module):
             prior, log_lik, mask, self.mode, post, num_samples=num_samples, baseline=baseline,
             baseline_log_lik=baseline_log_lik, ema=ema, temperature=temperature,
             straight_through=straight_through, generator=generator)
+
+    def relaxed_context(self, out: AttentionOutput, posterior_logits: Tensor | None = None, *,
+                        min_concentration: float = 1e-2) -> tuple[Tensor, Tensor]:
+        r"""Relaxed (Dirichlet) variational attention: an alignment on the simplex.
+
+        The alignment is a reparameterised sample :math:`w \sim \mathrm{Dir}(\alpha_q)` over
+        the unmasked positions, with :math:`\alpha = \mathrm{softplus}(\text{scores}) +
+        \alpha_{\min}` (:func:`attention.functional.dirichlet_alignment`); the context is
+        :math:`\sum_s w_s v_s`. The objective is :math:`-\log p(y \mid x, c) +
+        \mathrm{KL}(\mathrm{Dir}(\alpha_q) \,\|\, \mathrm{Dir}(\alpha_p))`, with the
+        decoder's log-likelihood at this context and the returned KL; warm it up with the Jensen
+        bound first, as the paper does (:class:`attention.functional.JensenWarmup`).
+
+        :param out: this module's output (its prior scores give :math:`\alpha_p`).
+        :param posterior_logits: scores of :math:`q`, shaped like ``out.prior_logits``; without
+            them the sample is from the prior's Dirichlet and the KL is 0.
+        :return: ``(context, kl)``: the context shaped like ``out.context`` and the KL per query
+            position and head, ``(B, [H,] [T])``.
+        """
+        mask = out.mask
+        prior = out.prior_logits.masked_fill(~mask, 0.0)
+        if posterior_logits is None:
+            q = prior
+        else:
+            if posterior_logits.shape != out.prior_logits.shape:
+                raise ValueError(f"posterior_logits must be {tuple(out.prior_logits.shape)} (like "
+                                 f"prior_logits), got {_shape(posterior_logits)}")
+            q = posterior_logits.masked_fill(~mask, 0.0)
+        w = dirichlet_alignment(q, mask, min_concentration)
+        kl = dirichlet_kl(q, prior, mask, min_concentration)
+        step = w.dim() < out.values.dim()
+        ctx = (w.unsqueeze(-2) @ out.values).squeeze(-2) if step else w @ out.values
+        if self.heads > 1:
+            assert self.out_proj is not None
+            ctx = self.out_proj(ctx.transpose(1, 2).flatten(2) if not step else ctx.flatten(1))
+        return ctx, kl
 
     def posterior(self, out: AttentionOutput, log_lik: Tensor) -> Tensor:
         """Exact posterior :math:`p(z \\mid x, y) \\propto p(z \\mid x)\\, p(y \\mid x, z)`.

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attention.functional import alignment_loss, alignment_posterior
+from attention.functional import alignment_loss, alignment_posterior, dirichlet_alignment
 from attention.modules import (
     AdditiveScore,
     AlignmentInferenceNetwork,
@@ -532,3 +532,37 @@ def test_masks_never_nan(dtype: torch.dtype, mode: Any) -> None:
     loss.backward()
     grads = [q.grad, post.grad, *(p.grad for p in att.parameters())]
     assert all(gr is None or torch.isfinite(gr).all() for gr in grads)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("one_step", [False, True])
+def test_relaxed_dirichlet_context(heads: int, one_step: bool) -> None:
+    torch.manual_seed(3)
+    b, t, s, dq, dm = 3, 4, 5, 6, 8
+    att = LatentAlignmentAttention(dq, dm, heads=heads, mode="variational-enum")
+    q = torch.randn(b, dq) if one_step else torch.randn(b, t, dq)
+    m = torch.randn(b, s, dm, requires_grad=True)
+    mask = torch.rand(b, s) > 0.3
+    mask[:, 0] = True
+    out = att(q, m, mask)
+    post = torch.randn(out.prior_logits.shape, requires_grad=True)
+    ctx, kl = att.relaxed_context(out, post)
+    assert ctx.shape == out.context.shape
+    assert kl.shape == out.prior_logits.shape[:-1] and bool((kl >= -1e-9).all())
+    # KL to itself is zero: sampling from the prior's own Dirichlet
+    _, kl0 = att.relaxed_context(out)
+    assert torch.allclose(kl0, torch.zeros_like(kl0), atol=1e-10)
+    # one head: the context is a convex combination of the real memory rows
+    if heads == 1:
+        torch.manual_seed(0)
+        c1, _ = att.relaxed_context(out, post)
+        torch.manual_seed(0)
+        w = dirichlet_alignment(post.masked_fill(~out.mask, 0.0), out.mask)
+        ref = (w.unsqueeze(-2) @ m).squeeze(-2) if one_step else w @ m
+        torch.testing.assert_close(c1, ref)
+        assert bool((w.masked_select(~out.mask.expand_as(w)) == 0).all())
+    (ctx.sum() + kl.sum()).backward()
+    assert post.grad is not None and m.grad is not None
+    assert torch.isfinite(post.grad).all() and post.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="posterior_logits must be"):
+        att.relaxed_context(out, torch.randn(2, 2))
