@@ -113,27 +113,10 @@ def _log_normalize(logits: Tensor) -> Tensor:
 
 
 def _engine_sample(logits: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
-    """``(num_samples, N)`` draws of ``z`` from the engine (forward sum-product, backward sample).
-
-    The engine draws from torch's global RNG of ``logits.device``. With a ``generator``, one seed
-    is drawn from it and seeds that global RNG inside :func:`torch.random.fork_rng`, so the draw is
-    reproducible from ``generator`` and the global RNG stream is left as it was.
-    """
-    graph = _graph(logits)
-    if generator is None:
-        return graph.sample(num_samples)[_VAR]
-    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-    dev = logits.device
-    if dev.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return graph.sample(num_samples)[_VAR]
-    with torch.random.fork_rng(devices=[dev], device_type=dev.type):
-        backend = getattr(torch, dev.type)
-        with backend.device(dev):
-            backend.manual_seed(seed)
-            out: Tensor = graph.sample(num_samples)[_VAR]
-            return out
+    """``(num_samples, N)`` draws of ``z`` from the engine (forward sum-product, backward sample),
+    with ``generator`` (on ``logits``' device) or torch's global RNG."""
+    out: Tensor = _graph(logits).sample(num_samples, generator=generator)[_VAR]
+    return out
 
 
 # -- argument checks ------------------------------------------------------------------------------
@@ -664,17 +647,15 @@ def sample_alignments(
 ) -> Tensor:
     r"""Exact samples :math:`z \sim \mathrm{softmax}(\text{logits})` over unmasked positions.
 
-    Drawn by the engine's ``sample()`` (forward sum-product, backward Gumbel-max), which uses
-    torch's global RNG of ``logits.device``. With ``generator``, one seed is drawn from it (a
-    host-device sync if ``generator`` lives on a GPU) and seeds that global RNG inside
-    :func:`torch.random.fork_rng`: the draw is reproducible from ``generator`` and the global RNG
-    stream is left untouched. Pass posterior scores (``prior_logits + log_lik``) to sample from
-    :math:`p(z \mid x, y)`.
+    Drawn by the engine's ``sample()`` (forward sum-product, backward Gumbel-max) with
+    ``generator`` (on ``logits``' device; the draw is then reproducible from it and torch's
+    global RNG is not touched), or with torch's global RNG. Pass posterior scores
+    (``prior_logits + log_lik``) to sample from :math:`p(z \mid x, y)`.
 
     :param logits: ``(..., S)`` unnormalised scores (not differentiated).
     :param mask: ``(..., S)`` (broadcastable) bool, ``True`` for real source positions.
     :param num_samples: samples per query, ``>= 1``.
-    :param generator: optional random generator (see above).
+    :param generator: optional random generator.
     :return: ``(num_samples, ...)`` long indices; never a masked position, except 0 for a query
         with no unmasked position.
     :raises ValueError: on bad shapes or ``num_samples < 1``.

@@ -17,7 +17,7 @@ from .contract import check_values, run_backward, run_plan
 from .errors import GraphError
 from .factor import Factor, Plate
 from .plan import CostReport, Plan, Structure, make_plan
-from .rings import LOG, MAX, RingName, Semiring
+from .rings import LOG, MAX, LogRing, RingName, Semiring
 from .unroll import unroll_plates
 
 __all__ = ["PlatedFactorGraph"]
@@ -168,12 +168,15 @@ class PlatedFactorGraph:
         assert out is not None
         return out
 
-    def sample(self, num_samples: int = 1) -> dict[str, torch.Tensor]:
+    def sample(self, num_samples: int = 1, generator: torch.Generator | None = None
+               ) -> dict[str, torch.Tensor]:
         """Exact joint samples from the posterior :math:`p(x) \\propto \\prod_f f(x)`.
 
         Forward sum-product, then the plan backward with the log ring's sampling step
         (forward-filter backward-sample generalised to plates).
 
+        :param generator: the random number generator to draw with (on the factors' device;
+            default: torch's global one).
         :return: for each variable, a long tensor ``(num_samples, *plate sizes)``.
         """
         if num_samples < 1:
@@ -183,7 +186,8 @@ class PlatedFactorGraph:
             return run_backward(plan, [None if v is None else v.detach() for v in vals],
                                 {k: ([x.detach() for x in lv], ln,
                                      None if st is None else st.detach())
-                                 for k, (lv, ln, st) in saved.items()}, LOG, num_samples)
+                                 for k, (lv, ln, st) in saved.items()},
+                                LOG if generator is None else LogRing(generator), num_samples)
 
     def marginals(self) -> dict[str, torch.Tensor]:
         """Posterior marginal of every variable, by differentiating :math:`\\log Z`.

@@ -183,9 +183,14 @@ class LogRing(Semiring):
     Its backward step (``choose``) draws an index from the categorical distribution with the given
     logits (Gumbel-max), so running an elimination plan backward with it gives exact joint posterior
     samples (forward-filter backward-sample). Gradients of its results give marginals.
+
+    :param generator: the random number generator of ``choose`` (default: torch's global one).
     """
 
     name: RingName = "log"
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
 
     def pair(self, a: torch.Tensor, b: torch.Tensor, spec: PairSpec) -> torch.Tensor:
         if not spec.red_a and not spec.red_b:
@@ -206,7 +211,8 @@ class LogRing(Semiring):
         return log_matmul(a, b)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        u = torch.rand_like(logits)
+        u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device,
+                       generator=self.generator)
         tiny = torch.finfo(logits.dtype).tiny
         gumbel = -(-u.clamp(min=tiny, max=1 - torch.finfo(logits.dtype).eps).log()).log()
         return (logits + gumbel).argmax(dim=-1)
