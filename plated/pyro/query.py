@@ -78,9 +78,13 @@ class Posterior:
         idx = self._call(self.graph.map)
         return {s: self._values(s, idx[s], lead=0) for s in self.sites}
 
-    def sample(self, num_samples: int = 1) -> dict[str, torch.Tensor]:
-        """Exact joint posterior samples of all enumerated sites, ``(num_samples, *site shape)``."""
-        idx = self._call(lambda: self.graph.sample(num_samples))
+    def sample(self, num_samples: int = 1, generator: torch.Generator | None = None
+               ) -> dict[str, torch.Tensor]:
+        """Exact joint posterior samples of all enumerated sites, ``(num_samples, *site shape)``.
+
+        :param generator: the random number generator to draw with (default: torch's global one).
+        """
+        idx = self._call(lambda: self.graph.sample(num_samples, generator=generator))
         return {s: self._values(s, idx[s], lead=1) for s in self.sites}
 
     def marginals(self) -> dict[str, torch.Tensor]:
