@@ -41,7 +41,6 @@ import io
 import json
 import math
 import os
-import platform
 import pstats
 import resource
 import statistics
@@ -54,12 +53,12 @@ from pathlib import Path
 from typing import Any
 
 import opt_einsum
-import pyro
 import torch
 from pyro.ops.contract import einsum as pyro_einsum
 from pyro.ops.einsum import _PATH_CACHE as pyro_path_cache
 
 import plated
+from benchmarks.common import Timing, fmt_ms, machine_info, markdown_table, text_table
 from plated import Factor, Plate, PlatedFactorGraph
 
 PYRO_BACKEND = "pyro.ops.einsum.torch_log"
@@ -99,26 +98,6 @@ TIE = 1.05
 
 # ----------------------------------------------------------------------------------------------
 # timing
-
-
-@dataclass
-class Timing:
-    """Wall-clock seconds of one implementation on one case."""
-
-    samples: list[float] = field(default_factory=list)
-    first_s: float = math.nan  # the first timed call (first warm-up run)
-    single: bool = False  # timed once only (too slow to repeat)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def iqr(self) -> tuple[float, float]:
-        if len(self.samples) < 2:
-            return self.samples[0], self.samples[0]
-        q = statistics.quantiles(self.samples, n=4, method="inclusive")
-        return q[0], q[2]
 
 
 def logz_and_grad(compute: Fn, leaves: Sequence[torch.Tensor]) -> Fn:
@@ -523,45 +502,8 @@ def measure_memory(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
 # reporting
 
 
-def fmt_ms(t: Timing) -> str:
-    if t.single:
-        return f"{t.median * 1e3:.0f} (1 run)"
-    lo, hi = t.iqr
-    return f"{t.median * 1e3:.3g} [{lo * 1e3:.3g}-{hi * 1e3:.3g}]"
-
-
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def machine_info() -> dict[str, str]:
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for ln in out.splitlines():
-            if ln.startswith("Model name:"):
-                model = ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "plated"],
-                               capture_output=True, text=True, check=False).stdout.strip()
-        git = rev + (" + uncommitted changes under plated/" if dirty else "")
-    except OSError:
-        git = "unknown"
-    return {
-        "cpu": model,
-        "cores": str(os.cpu_count()),
-        "torch": torch.__version__,
-        "threads": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-        "pyro": pyro.__version__,
-        "opt_einsum": opt_einsum.__version__,
-        "plated": f"{plated.__version__} (git {git})",
-        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
 
 
 def ratio_rows(cases: Sequence[Case]) -> list[list[str]]:
@@ -584,23 +526,6 @@ def ratio_rows(cases: Sequence[Case]) -> list[list[str]]:
 
 HEADER = ["case", "equation / model", "dtype", "impl", "impl ms median [IQR]", "baseline",
           "baseline ms median [IQR]", "baseline/impl", "paired", "n"]
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(esc(x) for x in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    w = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h)
-         for k, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w[k]) for k, h in enumerate(header))]
-    out += ["  ".join(x.ljust(w[k]) for k, x in enumerate(r)) for r in rows]
-    return "\n".join(out)
 
 
 def memory_rows(cases: Sequence[Case]) -> list[list[str]]:

@@ -43,15 +43,9 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import pyro
@@ -63,11 +57,10 @@ from pyro.ops.indexing import Vindex
 from pyro.poutine.runtime import InferDict
 from torch.distributions import constraints
 
-import plated
+from benchmarks.common import Timing, fmt_ms, machine_info, text_table
 from examples.data import DataError, add_data_dir_argument, load_polyphonic
 from plated.pyro import TVE_ELBO, markov_plate
 
-REPO = Path(__file__).resolve().parents[1]
 ENUM: InferDict = {"enumerate": "parallel"}
 #: variant names, in the order of the module docstring; the first is the baseline.
 PYRO, TVE_LOOP, TVE_VEC, TVE_VEC_B, TORCH = (
@@ -181,24 +174,6 @@ def torch_forward_loss(sequences: torch.Tensor, lengths: torch.Tensor,
 # timing
 
 
-@dataclass
-class Timing:
-    """Wall-clock seconds of one variant."""
-
-    samples: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def iqr(self) -> tuple[float, float]:
-        if len(self.samples) < 2:
-            return self.samples[0], self.samples[0]
-        q = statistics.quantiles(self.samples, n=4, method="inclusive")
-        return q[0], q[2]
-
-
 def side_by_side(fns: dict[str, Fn], *, repeats: int, warmup: int, reset: Callable[[], None],
                  device: torch.device) -> dict[str, Timing]:
     """Time each of ``fns``: ``warmup`` untimed calls each, then ``repeats`` rounds alternating
@@ -225,47 +200,6 @@ def side_by_side(fns: dict[str, Fn], *, repeats: int, warmup: int, reset: Callab
         for name in names if r % 2 == 0 else reversed(names):
             out[name].samples.append(timed(fns[name]))
     return out
-
-
-def fmt_ms(t: Timing) -> str:
-    lo, hi = t.iqr
-    return f"{t.median * 1e3:.3g} [{lo * 1e3:.3g}-{hi * 1e3:.3g}]"
-
-
-def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    w = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h)
-         for k, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w[k]) for k, h in enumerate(header))]
-    out += ["  ".join(x.ljust(w[k]) for k, x in enumerate(r)) for r in rows]
-    return "\n".join(out)
-
-
-def machine_info(device: torch.device) -> dict[str, str]:
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for ln in out.splitlines():
-            if ln.startswith("Model name:"):
-                model = ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "cpu": model, "cores": str(os.cpu_count()),
-            "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "plated"],
-                               capture_output=True, text=True, check=False).stdout.strip()
-        git = (rev or "unknown") + (" + uncommitted changes under plated/" if dirty else "")
-    except OSError:
-        git = "unknown"
-    info.update({"torch": torch.__version__, "threads": str(torch.get_num_threads()),
-                 "python": platform.python_version(), "pyro": pyro.__version__,
-                 "plated": f"{plated.__version__} (git {git})",
-                 "load": " ".join(f"{x:.2f}" for x in os.getloadavg())})
-    return info
 
 
 # ----------------------------------------------------------------------------------------------
