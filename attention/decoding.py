@@ -61,7 +61,11 @@ def marginal_log_probs(prior_logits: torch.Tensor, log_probs: torch.Tensor,
 
 
 def reorder_state(state: Any, index: torch.Tensor) -> Any:
-    """Select rows ``index`` of every tensor in a nested tuple / list / dict ``state``."""
+    """Select rows ``index`` of every tensor in a nested tuple / list / dict ``state``.
+
+    The hypothesis dim must come first in every tensor: keep e.g. an ``nn.LSTM`` state
+    ``(layers, N, H)`` as ``(N, layers, H)`` in the beam state and transpose it in ``step``.
+    """
     if isinstance(state, torch.Tensor):
         return state.index_select(0, index)
     if isinstance(state, dict):

@@ -282,6 +282,7 @@ class JensenWarmup:
         & \\text{steps} \\le t < \\text{steps} + \\text{anneal\\_steps} \\\\
         0 & \\text{otherwise.} \\end{cases}
 
+    >>> from attention.functional import JensenWarmup
     >>> s = JensenWarmup(2, anneal_steps=1)
     >>> [s.weight(t) for t in range(4)], [s.mode(t) for t in range(4)]
     ([1.0, 1.0, 0.5, 0.0], ['jensen', 'jensen', 'anneal', 'relaxed'])
