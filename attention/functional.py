@@ -339,6 +339,7 @@ def alignment_loss(
     temperature: float = 1.0,
     straight_through: bool = False,
     generator: torch.Generator | None = None,
+    samples: Tensor | None = None,
 ) -> Tensor:
     r"""The latent-alignment loss of each query position (Deng et al., 2018).
 
@@ -403,16 +404,37 @@ def alignment_loss(
     :param straight_through: hard forward, relaxed backward (``"gumbel"``).
     :param generator: random generator for the sampling modes and ``"gumbel"`` (see
         :func:`sample_alignments` for how the engine's sampler uses it).
+    :param samples: sampling modes only: ``(K, ...)`` alignments already drawn from :math:`r`
+        (with :func:`sample_alignments` on the same scores; ``K`` replaces ``num_samples``).
+        ``log_lik`` may then be ``(K, ...)``, the log-likelihood at those alignments only, so
+        the output layer runs for ``K`` alignments instead of all ``S``; given as ``(..., S)``
+        it is read at the samples only.
     :return: the loss per query, shape ``prior_logits.shape[:-1]``, differentiable; exactly 0 for
         a query with no unmasked position.
     :raises ValueError: on shape or dtype mismatches, an unknown mode or baseline, a variational
         mode without ``posterior_logits``, ``"loo"`` with ``num_samples < 2``, ``"soft"`` without
         ``baseline_log_lik``, ``"ema"`` without ``ema``, or an argument the mode would ignore.
     """
-    _check_options(mode, posterior_logits, num_samples, baseline, baseline_log_lik, ema,
-                   temperature, straight_through, generator)
     _check_scores("prior_logits", prior_logits, None, None)
     shape = prior_logits.shape
+    gathered = None
+    if samples is not None:
+        if mode not in _SAMPLE_MODES:
+            raise ValueError(f"samples only apply to the modes 'hard-sample' and "
+                             f"'variational-sample', not mode {mode!r}")
+        if samples.dtype != torch.long or samples.dim() < 1 or samples.shape[1:] != shape[:-1]:
+            raise ValueError(f"samples must be a long tensor (K, *prior_logits.shape[:-1]) = "
+                             f"(K, *{tuple(shape[:-1])}), got {samples.dtype} "
+                             f"{tuple(samples.shape)}")
+        if generator is not None or num_samples not in (1, samples.shape[0]):
+            raise ValueError("with samples given, draw them with your generator and leave "
+                             "num_samples and generator unset")
+        num_samples = samples.shape[0]
+        if log_lik.shape == samples.shape:
+            gathered = log_lik
+            log_lik = prior_logits.new_zeros(()).expand(shape)  # read nowhere
+    _check_options(mode, posterior_logits, num_samples, baseline, baseline_log_lik, ema,
+                   temperature, straight_through, generator)
     _check_scores("log_lik", log_lik, shape, prior_logits.dtype)
     if posterior_logits is not None:
         _check_scores("posterior_logits", posterior_logits, shape, prior_logits.dtype)
@@ -446,7 +468,9 @@ def alignment_loss(
         if baseline_log_lik is not None:
             base = baseline_log_lik.detach().to(ll.dtype).expand(batch).reshape(n, 1)
         log_r = log_p if log_q is None else log_q
-        loss = -_reinforce(log_r, ll, num_samples, baseline, base, ema, ok, generator)
+        z = None if samples is None else samples.reshape(num_samples, n)
+        ll_z = None if gathered is None else gathered.reshape(num_samples, n).transpose(0, 1)
+        loss = -_reinforce(log_r, ll, num_samples, baseline, base, ema, ok, generator, z, ll_z)
         if log_q is not None:
             loss = loss + _kl(log_q, log_p)
     else:
@@ -533,10 +557,15 @@ def _reinforce(
     ema: EMABaseline | None,
     ok: Tensor | None,
     generator: torch.Generator | None,
+    z: Tensor | None = None,
+    ll_z: Tensor | None = None,
 ) -> Tensor:
-    """The REINFORCE surrogate of :math:`E_r[\\ell_z]` per query: ``(N,)``."""
-    z = _engine_sample(log_r.detach(), num_samples, generator)  # (K, N)
-    ll_z = _pick(ll, z)  # (N, K)
+    """The REINFORCE surrogate of :math:`E_r[\\ell_z]` per query: ``(N,)``, with samples ``z``
+    ``(K, N)`` drawn here unless given, and ``ll_z`` ``(N, K)`` read from ``ll`` unless given."""
+    if z is None:
+        z = _engine_sample(log_r.detach(), num_samples, generator)  # (K, N)
+    if ll_z is None:
+        ll_z = _pick(ll, z)  # (N, K)
     lr_z = _pick(log_r, z)
     reward = ll_z.detach()
     b: Tensor | float

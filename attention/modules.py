@@ -36,6 +36,7 @@ from .functional import (
     alignment_posterior,
     dirichlet_alignment,
     dirichlet_kl,
+    sample_alignments,
 )
 
 __all__ = [
@@ -470,10 +471,12 @@ class LatentAlignmentAttention(nn.Module):
 
     # -- latent faces -----------------------------------------------------------------------------
 
-    def _factors(self, out: AttentionOutput, log_lik: Tensor
+    def _factors(self, out: AttentionOutput, log_lik: Tensor, samples: Tensor | None = None
                  ) -> tuple[Tensor, Tensor, Tensor | None]:
         """(prior_logits, mask, posterior_logits) over the positions ``log_lik`` is given for."""
         if out.topk_indices is None:
+            if samples is not None and log_lik.shape == samples.shape:
+                return out.prior_logits, out.mask, out.posterior_logits
             if log_lik.shape != out.prior_logits.shape:
                 raise ValueError(f"log_lik must be {_shape(out.prior_logits)} (like "
                                  f"prior_logits), got {_shape(log_lik)}")
@@ -491,7 +494,8 @@ class LatentAlignmentAttention(nn.Module):
     def loss(self, out: AttentionOutput, log_lik: Tensor, *, num_samples: int = 1,
              baseline: BaselineName | None = None, baseline_log_lik: Tensor | None = None,
              ema: EMABaseline | None = None, temperature: float = 1.0,
-             straight_through: bool = False, generator: torch.Generator | None = None) -> Tensor:
+             straight_through: bool = False, generator: torch.Generator | None = None,
+             samples: Tensor | None = None) -> Tensor:
         """The loss of ``self.mode`` per query position and head (latent modes).
 
         :param out: this module's output.
@@ -501,7 +505,9 @@ class LatentAlignmentAttention(nn.Module):
         :return: ``(B, [H,] [T])``; with heads, ``.sum(1)`` is the heads-as-plate loss.
             Keyword options are those of :func:`attention.functional.alignment_loss`;
             ``out.posterior_logits`` is used by the variational modes and ``"gumbel"`` (which
-            then samples from :math:`q`) and ignored by the others.
+            then samples from :math:`q`) and ignored by the others. In the sampling modes,
+            ``samples`` from :meth:`sample` let ``log_lik`` be ``(K, B, [H,] [T])``, the
+            log-likelihood at the sampled alignments only (see :meth:`sample`).
         :raises ValueError: in ``"soft"`` mode (train soft attention with the decoder's
             cross-entropy on ``out.context``), without ``posterior_logits`` in a variational
             mode, or on shape mismatches.
@@ -510,7 +516,9 @@ class LatentAlignmentAttention(nn.Module):
             raise ValueError("mode='soft' has no latent alignment to marginalise: train with the "
                              "decoder's cross-entropy on out.context, or build the module with a "
                              "latent mode")
-        prior, mask, post = self._factors(out, log_lik)
+        if samples is not None and out.topk_indices is not None:
+            raise ValueError("samples are not supported together with k_max")
+        prior, mask, post = self._factors(out, log_lik, samples)
         if self.mode in _VARIATIONAL and post is None:
             raise ValueError(f"mode={self.mode!r} needs posterior_logits: pass the inference "
                              "network's scores to forward(..., posterior_logits=...)")
@@ -519,7 +527,32 @@ class LatentAlignmentAttention(nn.Module):
         return alignment_loss(
             prior, log_lik, mask, self.mode, post, num_samples=num_samples, baseline=baseline,
             baseline_log_lik=baseline_log_lik, ema=ema, temperature=temperature,
-            straight_through=straight_through, generator=generator)
+            straight_through=straight_through, generator=generator, samples=samples)
+
+    def sample(self, out: AttentionOutput, num_samples: int = 1,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Alignments for the sampling modes, and the values to score them with.
+
+        The cheap REINFORCE step: draw ``z`` from :math:`q` (variational modes, with
+        ``out.posterior_logits``) or :math:`p`, evaluate the output layer at the sampled values
+        only (e.g. ``AlignedOutputLayer.log_lik(h, values, y, gathered=True)`` after moving ``K``
+        next to ``T``), and pass ``samples=z`` with that ``(K, B, [H,] [T])`` log-likelihood to
+        :meth:`loss`.
+
+        :return: ``(z, values)``: ``z`` ``(K, B, [H,] [T])`` long and the sampled values
+            ``(K, B, [H,] [T,] D)``.
+        """
+        logits = out.posterior_logits if (self.mode in _VARIATIONAL and
+                                          out.posterior_logits is not None) else out.prior_logits
+        z = sample_alignments(logits, out.mask, num_samples, generator)
+        vals = out.values  # (B, [H,] S, D)
+        d = vals.shape[-1]
+        step = logits.dim() < vals.dim()
+        zz = z.unsqueeze(-1) if step else z  # (K, B, [H,] T', ) with T' = 1 for a step
+        idx = zz.unsqueeze(-1).expand(*zz.shape, d)  # (K, B, [H,] T', D)
+        src = vals.unsqueeze(0).expand((num_samples,) + tuple(vals.shape))
+        picked = src.gather(-2, idx)
+        return z, (picked.squeeze(-2) if step else picked)
 
     def relaxed_context(self, out: AttentionOutput, posterior_logits: Tensor | None = None, *,
                         min_concentration: float = 1e-2) -> tuple[Tensor, Tensor]:

@@ -566,3 +566,30 @@ def test_relaxed_dirichlet_context(heads: int, one_step: bool) -> None:
     assert torch.isfinite(post.grad).all() and post.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="posterior_logits must be"):
         att.relaxed_context(out, torch.randn(2, 2))
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_sampled_values_give_the_cheap_reinforce_step(heads: int) -> None:
+    """``sample`` + the log-likelihood at the sampled values only == the loss reading a full
+    ``(..., S)`` log-likelihood at the same samples."""
+    torch.manual_seed(4)
+    b, t, s, dq, dm, v = 2, 3, 5, 6, 8, 11
+    att = LatentAlignmentAttention(dq, dm, heads=heads, mode="variational-sample")
+    q, m = torch.randn(b, t, dq), torch.randn(b, s, dm)
+    mask = torch.rand(b, s) > 0.3
+    mask[:, 0] = True
+    out = att(q, m, mask, posterior_logits=torch.randn(b, heads, t, s).squeeze(1)
+              if heads == 1 else torch.randn(b, heads, t, s))
+    layer = AlignedOutputLayer(dq, att.value_dim, v)
+    h, y = torch.randn(b, t, dq), torch.randint(v, (b, t))
+    full_ll = layer.log_lik(h, out.values, y)  # (B, [H,] T, S)
+    z, vals = att.sample(out, num_samples=3, generator=torch.Generator().manual_seed(1))
+    assert z.shape == (3,) + out.prior_logits.shape[:-1]
+    # score only the sampled values: K next to T, as K-max's gathered layout
+    k_last = vals.movedim(0, -2)  # (B, [H,] T, K, D)
+    ll_z = layer.log_lik(h, k_last, y, gathered=True).movedim(-1, 0)  # (K, B, [H,] T)
+    ref = full_ll.unsqueeze(0).expand((3,) + full_ll.shape).gather(-1, z.unsqueeze(-1))
+    torch.testing.assert_close(ll_z, ref.squeeze(-1), rtol=1e-10, atol=1e-10)
+    cheap = att.loss(out, ll_z, samples=z, baseline="loo")
+    full = att.loss(out, full_ll, samples=z, baseline="loo")
+    torch.testing.assert_close(cheap, full, rtol=1e-12, atol=1e-12)
