@@ -19,7 +19,8 @@ with its gradient. :class:`AlignedOutputLayer` never builds it:
   gather and their backward, counted as :data:`WORK_FACTOR` copies) stays under ``max_bytes``;
 * each chunk runs under :func:`torch.utils.checkpoint.checkpoint`, so the backward pass recomputes
   a chunk's logits instead of keeping them: nothing of size ``V`` per pair survives the forward
-  pass, and the backward pass handles one chunk at a time as well.
+  pass, and the backward pass handles one chunk at a time as well. When a single chunk holds
+  every pair (the whole working set fits under the cap), nothing is recomputed.
 
 Only the chunks are capped: the inputs, the ``(B, [H,] T, S)`` result, the factorized
 pre-activations and the parameters (and their gradients) come on top of ``max_bytes``.
@@ -152,7 +153,9 @@ class AlignedOutputLayer(nn.Module):
         flat_y = y.reshape(b * t)
         total = b * heads * t * s
         rows = self.chunk_rows(hid.dtype, max_bytes)
-        use_ckpt = torch.is_grad_enabled() and (
+        # one chunk holds everything under the cap: keeping its logits for the backward pass is
+        # within the cap too, and recomputing them would only cost time
+        use_ckpt = total > rows and torch.is_grad_enabled() and (
             hid.requires_grad or val.requires_grad
             or any(p.requires_grad for p in self.out.parameters()))
         pieces = []

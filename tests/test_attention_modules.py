@@ -593,3 +593,31 @@ def test_sampled_values_give_the_cheap_reinforce_step(heads: int) -> None:
     cheap = att.loss(out, ll_z, samples=z, baseline="loo")
     full = att.loss(out, full_ll, samples=z, baseline="loo")
     torch.testing.assert_close(cheap, full, rtol=1e-12, atol=1e-12)
+
+
+def test_log_lik_recomputes_only_when_chunked() -> None:
+    """Under checkpointing each chunk runs twice (forward, then again in backward); when one
+    chunk holds every pair the logits are kept and it runs once. Values and gradients agree."""
+    bsz, t, s, v_size, d = 2, 3, 4, 50, 5
+    layer = AlignedOutputLayer(d, d, v_size)
+    calls = {"n": 0}
+    inner = layer._chunk
+
+    def counted(*args: Any) -> Tensor:
+        calls["n"] += 1
+        return inner(*args)
+
+    layer._chunk = counted  # type: ignore[method-assign]
+    h = torch.randn(bsz, t, d, requires_grad=True)
+    vals = torch.randn(bsz, s, d, requires_grad=True)
+    y = torch.randint(v_size, (bsz, t))
+    grads = []
+    for cap, expect in ((10**9, 1), (WORK_FACTOR * v_size * 8 * 6, 2 * 4)):  # 1 chunk; 4 chunks
+        calls["n"] = 0
+        out = layer.log_lik(h, vals, y, max_bytes=cap)
+        g = torch.autograd.grad(out.sum(), [h, vals])
+        assert calls["n"] == expect, (cap, calls["n"])
+        grads.append((out.detach(), g))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b)
