@@ -44,7 +44,7 @@ from .modules import (
     make_score,
     topk_alignments,
 )
-from .output import DEFAULT_MAX_BYTES, WORK_FACTOR, AlignedOutputLayer
+from .output import DEFAULT_MAX_BYTES, KEEP_FACTOR, WORK_FACTOR, AlignedOutputLayer
 
 __all__ = [
     "ATTENTION_MODES",
@@ -56,6 +56,7 @@ __all__ = [
     "BilinearScore",
     "DEFAULT_MAX_BYTES",
     "DotScore",
+    "KEEP_FACTOR",
     "GeneralScore",
     "LatentAlignmentAttention",
     "SCORE_KINDS",

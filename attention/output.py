@@ -19,8 +19,9 @@ with its gradient. :class:`AlignedOutputLayer` never builds it:
   gather and their backward, counted as :data:`WORK_FACTOR` copies) stays under ``max_bytes``;
 * each chunk runs under :func:`torch.utils.checkpoint.checkpoint`, so the backward pass recomputes
   a chunk's logits instead of keeping them: nothing of size ``V`` per pair survives the forward
-  pass, and the backward pass handles one chunk at a time as well. When a single chunk holds
-  every pair (the whole working set fits under the cap), nothing is recomputed.
+  pass, and the backward pass handles one chunk at a time as well. When the whole step fits
+  under the cap with its logits kept (:data:`KEEP_FACTOR` copies of the ``(pairs, V)`` logits),
+  it runs as one chunk and nothing is recomputed.
 
 Only the chunks are capped: the inputs, the ``(B, [H,] T, S)`` result, the factorized
 pre-activations and the parameters (and their gradients) come on top of ``max_bytes``.
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DEFAULT_MAX_BYTES", "WORK_FACTOR", "AlignedOutputLayer"]
+__all__ = ["DEFAULT_MAX_BYTES", "KEEP_FACTOR", "WORK_FACTOR", "AlignedOutputLayer"]
 
 #: Default cap on a chunk's working set: 256 MiB.
 DEFAULT_MAX_BYTES = 256 * 2**20
@@ -41,6 +42,10 @@ DEFAULT_MAX_BYTES = 256 * 2**20
 #: (with 4, a 4 GB cap peaked at 4.16 GB of resident memory at batch 64, lengths 50, vocabulary
 #: 10k; see benchmarks/attention.py).
 WORK_FACTOR = 5
+#: Same-sized ``(pairs, V)`` tensors of one unchunked step that keeps its logits for the backward
+#: pass (no recompute): logits, ``log_softmax``'s output, their gradient (the plain-torch
+#: reference peaked at 2.9 times its logits' size in ``benchmarks/attention.py``).
+KEEP_FACTOR = 3
 
 
 def _shape(x: Tensor) -> tuple[int, ...]:
@@ -153,6 +158,10 @@ class AlignedOutputLayer(nn.Module):
         flat_y = y.reshape(b * t)
         total = b * heads * t * s
         rows = self.chunk_rows(hid.dtype, max_bytes)
+        cap = self.max_bytes if max_bytes is None else max_bytes
+        itemsize = hid.element_size()
+        if total * self.vocab_size * itemsize * KEEP_FACTOR <= cap:
+            rows = max(total, 1)  # the whole step fits with its logits kept: one chunk
         # one chunk holds everything under the cap: keeping its logits for the backward pass is
         # within the cap too, and recomputing them would only cost time
         use_ckpt = total > rows and torch.is_grad_enabled() and (
