@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from typing import Any
 
 import pytest
@@ -502,12 +501,9 @@ def test_torch_compile_matches_eager(mode: Any) -> None:
             return out.context.square().sum(-1)
         return att.loss(out, ll)
 
-    t0 = time.perf_counter()
     compiled = torch.compile(step, fullgraph=True)  # no graph breaks either
     got = compiled(q, m, mask, post, ll)
-    elapsed = time.perf_counter() - t0
     torch.testing.assert_close(got, step(q, m, mask, post, ll), rtol=1e-5, atol=1e-5)
-    assert elapsed < 120.0, f"torch.compile took {elapsed:.0f} s"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
