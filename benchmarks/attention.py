@@ -96,7 +96,15 @@ from attention import (
     LatentAlignmentAttention,
 )
 from attention.markov import MarkovAlignmentPrior, markov_alignment_log_marginal
-from benchmarks.common import Timing, fmt_ms, machine_info, markdown_table, text_table
+from benchmarks.common import (
+    Timing,
+    fmt_ms,
+    high_water_kib,
+    machine_info,
+    markdown_table,
+    reset_high_water,
+    text_table,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "benchmarks" / "README.md"
@@ -415,41 +423,17 @@ def side_by_side(bench: Bench, names: Sequence[str], *, repeats: int, warmup: in
 # memory: one variant per fresh subprocess
 
 
-def _reset_high_water() -> bool:
-    """Reset this process's resident-set high-water mark (Linux >= 4.0); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _high_water_kib() -> tuple[int, str]:
-    """``VmHWM`` of ``/proc/self/status`` in KiB where /proc has it, else ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status") as f:
-            for ln in f:
-                if ln.startswith("VmHWM:"):
-                    return int(ln.split()[1]), "VmHWM"
-    except OSError:
-        pass
-    import resource  # not on Windows
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
-
-
 def _step_high_water(fn: Loss, bench: Bench) -> dict[str, Any]:
     """One training step; the growth of the resident-set high-water mark over it (CPU)."""
     bench.zero_grad()
     gc.collect()
-    reset = _reset_high_water()
-    before, source = _high_water_kib()
+    reset = reset_high_water()
+    before, source = high_water_kib()
     t0 = time.perf_counter()
     loss = fn()
     loss.backward()
     wall = time.perf_counter() - t0
-    after, _ = _high_water_kib()
+    after, _ = high_water_kib()
     bench.zero_grad()
     return {"source": source, "high_water_reset": reset, "before_bytes": before * 1024,
             "increase_bytes": (after - before) * 1024, "wall_s": wall,

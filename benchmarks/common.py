@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 from collections.abc import Sequence
@@ -101,3 +102,32 @@ def machine_info(device: torch.device | None = None) -> dict[str, str]:
                  "plated": f"{plated.__version__} (git {git})",
                  "load": " ".join(f"{x:.2f}" for x in os.getloadavg())})
     return info
+
+
+def reset_high_water() -> bool:
+    """Reset this process's resident-set high-water mark (Linux >= 4.0); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def high_water_kib() -> tuple[int, str]:
+    """The resident-set high-water mark in KiB: ``VmHWM`` of this process's address space where
+    /proc has it, else ``ru_maxrss``.
+
+    ``ru_maxrss`` of a process started by fork + exec keeps the high-water mark of the forked
+    copy of the (large) parent, so it is only a fallback; ``VmHWM`` is the same kernel counter
+    (``hiwater_rss``) for the new address space alone, and is what ``ru_maxrss`` reports for a
+    process that was not forked from a bigger one.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for ln in f:
+                if ln.startswith("VmHWM:"):
+                    return int(ln.split()[1]), "VmHWM"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import pstats
-import resource
 import statistics
 import subprocess
 import sys
@@ -58,7 +57,15 @@ from pyro.ops.contract import einsum as pyro_einsum
 from pyro.ops.einsum import _PATH_CACHE as pyro_path_cache
 
 import plated
-from benchmarks.common import Timing, fmt_ms, machine_info, markdown_table, text_table
+from benchmarks.common import (
+    Timing,
+    fmt_ms,
+    high_water_kib,
+    machine_info,
+    markdown_table,
+    reset_high_water,
+    text_table,
+)
 from plated import Factor, Plate, PlatedFactorGraph
 
 PYRO_BACKEND = "pyro.ops.einsum.torch_log"
@@ -406,35 +413,6 @@ def _cost(g: PlatedFactorGraph) -> dict[str, int]:
 # memory: one implementation per fresh subprocess
 
 
-def _reset_high_water() -> bool:
-    """Reset this process's resident-set high-water mark (Linux >= 4.0); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _high_water_kib() -> tuple[int, str]:
-    """The resident-set high-water mark in KiB: ``VmHWM`` of this process's address space where
-    /proc has it, else ``ru_maxrss``.
-
-    ``ru_maxrss`` of a process started by fork + exec keeps the high-water mark of the forked
-    copy of the (large) parent, so it is only a fallback; ``VmHWM`` is the same kernel counter
-    (``hiwater_rss``) for the new address space alone, and is what ``ru_maxrss`` reports for a
-    process that was not forked from a bigger one.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for ln in f:
-                if ln.startswith("VmHWM:"):
-                    return int(ln.split()[1]), "VmHWM"
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
-
-
 def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the inputs one implementation needs, run it once, report the ``ru_maxrss`` growth.
 
@@ -472,12 +450,12 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         else:  # "plated" in (b), "plated.einsum (unrolled)" in (c)
             fn = logz_and_grad(lambda: plated.einsum(eq, *ops, plates="i")[0], ops)
     gc.collect()
-    reset = _reset_high_water()
-    before, source = _high_water_kib()
+    reset = reset_high_water()
+    before, source = high_water_kib()
     t0 = time.perf_counter()
     fn()
     wall = time.perf_counter() - t0
-    after, _ = _high_water_kib()
+    after, _ = high_water_kib()
     return {"rss_before_kib": before, "rss_after_kib": after, "high_water_reset": reset,
             "source": source, "increase_bytes": (after - before) * 1024, "wall_s": wall}
 
