@@ -1,0 +1,211 @@
+"""What every example script shares: the command line, seeding, atomic checkpoints, progress bars
+and figures.
+
+A training script built on these helpers
+
+- takes ``--data-dir`` (default ``$PLATED_DATA``), ``--out-dir``, ``--seed``, ``--device``,
+  ``--threads``, ``--resume``, ``--no-progress`` and ``--smoke-test``
+  (:func:`example_parser`);
+- writes every file atomically (:func:`atomic_save`, :func:`atomic_write_text`,
+  :func:`save_figure`): a file is written under a temporary name in the same folder, flushed to
+  disk and renamed over the target, so a crash never leaves a half-written checkpoint, results
+  file or figure;
+- checkpoints the whole training state, Pyro's parameter store, the optimizer's state and the
+  random number generators (:func:`save_pyro_checkpoint`, :func:`load_pyro_checkpoint`), so that
+  ``--resume`` continues exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from .data import add_data_dir_argument
+
+__all__ = [
+    "atomic_save",
+    "atomic_write_text",
+    "example_parser",
+    "load_pyro_checkpoint",
+    "progress",
+    "resolve_device",
+    "save_figure",
+    "save_pyro_checkpoint",
+    "set_seed",
+    "write_json",
+]
+
+T = TypeVar("T")
+
+
+def example_parser(prog: str, description: str, out_dir: str) -> argparse.ArgumentParser:
+    """An argparse parser with the options every example has.
+
+    :param prog: the program name shown by ``--help`` (e.g. ``"python -m examples.music"``).
+    :param description: the text shown by ``--help``.
+    :param out_dir: the default output folder (checkpoints, results, figures).
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_dir_argument(parser)
+    parser.add_argument("--out-dir", default=out_dir, metavar="DIR",
+                        help="folder for checkpoints, results (JSON) and figures (PNG)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: 'auto' (CUDA when available, else CPU), 'cpu', "
+                             "'cuda', 'cuda:1', ...")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint in --out-dir if there is one")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="a tiny configuration end to end in seconds (run by the tests)")
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA if available, else CPU; anything else -> ``torch.device(name)``.
+
+    :raises ValueError: for a CUDA device when torch sees no GPU (the message says so).
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed Python's, NumPy's global, and torch's generators (``pyro.set_rng_seed``); with
+    ``deterministic``, also ask torch for deterministic algorithms (an op that has none raises).
+
+    The examples draw their random numbers from torch (and Python's ``random``), whose states
+    the checkpoints carry; they never use NumPy's global generator."""
+    import pyro
+
+    pyro.set_rng_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def _atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj, path)``, atomically: written to a temporary file in the same folder,
+    flushed to disk, then renamed over ``path``. Returns the path."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return _atomic_write(path, buf.getvalue())
+
+
+def atomic_write_text(text: str, path: str | os.PathLike[str]) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically. Returns the path."""
+    return _atomic_write(path, text.encode("utf-8"))
+
+
+def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically. Returns the path."""
+    return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically, then close it. Returns the path."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return _atomic_write(path, buf.getvalue())
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_pyro_checkpoint(path: str | os.PathLike[str], optim: Any, **extra: Any) -> Path:
+    """Atomically save Pyro's parameter store, the optimizer's state, the random generators'
+    states and ``extra`` (step counts, histories, configuration) to ``path``.
+
+    :param optim: a :class:`pyro.optim.PyroOptim` (its ``get_state()`` is saved), or ``None``.
+    """
+    import pyro
+
+    state = {"params": pyro.get_param_store().get_state(),
+             "optim": None if optim is None else optim.get_state(),
+             "rng": _rng_state(), "extra": extra}
+    return atomic_save(state, path)
+
+
+def load_pyro_checkpoint(path: str | os.PathLike[str], optim: Any,
+                         map_location: str | torch.device | None = None) -> dict[str, Any]:
+    """Restore what :func:`save_pyro_checkpoint` saved into Pyro's parameter store, ``optim`` and
+    the random generators, and return the ``extra`` values.
+
+    Modules registered with ``pyro.module`` get their parameters back from the store the next
+    time the model runs, as Pyro's own ``ParamStore.load`` does.
+
+    :raises FileNotFoundError: if ``path`` does not exist.
+    :raises ValueError: if the file is not such a checkpoint (the message names the file).
+    """
+    import pyro
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(state, dict) or not {"params", "optim", "rng", "extra"} <= state.keys():
+        raise ValueError(f"{str(path)!r} is not a checkpoint written by save_pyro_checkpoint; "
+                         "delete it or choose another --out-dir")
+    store = pyro.get_param_store()
+    store.clear()
+    store.set_state(state["params"])
+    if optim is not None and state["optim"] is not None:
+        optim.set_state(state["optim"])
+    _set_rng_state(state["rng"])
+    return dict(state["extra"])
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str | None = None,
+             disable: bool = False, initial: int = 0) -> Any:
+    """A tqdm progress bar over ``iterable``; iterate it, and show figures with
+    ``bar.set_postfix(loss=...)``. With ``disable`` it prints nothing."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True,
+                leave=False, disable=disable)

@@ -1,0 +1,32 @@
+"""Loaders for the real data sets used by the examples, tests and benchmarks.
+
+The data are never copied into the repository: every loader reads from the folder given by
+``--data-dir`` or ``$PLATED_DATA`` (:func:`data_dir`), and fails with a :class:`DataError` that
+says where the data come from when a file is missing.
+
+- :mod:`examples.data.polyphonic`: polyphonic-music piano rolls (``polyphonic/*.mat``).
+"""
+
+from .common import (
+    DATA_ENV,
+    SOURCES,
+    DataError,
+    add_data_dir_argument,
+    data_dir,
+    data_file,
+)
+from .polyphonic import NUM_KEYS, POLYPHONIC, POLYPHONIC_SOURCE, SPLITS, load_polyphonic
+
+__all__ = [
+    "DATA_ENV",
+    "NUM_KEYS",
+    "POLYPHONIC",
+    "POLYPHONIC_SOURCE",
+    "SOURCES",
+    "SPLITS",
+    "DataError",
+    "add_data_dir_argument",
+    "data_dir",
+    "data_file",
+    "load_polyphonic",
+]
