@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 
 from plated.pyro import TVE_ELBO, markov_plate
@@ -52,3 +53,23 @@ def test_term_on_previous_value_only_matches_loop() -> None:
     for g, h in zip(torch.autograd.grad(b, params), torch.autograd.grad(ref, params), strict=True):
         torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-10)
     pyro.clear_param_store()
+
+
+def test_fixed_initial_state_takes_the_models_dtype() -> None:
+    """Regression: ``init("x", 0, size=K)`` made its table in the default dtype (float32 here),
+    and a float64 model then failed with a dtype mismatch between factors."""
+    torch.set_default_dtype(torch.float32)  # conftest restores float64 afterwards
+    data = torch.tensor([0.3, -1.2, 2.0, 0.1], dtype=torch.float64)
+    probs = torch.tensor([[0.7, 0.3], [0.25, 0.75]], dtype=torch.float64)
+
+    def model(init: object) -> None:
+        time = markov_plate("time", 4, dim=-1)
+        x_prev = time.init("x", init, size=2)  # type: ignore[arg-type]
+        with time:
+            x = pyro.sample("x", dist.Categorical(probs[x_prev]), infer=ENUM)
+            pyro.sample("y", dist.Normal(x.to(data.dtype), 1.0), obs=data)
+
+    fixed = TVE_ELBO(max_plate_nesting=1).loss(model, lambda init: None, 0)
+    start = dist.Categorical(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    explicit = TVE_ELBO(max_plate_nesting=1).loss(model, lambda init: None, start)
+    assert fixed == pytest.approx(explicit, rel=1e-12)

@@ -37,12 +37,16 @@ from pyro.poutine.runtime import Message
 
 from ..errors import GraphError
 
-__all__ = ["markov_plate", "INIT_KEY", "MARKOV_KEY"]
+__all__ = ["markov_plate", "FIXED_INIT_KEY", "INIT_KEY", "MARKOV_KEY"]
 
 #: ``infer`` key marking a sample site inside a :class:`markov_plate` (value: the plate names).
 MARKOV_KEY = "_plated_markov"
 #: ``infer`` key marking an initial-state site (value: ``(plate name, chain site, lag)``).
 INIT_KEY = "_plated_markov_init"
+#: ``infer`` key marking an initial-state site with a fixed initial state: its log-probability
+#: table is made on the default dtype and device, and is converted to those of the model's other
+#: factors when the trace is collected.
+FIXED_INIT_KEY = "_plated_markov_fixed_init"
 
 
 class _MarkInit(Messenger):
@@ -105,9 +109,10 @@ class markov_plate(pyro.plate):
         stands for the chain's value ``lag`` steps earlier.
 
         :param chain: the name of the sample site, inside this plate, that forms the chain.
-        :param initial: a fixed initial state (an ``int``, with ``size``; its table is made with
-            torch's default dtype and device, as Pyro makes plate indices), or a discrete
-            distribution with enumerable support over the initial state (used for every lag).
+        :param initial: a fixed initial state (an ``int``, with ``size``; its table takes the
+            dtype and device of the model's other factors, so a float64 or CUDA model needs
+            nothing more), or a discrete distribution with enumerable support over the initial
+            state (used for every lag).
         :param size: the number of states; required when ``initial`` is an ``int``.
         :return: the previous-value tensor, or for ``history > 1`` a tuple of them, most recent
             first.
@@ -119,6 +124,7 @@ class markov_plate(pyro.plate):
                 "plate; the initial state lives outside it"
             )
         fn: Any
+        fixed = not isinstance(initial, torch.distributions.Distribution)
         if isinstance(initial, torch.distributions.Distribution):
             if not initial.has_enumerate_support:
                 raise GraphError(
@@ -139,6 +145,8 @@ class markov_plate(pyro.plate):
         for lag in range(1, self.history + 1):
             site = f"{chain}_prev" if self.history == 1 else f"{chain}_prev{lag}"
             infer: Any = {"enumerate": "parallel"}
+            if fixed:
+                infer[FIXED_INIT_KEY] = True
             with _MarkInit((self.name, chain, lag)):
                 values.append(pyro.sample(site, fn, infer=infer))
         return values[0] if self.history == 1 else tuple(values)

@@ -39,7 +39,7 @@ from ..errors import GraphError, IntractableError
 from ..factor import Factor, Plate
 from ..graph import PlatedFactorGraph
 from ..rings import LOG
-from .markov import INIT_KEY, MARKOV_KEY
+from .markov import FIXED_INIT_KEY, INIT_KEY, MARKOV_KEY
 
 __all__ = ["Collected", "Term", "collect", "get_traces", "check_max_plate_nesting"]
 
@@ -283,6 +283,7 @@ def collect(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> C
             t = Term(torch.zeros_like(t.tensor), t.dims, t.ordinal, name)
         out.factors.append(t)
         scales.append((name, site["scale"]))
+    _match_fixed_inits(out)
     out.factors.extend(_markov_factors(out))
     for name, site in _sample_sites(guide_trace):
         lp = site["log_prob"]
@@ -471,6 +472,19 @@ def _apply_markov(out: Collected, model_trace: Trace) -> None:
 
 def _lag_var(site: str, lag: int) -> str:
     return f"{site}(t-{lag})"
+
+
+def _match_fixed_inits(out: Collected) -> None:
+    """Give the tables of ``markov_plate.init`` sites with a fixed initial state (made on the
+    default dtype and device) the dtype and device of the model's other factors."""
+    fixed = {n for n, s in out.model_enum.items() if s["infer"].get(FIXED_INIT_KEY)}
+    ref = next((t.tensor for t in (*out.factors, *out.costs) if t.name not in fixed), None)
+    if not fixed or ref is None:
+        return
+    for i, t in enumerate(out.factors):
+        if t.name in fixed and (t.tensor.dtype, t.tensor.device) != (ref.dtype, ref.device):
+            out.factors[i] = Term(t.tensor.to(dtype=ref.dtype, device=ref.device), t.dims,
+                                  t.ordinal, t.name)
 
 
 def _markov_factors(out: Collected) -> list[Term]:
