@@ -205,7 +205,9 @@ def test_smoke_run_with_pyro_comparison(tmp_path: Path) -> None:
         assert ours["nll_per_step"][split] == pytest.approx(theirs["nll_per_step"][split],
                                                             rel=1e-9)
         assert 0 < ours["nll_per_step"][split] < 88 * 10
-    assert res["pyro_over_tve_time_ratio"] > 0
+    sbs = res["side_by_side"]
+    assert sbs["tve_ms"] > 0 and sbs["pyro_ms"] > 0 and sbs["repeats"] == 2
+    assert sbs["pyro_over_tve"] == pytest.approx(sbs["pyro_ms"] / sbs["tve_ms"])
     for png in ("map_states.png", "marginals.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     help_ = subprocess.run([sys.executable, "-m", "examples.music", "--help"], capture_output=True,
