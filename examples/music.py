@@ -501,6 +501,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compare-pyro", action="store_true",
                         help="also train the loop form with Pyro's TraceEnum_ELBO from the same "
                              "initial values, and report it beside ours")
+    parser.add_argument("--validate", action="store_true",
+                        help="keep Pyro's and torch's distribution validation on (off by default: "
+                             "it costs time, and in float32 a long run's simplex rows drift past "
+                             "its 1e-6 tolerance)")
     parser.add_argument("--time-repeats", type=int, default=5,
                         help="with --compare-pyro: alternating timed loss_and_grads calls of "
                              "each ELBO after training")
@@ -517,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error("--time-repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    pyro.enable_validation(args.validate)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     out_dir = Path(args.out_dir)
