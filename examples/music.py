@@ -447,8 +447,8 @@ def side_by_side(music: Music, data: tuple[torch.Tensor, list[int]], batch_size:
     lens = [lengths[i] for i in idx]
     sub = seqs[idx][:, :max(lens)]
     scale = len(lengths) / len(idx)
-    fns = {"tve": (TVE_ELBO(max_plate_nesting=2), True),
-           "pyro": (TraceEnum_ELBO(max_plate_nesting=2), False)}
+    fns: dict[str, tuple[Any, bool]] = {"tve": (TVE_ELBO(max_plate_nesting=2), True),
+                                        "pyro": (TraceEnum_ELBO(max_plate_nesting=2), False)}
     params = [p for _, p in pyro.get_param_store().named_parameters()]
     cuda = music.device.type == "cuda"
 

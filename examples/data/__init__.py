@@ -5,6 +5,7 @@ The data are never copied into the repository: every loader reads from the folde
 says where the data come from when a file is missing.
 
 - :mod:`examples.data.polyphonic`: polyphonic-music piano rolls (``polyphonic/*.mat``).
+- :mod:`examples.data.seals`: seal tracks, step lengths and turning angles (``seals/*.csv``).
 """
 
 from .common import (
@@ -16,6 +17,7 @@ from .common import (
     data_file,
 )
 from .polyphonic import NUM_KEYS, POLYPHONIC, POLYPHONIC_SOURCE, SPLITS, load_polyphonic
+from .seals import Tracks, load_nfs, load_ses
 
 __all__ = [
     "DATA_ENV",
@@ -25,8 +27,11 @@ __all__ = [
     "SOURCES",
     "SPLITS",
     "DataError",
+    "Tracks",
     "add_data_dir_argument",
     "data_dir",
     "data_file",
+    "load_nfs",
     "load_polyphonic",
+    "load_ses",
 ]
