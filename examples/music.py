@@ -241,6 +241,7 @@ class Music:
         c = self.config
         n, t_max, _ = seqs.shape
         emit = self._emission(p, seqs)
+        eye = torch.eye(c.hidden, dtype=seqs.dtype, device=seqs.device)
         time_plate = markov_plate("time", t_max, dim=-1, history=2 if c.model == "hmm2" else 1)
         mask = torch.arange(t_max, device=seqs.device) < lens[:, None]  # (N, T)
         with pyro.plate("sequences", n, dim=-2):
@@ -249,16 +250,22 @@ class Music:
                 x_prev, x_prev2 = time_plate.init("x", 0, size=c.hidden)
             else:
                 x_prev = time_plate.init("x", 0, size=c.hidden)
+            # past a sequence's end every chain stays put (Pyro never masks enumerated sites,
+            # so free transitions there would not change the likelihood but would pull the MAP
+            # states of the shorter sequences in a padded batch)
+            inside = mask.unsqueeze(-1)  # (N, T, 1)
             with time_plate, poutine.mask(mask=cast(torch.BoolTensor, mask)):
                 if c.model in FACTORIAL:
-                    w = pyro.sample("w", dist.Categorical(p["probs_w"][w_prev]), infer=ENUM)
+                    w = pyro.sample("w", dist.Categorical(torch.where(
+                        inside, p["probs_w"][w_prev], eye[w_prev])), infer=ENUM)
                 if c.model == "pfhmm":
                     probs = Vindex(p["probs_x"])[w, x_prev]
                 elif c.model == "hmm2":
                     probs = Vindex(p["probs_x"])[x_prev2, x_prev]
                 else:
                     probs = p["probs_x"][x_prev]
-                x = pyro.sample("x", dist.Categorical(probs), infer=ENUM)
+                x = pyro.sample("x", dist.Categorical(torch.where(inside, probs, eye[x_prev])),
+                                infer=ENUM)
                 if c.model in FACTORIAL:
                     pyro.factor("y", Vindex(emit)[..., w, x])
                 else:
@@ -268,6 +275,7 @@ class Music:
         c = self.config
         n, t_max, keys = seqs.shape
         key_ids = torch.arange(keys, device=seqs.device)
+        eye = torch.eye(c.hidden, dtype=seqs.dtype, device=seqs.device)
         tones = pyro.plate("tones", keys, dim=-1)
         logits = None
         if c.model == "nnhmm":
@@ -280,16 +288,20 @@ class Music:
             x2: Any = 0
             y: Any = 0
             for t in pyro.markov(range(t_max), history=2 if c.model == "hmm2" else 1):
-                with poutine.mask(mask=cast(torch.BoolTensor, (t < lens).unsqueeze(-1))):
+                inside = (t < lens).unsqueeze(-1)  # (N, 1): sequences, tones
+                with poutine.mask(mask=cast(torch.BoolTensor, inside)):
+                    inside = inside.unsqueeze(-1)  # and the event dim
                     if c.model in FACTORIAL:
-                        w = pyro.sample(f"w_{t}", dist.Categorical(p["probs_w"][w]), infer=ENUM)
+                        w = pyro.sample(f"w_{t}", dist.Categorical(torch.where(
+                            inside, p["probs_w"][w], eye[w])), infer=ENUM)
                     if c.model == "pfhmm":
                         probs = Vindex(p["probs_x"])[w, x]
                     elif c.model == "hmm2":
                         probs = Vindex(p["probs_x"])[x2, x]
                     else:
                         probs = p["probs_x"][x]
-                    x2, x = x, pyro.sample(f"x_{t}", dist.Categorical(probs), infer=ENUM)
+                    x2, x = x, pyro.sample(f"x_{t}", dist.Categorical(
+                        torch.where(inside, probs, eye[x])), infer=ENUM)
                     with tones:
                         if c.model == "arhmm":
                             fn = dist.Bernoulli(Vindex(p["probs_y"])[x, y, key_ids])

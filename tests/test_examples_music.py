@@ -218,3 +218,35 @@ def test_smoke_run_with_pyro_comparison(tmp_path: Path) -> None:
 def test_unknown_model_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown model 'hmm3'; choose one of hmm, arhmm"):
         Config("hmm3")
+
+
+def test_padding_changes_no_map_state() -> None:
+    """A short piece decodes the same alone and in a batch padded to a longer piece: past its
+    end the chain stays put instead of moving freely. With uninformative emissions and these
+    transitions a piece of 10 steps alone ends in the less sticky state 2 (0.9 * 0.8**9 beats
+    0.1 * 0.9**9), but a free tail of 100 steps would pull its last state to state 1 (by
+    (0.9 / 0.8)**100)."""
+    pyro.clear_param_store()
+    seqs, lengths = load_polyphonic("JSB_Chorales", "test", data_dir=DATA, dtype=torch.float64)
+    long_ = int(lengths.argmax())
+    music = Music(Config("hmm", hidden=3))
+    TVE_ELBO(max_plate_nesting=2).loss(music.model, music.guide, seqs[:1], [int(lengths[0])])
+    store = pyro.get_param_store()
+    eps = 1e-6
+    store["AutoDelta.probs_x"] = torch.tensor([[eps, 0.1, 0.9], [eps, 0.9, 0.1],
+                                               [eps, 0.2, 0.8]]) + eps
+    store["AutoDelta.probs_y"] = torch.full((3, 88), 0.3)
+    short = torch.zeros(1, 10, 88)
+
+    def decode(batch: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        post = posterior(music.model, batch, lens, include_prior=False, guide=music.guide,
+                         max_plate_nesting=2)
+        return post.map()["x"].reshape(len(lens), -1)
+
+    alone = decode(short, [10])[0]
+    assert alone.tolist() == [2] * 10
+    t_long = int(lengths[long_])
+    batch = torch.cat([seqs[long_:long_ + 1, :t_long],
+                       torch.cat([short, torch.zeros(1, t_long - 10, 88)], dim=1)])
+    padded = decode(batch, [t_long, 10])[1, :10]
+    assert torch.equal(padded, alone)
