@@ -20,7 +20,8 @@ Plated Factor Graphs":
 Each chain starts in state 0 before the first step. The transition rows have Dirichlet priors
 (concentration 2.0 on the diagonal, 1.1 elsewhere) and the key probabilities Beta(1.1, 2)
 priors, and the guide is a MAP guide (``AutoDelta``) on them, as in Pyro's example; the neural
-network's weights are plain parameters. Training is SVI with :class:`plated.pyro.TVE_ELBO`.
+network's weights are plain parameters. The MAP values start at a draw from the priors (states
+that start alike stay alike for long), and training is SVI with :class:`plated.pyro.TVE_ELBO`.
 
 Pyro's example uses Dirichlet(0.9 on the diagonal, 0.1 elsewhere) and Beta(0.1, 0.9) priors.
 Their concentrations below 1 make the prior densities, and so the MAP objective, unbounded as a
@@ -70,7 +71,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import SVI, TraceEnum_ELBO
-from pyro.infer.autoguide import AutoDelta
+from pyro.infer.autoguide import AutoDelta, init_to_sample
 from pyro.ops.indexing import Vindex
 from pyro.optim import Adam  # type: ignore[attr-defined]  # made at import by pyro
 from pyro.poutine.runtime import InferDict
@@ -153,7 +154,8 @@ class Music:
         self.net = (TonesNet(c.hidden, c.keys, c.nn_dim).to(self.device)
                     if c.model == "nnhmm" else None)
         self.guide = AutoDelta(poutine.block(
-            self.model, expose_fn=lambda msg: str(msg["name"]).startswith("probs_")))
+            self.model, expose_fn=lambda msg: str(msg["name"]).startswith("probs_")),
+            init_loc_fn=init_to_sample)
 
     # ------------------------------------------------------------------------------------------
     # parameters
