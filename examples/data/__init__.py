@@ -6,6 +6,7 @@ says where the data come from when a file is missing.
 
 - :mod:`examples.data.polyphonic`: polyphonic-music piano rolls (``polyphonic/*.mat``).
 - :mod:`examples.data.seals`: seal tracks, step lengths and turning angles (``seals/*.csv``).
+- :mod:`examples.data.sst`: the Stanford Sentiment Treebank's trees (``sst/*.txt``).
 """
 
 from .common import (
@@ -18,6 +19,7 @@ from .common import (
 )
 from .polyphonic import NUM_KEYS, POLYPHONIC, POLYPHONIC_SOURCE, SPLITS, load_polyphonic
 from .seals import Tracks, load_nfs, load_ses
+from .sst import Treebank, build_vocab, load_sst
 
 __all__ = [
     "DATA_ENV",
@@ -28,10 +30,13 @@ __all__ = [
     "SPLITS",
     "DataError",
     "Tracks",
+    "Treebank",
+    "build_vocab",
     "add_data_dir_argument",
     "data_dir",
     "data_file",
     "load_nfs",
     "load_polyphonic",
     "load_ses",
+    "load_sst",
 ]

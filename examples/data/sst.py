@@ -166,8 +166,6 @@ class Treebank:
     """One split of the treebank.
 
     :ivar trees: the parsed sentences, in file order.
-    :ivar sentences: each sentence's tokens.
-    :ivar labels: ``(sentences,)`` long, the root (sentence) labels 0-4.
     :ivar path: the file read.
     """
 
@@ -176,10 +174,12 @@ class Treebank:
 
     @property
     def sentences(self) -> list[list[str]]:
+        """Each sentence's tokens (a new list each time)."""
         return [list(t.tokens) for t in self.trees]
 
     @property
     def labels(self) -> torch.Tensor:
+        """``(sentences,)`` long: the root (sentence) labels 0-4."""
         return torch.tensor([t.label for t in self.trees], dtype=torch.long)
 
     def __len__(self) -> int:
@@ -191,7 +191,8 @@ class Treebank:
 
         :param min_len: keep nodes spanning at least this many words (1: leaves included).
         :param max_len: keep nodes spanning at most this many words (``None``: no bound).
-        :param roots: keep the root nodes (whose label is the sentence label).
+        :param roots: keep the nodes that span the whole sentence (the root, whose label is the
+            sentence label, and any unary chain above or below it).
         """
         rows = [(s, n.start, n.end, n.label) for s, t in enumerate(self.trees) for n in t.nodes
                 if n.end - n.start >= min_len and (max_len is None or n.end - n.start <= max_len)

@@ -1,0 +1,54 @@
+"""Every example script is covered: it answers ``--help``, and a test runs its ``--smoke-test``.
+
+The smoke runs themselves live in ``tests/test_examples_NAME.py``, next to the example's other
+tests; this meta-test fails when a new script in ``examples/`` has none (as Pyro's
+``tests/test_examples.py`` does for its examples).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: Modules of ``examples/`` that are libraries for the scripts, not scripts.
+NOT_SCRIPTS = {"__init__", "common"}
+
+
+def scripts() -> list[str]:
+    """The example scripts: modules of ``examples/`` with a ``main`` and a ``__main__`` guard."""
+    out = []
+    for path in sorted((REPO / "examples").glob("*.py")):
+        text = path.read_text()
+        if path.stem not in NOT_SCRIPTS and "def main(" in text and "__main__" in text:
+            out.append(path.stem)
+    return out
+
+
+def test_the_known_scripts_are_found() -> None:
+    assert {"music", "animal_movement", "sentiment"} <= set(scripts())
+
+
+@pytest.mark.parametrize("name", scripts())
+def test_script_has_a_smoke_test(name: str) -> None:
+    tests = {p.name: p.read_text() for p in (REPO / "tests").glob("test_examples_*.py")}
+    covering = [f for f, text in tests.items()
+                if re.search(rf"[\"']examples\.{name}[\"']", text) and "--smoke-test" in text]
+    assert covering, (f"examples/{name}.py has no smoke test: add tests/test_examples_{name}.py "
+                      f"running `python -m examples.{name} --smoke-test`")
+
+
+@pytest.mark.parametrize("name", scripts())
+def test_script_help(name: str) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    r = subprocess.run([sys.executable, "-m", f"examples.{name}", "--help"], capture_output=True,
+                       text=True, env=env, cwd=REPO, timeout=120, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for option in ("--data-dir", "--smoke-test", "--resume", "--out-dir", "--seed"):
+        assert option in r.stdout, f"examples.{name} --help lacks {option}"
