@@ -60,7 +60,6 @@ MAP state, with the step-length distributions) and ``loss.png`` (the training cu
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -82,6 +81,7 @@ from plated.pyro import TVE_ELBO, markov_plate, posterior
 from .common import (
     example_parser,
     load_pyro_checkpoint,
+    median_ms,
     progress,
     resolve_device,
     save_figure,
@@ -550,11 +550,6 @@ def _plots(hmm: MovementHMM, data: Tracks, report: dict[str, Any], losses: list[
     return paths
 
 
-def _median_ms(seconds: list[float]) -> float:
-    skip = min(2, len(seconds) - 1)  # the first steps include tracing and warm-up
-    return 1000 * statistics.median(seconds[skip:])
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train the movement HMM on a seal data set and write ``results.json`` and the figures.
 
@@ -634,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(), "individuals_used": data.num_individuals,
         "files": list(data.files), **report,
         "final_loss": losses[-1], "loss_change_last_10pct_of_steps": tail[0] - tail[-1],
-        "median_ms_per_svi_step": _median_ms(state["seconds"]),
+        "median_ms_per_svi_step": median_ms(state["seconds"]),
         "train_seconds_this_process": train_s, "report_seconds": report_s,
         "loss_history": losses, "figures": figures,
     }

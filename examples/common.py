@@ -22,6 +22,7 @@ import io
 import json
 import os
 import random
+import statistics
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "atomic_write_text",
     "example_parser",
     "load_pyro_checkpoint",
+    "median_ms",
     "progress",
     "resolve_device",
     "save_figure",
@@ -199,6 +201,13 @@ def load_pyro_checkpoint(path: str | os.PathLike[str], optim: Any,
         optim.set_state(state["optim"])
     _set_rng_state(state["rng"])
     return dict(state["extra"])
+
+
+def median_ms(seconds: list[float], skip: int = 2) -> float:
+    """The median of per-step times in milliseconds, leaving out the first ``skip`` steps (they
+    include tracing, plan building and allocator warm-up) when there are more."""
+    skip = min(skip, len(seconds) - 1)
+    return 1000 * statistics.median(seconds[skip:])
 
 
 def progress(iterable: Iterable[T], total: int | None = None, desc: str | None = None,

@@ -82,6 +82,7 @@ from plated.pyro import TVE_ELBO, markov_plate, posterior
 from .common import (
     example_parser,
     load_pyro_checkpoint,
+    median_ms,
     progress,
     resolve_device,
     save_figure,
@@ -448,11 +449,6 @@ def _plots(music: Music, seqs: torch.Tensor, lengths: list[int], out_dir: Path) 
     return paths
 
 
-def _median_ms(seconds: list[float]) -> float:
-    skip = min(2, len(seconds) - 1)  # the first steps include tracing and allocator warm-up
-    return 1000 * statistics.median(seconds[skip:])
-
-
 def side_by_side(music: Music, data: tuple[torch.Tensor, list[int]], batch_size: int,
                  repeats: int) -> dict[str, Any]:
     """Time one ``loss_and_grads`` of ``TVE_ELBO`` on the ``markov_plate`` form and of Pyro's
@@ -578,11 +574,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results["runs"][tag] = {
             "elbo": type(elbo).__name__, "form": "markov_plate" if vectorized else "loop",
             "nll_per_step": nll, "final_train_loss_per_step": state["losses"][-1],
-            "median_ms_per_svi_step": _median_ms(state["seconds"]),
+            "median_ms_per_svi_step": median_ms(state["seconds"]),
             "train_seconds_this_process": train_s, "loss_history": state["losses"]}
         print(f"{tag:4s} {type(elbo).__name__:14s} {results['runs'][tag]['form']:12s} "
               f"NLL/step train {nll['train']:.4f} valid {nll['valid']:.4f} "
-              f"test {nll['test']:.4f}   median {_median_ms(state['seconds']):.1f} ms/step")
+              f"test {nll['test']:.4f}   median {median_ms(state['seconds']):.1f} ms/step")
     if args.compare_pyro:
         ours, theirs = results["runs"]["tve"], results["runs"]["pyro"]
         results["pyro_over_tve_training_time_ratio"] = (theirs["median_ms_per_svi_step"]

@@ -7,13 +7,34 @@ Kept free of fixtures so any test module can import it (``tests/`` is on ``sys.p
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from plated import Factor, naive
+
+#: The repository root.
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_data(*files: str) -> Path:
+    """The data folder holding every one of ``files`` (paths relative to it): ``$PLATED_DATA``
+    (set by ``.ci/run``), else ``shared/data`` next to the repository.
+
+    :raises AssertionError: if neither holds them. Tests that need the data fail, never skip: CI
+        always provides it.
+    """
+    cands = [c for c in (os.environ.get("PLATED_DATA"), str(REPO.parent / "shared" / "data")) if c]
+    for cand in cands:
+        if all((Path(cand) / f).is_file() for f in files):
+            return Path(cand)
+    raise AssertionError(f"{', '.join(files)} not found in any of {cands}; set PLATED_DATA to the "
+                         "data folder (see ../shared/data/README.md)")
+
 
 #: float64 relative tolerance for values compared with a brute-force or Pyro reference.
 RTOL = 1e-8

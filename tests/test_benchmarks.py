@@ -8,18 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import find_data
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _data_dir() -> Path:
-    cands = [c for c in (os.environ.get("PLATED_DATA"), str(REPO.parent / "shared" / "data")) if c]
-    for cand in cands:
-        if (Path(cand) / "polyphonic" / "JSB_Chorales.mat").is_file():
-            return Path(cand)
-    raise AssertionError(f"JSB chorales not found in {cands}; set PLATED_DATA to the data folder")
-
-
-DATA = _data_dir()
+DATA = find_data("polyphonic/JSB_Chorales.mat")
 
 
 def test_pyro_hmm_smoke() -> None:

@@ -8,11 +8,11 @@ skipped) when neither holds it: CI always provides the data.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import find_data
 
 from examples.data import (
     DATA_ENV,
@@ -25,15 +25,7 @@ from examples.data import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _find_data() -> Path:
-    cands = [c for c in (os.environ.get(DATA_ENV), str(REPO.parent / "shared" / "data")) if c]
-    for cand in cands:
-        if (Path(cand) / "polyphonic" / "JSB_Chorales.mat").is_file():
-            return Path(cand)
-    raise AssertionError(f"JSB chorales not found in {cands}; set {DATA_ENV} to the data folder")
-
-
-DATA = _find_data()
+DATA = find_data("polyphonic/JSB_Chorales.mat")
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import find_data
 from pyro.infer import TraceEnum_ELBO
 
 from examples.animal_movement import (
@@ -37,24 +38,14 @@ from examples.animal_movement import (
     guide,
     main,
 )
-from examples.data import DATA_ENV, DataError
+from examples.data import DataError
 from examples.data.seals import EARTH_RADIUS_KM, Tracks, load_nfs, load_ses
 from plated.pyro import TVE_ELBO, posterior
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _find_data() -> Path:
-    cands = [c for c in (os.environ.get(DATA_ENV), str(REPO.parent / "shared" / "data")) if c]
-    for cand in cands:
-        if all((Path(cand) / "seals" / f).is_file()
-               for f in ("sesData.csv", "nfs_locations.csv", "nfs_foragedives.csv")):
-            return Path(cand)
-    raise AssertionError(f"the seal files are not in {cands}; set {DATA_ENV} to the data folder "
-                         "(see ../shared/data/README.md)")
-
-
-DATA = _find_data()
+DATA = find_data("seals/sesData.csv", "seals/nfs_locations.csv", "seals/nfs_foragedives.csv")
 
 SES_COUNTS = {"1": 550, "2": 477, "3": 593, "4": 603, "5": 349, "6": 356, "7": 586, "8": 471,
               "9": 84, "10": 414, "11": 573, "12": 576, "13": 573, "14": 584, "15": 564}

@@ -21,25 +21,17 @@ from typing import Any
 import pyro
 import pytest
 import torch
+from helpers import find_data
 from pyro.infer import TraceEnum_ELBO
 
-from examples.data import DATA_ENV, load_polyphonic
+from examples.data import POLYPHONIC, load_polyphonic
 from examples.music import MODELS, Config, Music, batches, main, negative_log_likelihood
 from plated.pyro import TVE_ELBO, posterior
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _find_data() -> Path:
-    cands = [c for c in (os.environ.get(DATA_ENV), str(REPO.parent / "shared" / "data")) if c]
-    for cand in cands:
-        if (Path(cand) / "polyphonic" / "Piano_midi.mat").is_file():
-            return Path(cand)
-    raise AssertionError(f"the polyphonic-music files are not in {cands}; set {DATA_ENV} to the "
-                         "data folder (see ../shared/data/README.md)")
-
-
-DATA = _find_data()
+DATA = find_data(*(f"polyphonic/{f}" for f in POLYPHONIC.values()))
 
 SPLIT_SIZES = {"JSB_Chorales": (229, 76, 77), "Nottingham": (694, 173, 170),
                "MuseData": (524, 135, 124), "Piano_midi": (87, 12, 25)}

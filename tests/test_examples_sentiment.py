@@ -22,6 +22,7 @@ from typing import Any
 import pyro
 import pytest
 import torch
+from helpers import find_data
 from pyro.infer import TraceEnum_ELBO
 
 from examples.data import DATA_ENV, DataError
@@ -53,16 +54,7 @@ from plated.pyro import TVE_ELBO
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _find_data() -> Path:
-    cands = [c for c in (os.environ.get(DATA_ENV), str(REPO.parent / "shared" / "data")) if c]
-    for cand in cands:
-        if all((Path(cand) / "sst" / f"{s}.txt").is_file() for s in ("train", "dev", "test")):
-            return Path(cand)
-    raise AssertionError(f"the SST files (sst/train.txt, dev.txt, test.txt) are not in {cands}; "
-                         f"set {DATA_ENV} to the data folder (see ../shared/data/README.md)")
-
-
-DATA = _find_data()
+DATA = find_data("sst/train.txt", "sst/dev.txt", "sst/test.txt")
 
 
 # ------------------------------------------------------------------------------------------------
