@@ -109,10 +109,10 @@ class markov_plate(pyro.plate):
         stands for the chain's value ``lag`` steps earlier.
 
         :param chain: the name of the sample site, inside this plate, that forms the chain.
-        :param initial: a fixed initial state (an ``int``, with ``size``; its table takes the
-            dtype and device of the model's other factors, so a float64 or CUDA model needs
-            nothing more), or a discrete distribution with enumerable support over the initial
-            state (used for every lag).
+        :param initial: a fixed initial state (an ``int``, with ``size``; its log-probability
+            table takes the dtype and device of the model's other factors, while its enumerated
+            values, like Pyro's plate indices, are made on torch's default device), or a discrete
+            distribution with enumerable support over the initial state (used for every lag).
         :param size: the number of states; required when ``initial`` is an ``int``.
         :return: the previous-value tensor, or for ``history > 1`` a tuple of them, most recent
             first.
