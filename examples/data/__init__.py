@@ -6,6 +6,7 @@ says where the data come from when a file is missing.
 
 - :mod:`examples.data.polyphonic`: polyphonic-music piano rolls (``polyphonic/*.mat``).
 - :mod:`examples.data.seals`: seal tracks, step lengths and turning angles (``seals/*.csv``).
+- :mod:`examples.data.multi30k`: Multi30k German-English sentence pairs (``multi30k/*.gz``).
 - :mod:`examples.data.sst`: the Stanford Sentiment Treebank's trees (``sst/*.txt``).
 """
 
@@ -17,12 +18,16 @@ from .common import (
     data_dir,
     data_file,
 )
+from .multi30k import MULTI30K_SPLITS, Parallel, load_multi30k
 from .polyphonic import NUM_KEYS, POLYPHONIC, POLYPHONIC_SOURCE, SPLITS, load_polyphonic
 from .seals import Tracks, load_nfs, load_ses
 from .sst import Treebank, build_vocab, load_sst
 
 __all__ = [
     "DATA_ENV",
+    "MULTI30K_SPLITS",
+    "Parallel",
+    "load_multi30k",
     "NUM_KEYS",
     "POLYPHONIC",
     "POLYPHONIC_SOURCE",

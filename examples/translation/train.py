@@ -1,0 +1,497 @@
+"""Train and evaluate the translation model of one attention mode on Multi30k (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..common import (
+    atomic_save,
+    atomic_write_text,
+    example_parser,
+    progress,
+    resolve_device,
+    save_figure,
+    write_json,
+)
+from ..data import DataError, load_multi30k
+from .data import Batch, Tokenizer, collate, encode_pairs, length_batches, shard
+from .model import MODES, ModelConfig, Seq2Seq, greedy_decode
+
+__all__ = ["Trainer", "main", "make_parser"]
+
+DESCRIPTION = """\
+Translation with latent alignments (Deng et al., 2018) on Multi30k German->English: a
+bidirectional-LSTM encoder and an LSTM decoder with input feeding, joint BPE subwords
+(sentencepiece), and the attention of --attention: soft attention, the exact marginal likelihood,
+hard attention (exact enumeration or REINFORCE samples), variational attention with an inference
+network (enumeration, samples, Gumbel-softmax), or a first-order Markov alignment prior (exact
+marginal, or variational with a chain posterior) eliminated by the plated engine. Reports the
+exact perplexity and detokenised cased BLEU (sacrebleu) of beam search under the prior, writes
+the translations, an alignment heatmap and results.json. Data parallel with torchrun (gloo on CPU,
+NCCL on GPUs)."""
+
+SMOKE = dict(vocab_size=200, embed=16, hidden=16, layers=1, batch_size=16, epochs=2,
+             train_pairs=96, eval_pairs=24, beam=2, checkpoint_every=3)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = example_parser("python -m examples.translation", DESCRIPTION, "runs/translation")
+    p.add_argument("--attention", choices=MODES, default="soft", help="attention mode")
+    p.add_argument("--k-max", type=int, default=None,
+                   help="train with K-max: only the K best positions under the prior")
+    p.add_argument("--eval-k-max", type=int, default=5,
+                   help="also evaluate (PPL, BLEU) with K-max at this K (0: no)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the BPE model is cached (default: OUT_DIR/../cache)")
+    p.add_argument("--embed", type=int, default=256, help="word embedding size")
+    p.add_argument("--hidden", type=int, default=512, help="LSTM state size")
+    p.add_argument("--layers", type=int, default=2, help="LSTM layers (encoder and decoder)")
+    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument("--max-jump", type=int, default=4, help="Markov prior: jump-bias range")
+    p.add_argument("--batch-size", type=int, default=64, help="sentence pairs per step "
+                   "(per process under torchrun)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr-decay", type=float, default=0.5,
+                   help="learning-rate factor after an epoch that does not improve validation")
+    p.add_argument("--clip", type=float, default=5.0, help="gradient-norm clipping")
+    p.add_argument("--epochs", type=int, default=20, help="most epochs")
+    p.add_argument("--patience", type=int, default=3,
+                   help="early stopping: epochs without a better validation perplexity")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this much training time (then evaluate)")
+    p.add_argument("--max-train-len", type=int, default=80,
+                   help="leave out training pairs longer than this many subwords")
+    p.add_argument("--checkpoint-every", type=int, default=200,
+                   help="write the checkpoint every N steps (and after every epoch)")
+    p.add_argument("--beam", type=int, default=5, help="beam size at test time")
+    p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty")
+    p.add_argument("--max-decode-len", type=int, default=100)
+    p.add_argument("--eval-batch-size", type=int, default=100)
+    p.add_argument("--test-split", default="test_2016_flickr")
+    p.add_argument("--heatmaps", type=int, default=3,
+                   help="validation sentences in the alignment figure")
+    p.add_argument("--max-bytes", type=int, default=256,
+                   help="MiB cap of the per-alignment output layer's chunks")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms (slower; CUDA needs "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8)")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="full float32 matrix products on GPUs (default: TF32)")
+    p.add_argument("--train-pairs", type=int, default=None,
+                   help="use only the first N training pairs (debugging)")
+    p.add_argument("--eval-pairs", type=int, default=None,
+                   help="use only the first N validation and test pairs (debugging)")
+    return p
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _log(msg: str) -> None:
+    if _is_main():
+        print(msg, flush=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """The model, its optimizer and the training state, with exact checkpoints.
+
+    The state after any step is (model, optimizer, learning rate, epoch, step within the epoch,
+    validation history, random generators); :meth:`save` writes all of it atomically and
+    :meth:`load` restores it, so a resumed run takes the same next step as an uninterrupted one
+    (the batch order of an epoch is a function of the seed and the epoch).
+    """
+
+    def __init__(self, args: argparse.Namespace, model: Seq2Seq, train: Sequence[Any],
+                 device: torch.device, world: int = 1, rank: int = 0) -> None:
+        self.args, self.model, self.train_pairs = args, model, train
+        self.device, self.world, self.rank = device, world, rank
+        self.net: torch.nn.Module = model
+        if world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optim = torch.optim.Adam(model.parameters(), lr=args.lr)
+        self.epoch, self.step_in_epoch, self.steps = 0, 0, 0
+        self.best_ppl, self.bad_epochs = math.inf, 0
+        self.history: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+        self.done = False
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        b = length_batches(self.train_pairs, self.args.batch_size, shuffle=True,
+                           seed=self.args.seed * 100003 + epoch)
+        return shard(b, self.rank, self.world)
+
+    def step(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """One optimizer step on ``batch``; returns the reported loss sum (a tensor, no host
+        sync) and the number of target tokens."""
+        self.model.train()
+        self.optim.zero_grad(set_to_none=True)
+        loss, report = self.net(batch)
+        tokens = batch.num_tokens
+        (loss / tokens).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
+        self.optim.step()
+        self.steps += 1
+        return report, tokens
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optim": self.optim.state_dict(),
+                "config": self.model.config.as_dict(), "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "steps": self.steps,
+                "best_ppl": self.best_ppl, "bad_epochs": self.bad_epochs,
+                "history": self.history, "train_seconds": self.train_seconds,
+                "done": self.done, "rng": _rng_state(), "world": self.world}
+
+    def save(self, path: Path) -> None:
+        if _is_main():
+            atomic_save(self.state(), path)
+
+    def load(self, path: Path) -> None:
+        try:
+            st = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise ValueError(f"cannot read the checkpoint {str(path)!r} ({e}); delete it or "
+                             "choose another --out-dir") from e
+        if not isinstance(st, dict) or "model" not in st or "config" not in st:
+            raise ValueError(f"{str(path)!r} is not a checkpoint of examples.translation; delete "
+                             "it or choose another --out-dir")
+        if st["config"] != self.model.config.as_dict():
+            raise ValueError(f"the checkpoint {str(path)!r} was written for {st['config']}, not "
+                             f"{self.model.config.as_dict()}; use the same options, or another "
+                             "--out-dir")
+        if st.get("world", 1) != self.world:
+            raise ValueError(f"the checkpoint {str(path)!r} was written by {st.get('world', 1)} "
+                             f"processes; resume it with the same number, not {self.world}")
+        self.model.load_state_dict(st["model"])
+        self.optim.load_state_dict(st["optim"])
+        for k in ("epoch", "step_in_epoch", "steps", "best_ppl", "bad_epochs", "history",
+                  "train_seconds", "done"):
+            setattr(self, k, st[k])
+        _set_rng_state(st["rng"])
+
+
+def _sync(x: float, device: torch.device) -> float:
+    """Sum a number over the processes of a data-parallel run."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def evaluate(model: Seq2Seq, pairs: Sequence[Any], batch_size: int, device: torch.device,
+             k_max: int | None = None) -> dict[str, float]:
+    """Exact perplexity and mean prior entropy per target token (``</s>`` included)."""
+    model.eval()
+    old = model.attention.k_max
+    if k_max is not None:
+        model.attention.k_max = k_max
+    try:
+        nll = ent = tok = 0.0
+        for idx in length_batches(pairs, batch_size, shuffle=False):
+            r = model.score(collate([pairs[i] for i in idx], idx).to(device))
+            nll += float(r["nll"])
+            ent += float(r["entropy"])
+            tok += float(r["tokens"])
+    finally:
+        model.attention.k_max = old
+    return {"nll_per_token": nll / tok, "ppl": math.exp(nll / tok), "prior_entropy": ent / tok,
+            "tokens": tok}
+
+
+def translate_all(model: Seq2Seq, tok: Tokenizer, pairs: Sequence[Any], args: argparse.Namespace,
+                  device: torch.device, k_max: int | None = None) -> list[str]:
+    """Beam-search translations of every source sentence, in the split's order."""
+    model.eval()
+    old = model.attention.k_max
+    if k_max is not None:
+        model.attention.k_max = k_max
+    out: list[str] = [""] * len(pairs)
+    try:
+        for idx in length_batches(pairs, args.eval_batch_size, shuffle=False):
+            b = collate([pairs[i] for i in idx], idx).to(device)
+            if args.beam == 1:
+                ids = greedy_decode(model, b.src, b.src_mask, args.max_decode_len)
+            else:
+                ids = model.translate(b.src, b.src_mask, beam_size=args.beam,
+                                      max_len=args.max_decode_len,
+                                      length_penalty=args.length_penalty)
+            for i, text in zip(idx, tok.decode(ids.tolist()), strict=True):
+                out[i] = text
+    finally:
+        model.attention.k_max = old
+    return out
+
+
+def bleu(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, Any]:
+    """Detokenised, cased corpus BLEU (sacrebleu's defaults: 13a tokenisation)."""
+    import sacrebleu
+
+    metric = sacrebleu.BLEU()
+    b = metric.corpus_score(list(hyps), [list(refs)])
+    return {"bleu": b.score, "signature": str(metric.get_signature()),
+            "brevity_penalty": b.bp, "sys_len": b.sys_len, "ref_len": b.ref_len}
+
+
+def alignment_figure(model: Seq2Seq, tok: Tokenizer, pairs: Sequence[Any], n: int,
+                     device: torch.device, path: Path) -> None:
+    """Heatmaps of the prior (and the exact posterior) for the first ``n`` pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from attention.plotting import plot_alignments
+
+    model.eval()
+    idx = list(range(min(n, len(pairs))))
+    batch = collate([pairs[i] for i in idx], idx).to(device)
+    al = model.alignments(batch)
+    panels = len(al)
+    fig, axes = plt.subplots(len(idx), panels, squeeze=False,
+                             figsize=(4.5 * panels, 4.0 * len(idx)))
+    for r, i in enumerate(idx):
+        src_ids, tgt_ids = pairs[i][0], pairs[i][1] + [3]
+        s, t = max(len(src_ids), 1), len(tgt_ids)
+        mats = {f"{model.config.mode}: {k}": v[r, :t, :s].float().cpu() for k, v in al.items()}
+        plot_alignments(mats, tok.pieces(src_ids) or ["<empty>"], tok.pieces(tgt_ids),
+                        axes=list(axes[r]))
+    save_figure(fig, path)
+
+
+def _setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(args.device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = make_parser().parse_args(argv)
+    if args.smoke_test:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+        args.eval_k_max = min(args.eval_k_max, 2) if args.eval_k_max else 0
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rank, world, device = _setup_distributed(args)
+    try:
+        return _run(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda" and not args.no_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir.parent / "cache"
+
+    train_raw = load_multi30k("train", args.data_dir)
+    valid_raw = load_multi30k("val", args.data_dir)
+    test_raw = load_multi30k(args.test_split, args.data_dir)
+    if args.train_pairs:
+        train_raw = type(train_raw)("train", "de", "en", train_raw.src[:args.train_pairs],
+                                    train_raw.tgt[:args.train_pairs])
+    if args.eval_pairs:
+        valid_raw, test_raw = (type(r)(r.split, "de", "en", r.src[:args.eval_pairs],
+                                       r.tgt[:args.eval_pairs]) for r in (valid_raw, test_raw))
+    # every process trains the same tokenizer (deterministic); rank 0 writes the cache first
+    if rank == 0:
+        tok = Tokenizer.cached(train_raw.src + train_raw.tgt, args.vocab_size, cache_dir)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        tok = Tokenizer.cached(train_raw.src + train_raw.tgt, args.vocab_size, cache_dir)
+    train_all = encode_pairs(tok, train_raw.src, train_raw.tgt)
+    train = [p for p in train_all if len(p[0]) <= args.max_train_len
+             and len(p[1]) < args.max_train_len]
+    valid = encode_pairs(tok, valid_raw.src, valid_raw.tgt)
+    test = encode_pairs(tok, test_raw.src, test_raw.tgt)
+    _log(f"Multi30k de->en: {len(train)} training pairs (of {len(train_all)}), {len(valid)} "
+         f"valid, {len(test)} {args.test_split}; {tok.vocab_size} joint BPE subwords; "
+         f"{world} process(es) on {device}")
+
+    config = ModelConfig(vocab_size=tok.vocab_size, mode=args.attention, embed=args.embed,
+                         hidden=args.hidden, layers=args.layers, dropout=args.dropout,
+                         k_max=args.k_max, max_jump=args.max_jump,
+                         max_bytes=args.max_bytes * 2**20)
+    model = Seq2Seq(config).to(device)
+    trainer = Trainer(args, model, train, device, world, rank)
+    ckpt, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
+    if args.resume and ckpt.is_file():
+        trainer.load(ckpt)
+        _log(f"resumed from {ckpt}: epoch {trainer.epoch}, step {trainer.step_in_epoch} of it, "
+             f"{trainer.steps} steps in all")
+    elif ckpt.is_file() and not args.resume:
+        raise FileExistsError(f"{ckpt} exists: pass --resume to continue that run, or choose "
+                              "another --out-dir")
+    _log(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.attention}")
+
+    _train(args, trainer, valid, device, ckpt, best_path)
+
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return {}
+    if best_path.is_file():
+        model.load_state_dict(torch.load(best_path, map_location=device,
+                                         weights_only=True)["model"])
+    return _final(args, model, tok, trainer, valid, test, valid_raw, test_raw, device, out_dir)
+
+
+def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Any],
+           device: torch.device, ckpt: Path, best_path: Path) -> None:
+    model = trainer.model
+    budget = None if args.max_minutes is None else 60.0 * args.max_minutes
+    while not trainer.done and trainer.epoch < args.epochs:
+        batches = trainer.epoch_batches(trainer.epoch)
+        bar = progress(range(trainer.step_in_epoch, len(batches)), total=len(batches),
+                       initial=trainer.step_in_epoch, desc=f"epoch {trainer.epoch + 1}",
+                       disable=args.no_progress or not _is_main())
+        report = torch.zeros((), device=device)
+        tokens, t_mark, tok_mark = 0, time.perf_counter(), 0
+        out_of_time = False
+        for i in bar:
+            t0 = time.perf_counter()
+            r, n = trainer.step(trainer_batch(trainer, batches[i], device))
+            report, tokens = report + r, tokens + n
+            trainer.step_in_epoch = i + 1
+            if trainer.steps % 25 == 0 or i + 1 == len(batches):
+                loss = float(report) / max(tokens, 1)  # one host sync every 25 steps
+                now = time.perf_counter()
+                bar.set_postfix(loss=f"{loss:.3f}",
+                                tok_s=f"{(tokens - tok_mark) / (now - t_mark):.0f}")
+                t_mark, tok_mark = now, tokens
+            trainer.train_seconds += time.perf_counter() - t0
+            if trainer.steps % args.checkpoint_every == 0:
+                trainer.save(ckpt)
+            if budget is not None and _sync(trainer.train_seconds, device) / trainer.world \
+                    >= budget:
+                out_of_time = True
+                break
+        bar.close()
+        epoch_loss = _sync(float(report), device) / max(_sync(tokens, device), 1)
+        finished_epoch = trainer.step_in_epoch == len(batches)
+        if finished_epoch or out_of_time:
+            v = evaluate(model, valid, args.eval_batch_size, device)
+            entry = {"epoch": trainer.epoch + 1, "steps": trainer.steps,
+                     "train_loss": epoch_loss, "valid_ppl": v["ppl"],
+                     "lr": trainer.optim.param_groups[0]["lr"],
+                     "train_seconds": trainer.train_seconds, "complete": finished_epoch}
+            trainer.history.append(entry)
+            _log(f"epoch {trainer.epoch + 1}: train loss {epoch_loss:.4f}/token, valid PPL "
+                 f"{v['ppl']:.3f}, lr {entry['lr']:.2e}, {trainer.train_seconds:.0f} s")
+            if v["ppl"] < trainer.best_ppl:
+                trainer.best_ppl, trainer.bad_epochs = v["ppl"], 0
+                if _is_main():
+                    atomic_save({"model": model.state_dict(), "config": model.config.as_dict(),
+                                 "epoch": trainer.epoch + 1}, best_path)
+            else:
+                trainer.bad_epochs += 1
+                for g in trainer.optim.param_groups:
+                    g["lr"] *= args.lr_decay
+                if trainer.bad_epochs >= args.patience:
+                    _log(f"early stop: {args.patience} epochs without a better valid PPL")
+                    trainer.done = True
+        if finished_epoch:
+            trainer.epoch, trainer.step_in_epoch = trainer.epoch + 1, 0
+        if out_of_time:
+            _log(f"training-time budget of {args.max_minutes} min reached")
+            trainer.done = True
+        trainer.save(ckpt)
+    trainer.done = True
+    trainer.save(ckpt)
+
+
+def trainer_batch(trainer: Trainer, idx: list[int], device: torch.device) -> Batch:
+    return collate([trainer.train_pairs[i] for i in idx], idx).to(device)
+
+
+def _final(args: argparse.Namespace, model: Seq2Seq, tok: Tokenizer, trainer: Trainer,
+           valid: Sequence[Any], test: Sequence[Any], valid_raw: Any, test_raw: Any,
+           device: torch.device, out_dir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "mode": args.attention, "config": model.config.as_dict(), "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+        "epochs": trainer.epoch, "steps": trainer.steps, "train_seconds": trainer.train_seconds,
+        "best_valid_ppl": trainer.best_ppl, "history": trainer.history,
+        "train_pairs": len(trainer.train_pairs), "beam": args.beam,
+        "world_size": trainer.world, "batch_size": args.batch_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__, "test_split": args.test_split,
+    }
+    t0 = time.perf_counter()
+    results["valid"] = evaluate(model, valid, args.eval_batch_size, device)
+    results["test"] = evaluate(model, test, args.eval_batch_size, device)
+    hyps = translate_all(model, tok, test, args, device)
+    results["test"].update(bleu(hyps, test_raw.tgt))
+    atomic_write_text("\n".join(hyps) + "\n", out_dir / f"{args.test_split}.hyp.en")
+    valid_hyps = translate_all(model, tok, valid, args, device)
+    results["valid"].update(bleu(valid_hyps, valid_raw.tgt))
+    atomic_write_text("\n".join(valid_hyps) + "\n", out_dir / "val.hyp.en")
+    k = args.eval_k_max
+    latent_indep = args.attention not in ("soft", "markov", "variational-markov")
+    if k and latent_indep and args.k_max is None:
+        kres = evaluate(model, test, args.eval_batch_size, device, k_max=k)
+        khyps = translate_all(model, tok, test, args, device, k_max=k)
+        kres.update(bleu(khyps, test_raw.tgt))
+        atomic_write_text("\n".join(khyps) + "\n", out_dir / f"{args.test_split}.kmax{k}.hyp.en")
+        results[f"test_kmax{k}"] = kres
+    results["eval_seconds"] = time.perf_counter() - t0
+    alignment_figure(model, tok, valid, args.heatmaps, device, out_dir / "alignments.png")
+    write_json(results, out_dir / "results.json")
+    t = results["test"]
+    _log(f"{args.test_split}: PPL {t['ppl']:.3f}, BLEU {t['bleu']:.2f}, prior entropy "
+         f"{t['prior_entropy']:.3f}; valid PPL {results['valid']['ppl']:.3f}, BLEU "
+         f"{results['valid']['bleu']:.2f}; training {trainer.train_seconds:.0f} s")
+    if f"test_kmax{k}" in results:
+        kr = results[f"test_kmax{k}"]
+        _log(f"  K-max (K={k}): PPL {kr['ppl']:.3f}, BLEU {kr['bleu']:.2f}")
+    return results
+
+
+def cli() -> None:
+    try:
+        main()
+    except (DataError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"examples.translation: error: {e}") from e
