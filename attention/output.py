@@ -110,8 +110,9 @@ class AlignedOutputLayer(nn.Module):
             bh = torch.div(b_h_t, t, rounding_mode="floor")
             vrow = bh * s + i % s  # into (B * H * S)
         logits = self.out(torch.tanh(hid[row] + val[vrow]))  # (n, V)
-        picked = logits.gather(-1, target[row].unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1)
+        # fused log-softmax and pick (and a fused backward): on CPUs about twice as fast as
+        # picking and subtracting a logsumexp, whose backward makes several (n, V) temporaries
+        return -nn.functional.cross_entropy(logits, target[row], reduction="none")
 
     def log_lik(self, dec_hidden: Tensor, values: Tensor, target: Tensor, *,
                 gathered: bool = False, max_bytes: int | None = None) -> Tensor:

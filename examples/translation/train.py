@@ -64,6 +64,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--lr-decay", type=float, default=0.5,
                    help="learning-rate factor after an epoch that does not improve validation")
+    p.add_argument("--decay-after", type=int, default=None, metavar="N",
+                   help="also multiply the learning rate by --lr-decay at the start of every "
+                        "epoch after the first N (a fixed schedule for short budgets)")
     p.add_argument("--clip", type=float, default=5.0, help="gradient-norm clipping")
     p.add_argument("--epochs", type=int, default=20, help="most epochs")
     p.add_argument("--patience", type=int, default=3,
@@ -385,6 +388,10 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Any],
     budget = None if args.max_minutes is None else 60.0 * args.max_minutes
     while not trainer.done and trainer.epoch < args.epochs:
         batches = trainer.epoch_batches(trainer.epoch)
+        if args.decay_after is not None and trainer.step_in_epoch == 0 \
+                and trainer.epoch >= args.decay_after:
+            for g in trainer.optim.param_groups:
+                g["lr"] *= args.lr_decay
         bar = progress(range(trainer.step_in_epoch, len(batches)), total=len(batches),
                        initial=trainer.step_in_epoch, desc=f"epoch {trainer.epoch + 1}",
                        disable=args.no_progress or not _is_main())
