@@ -34,6 +34,7 @@ from .data import add_data_dir_argument
 
 __all__ = [
     "atomic_save",
+    "atomic_write_bytes",
     "atomic_write_text",
     "example_parser",
     "load_pyro_checkpoint",
@@ -128,6 +129,11 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return _atomic_write(path, buf.getvalue())
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` to ``path`` atomically. Returns the path."""
+    return _atomic_write(path, data)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike[str]) -> Path:

@@ -21,17 +21,19 @@ NOT_SCRIPTS = {"__init__", "common"}
 
 
 def scripts() -> list[str]:
-    """The example scripts: modules of ``examples/`` with a ``main`` and a ``__main__`` guard."""
+    """The example scripts: modules of ``examples/`` with a ``main`` and a ``__main__`` guard, and
+    packages of ``examples/`` with a ``__main__.py`` (``python -m examples.translation``)."""
     out = []
     for path in sorted((REPO / "examples").glob("*.py")):
         text = path.read_text()
         if path.stem not in NOT_SCRIPTS and "def main(" in text and "__main__" in text:
             out.append(path.stem)
-    return out
+    out += [p.parent.name for p in sorted((REPO / "examples").glob("*/__main__.py"))]
+    return sorted(out)
 
 
 def test_the_known_scripts_are_found() -> None:
-    assert {"music", "animal_movement", "sentiment"} <= set(scripts())
+    assert {"music", "animal_movement", "sentiment", "translation"} <= set(scripts())
 
 
 @pytest.mark.parametrize("name", scripts())
@@ -39,7 +41,7 @@ def test_script_has_a_smoke_test(name: str) -> None:
     tests = {p.name: p.read_text() for p in (REPO / "tests").glob("test_examples_*.py")}
     covering = [f for f, text in tests.items()
                 if re.search(rf"[\"']examples\.{name}[\"']", text) and "--smoke-test" in text]
-    assert covering, (f"examples/{name}.py has no smoke test: add tests/test_examples_{name}.py "
+    assert covering, (f"examples.{name} has no smoke test: add tests/test_examples_{name}.py "
                       f"running `python -m examples.{name} --smoke-test`")
 
 

@@ -29,8 +29,8 @@ SOURCES = {
         "folder manuscript/ (the .RData files converted to CSV: sesData.csv, nfs_locations.csv, "
         "nfs_foragedives.csv)"),
     "multi30k": (
-        "Multi30k task 1 German-English (Elliott et al. 2016), the raw (untokenised, cased) text of "
-        "https://github.com/multi30k/dataset, folder data/task1/raw/ (train, val and "
+        "Multi30k task 1 German-English (Elliott et al. 2016), the raw (untokenised, cased) "
+        "text of https://github.com/multi30k/dataset, folder data/task1/raw/ (train, val and "
         "test_2016_flickr, .de.gz and .en.gz)"),
     "sst": (
         "the Stanford Sentiment Treebank (Socher et al. 2013), the PTB-style trees/ split "

@@ -48,8 +48,8 @@ def read_lines(path: str | os.PathLike[str]) -> list[str]:
         else:
             text = path.read_text(encoding="utf-8")
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {str(path)!r} as UTF-8 text{' (gzip)' * (path.suffix == '.gz')}"
-                        f": {e}") from e
+        kind = "gzipped UTF-8 text" if path.suffix == ".gz" else "UTF-8 text"
+        raise DataError(f"cannot read {str(path)!r} as {kind}: {e}") from e
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..common import atomic_save
+from ..common import atomic_write_bytes
 from ..data import DataError
 
 __all__ = ["BOS", "EOS", "PAD", "UNK", "Batch", "Tokenizer", "collate", "encode_pairs",
@@ -99,16 +99,15 @@ class Tokenizer:
         h.update(f"bpe/{vocab_size}/identity/v1\n".encode())
         for t in texts:
             h.update(t.encode("utf-8") + b"\n")
-        path = Path(cache_dir) / f"spm-bpe{vocab_size}-{h.hexdigest()[:12]}.pt"
+        path = Path(cache_dir) / f"spm-bpe{vocab_size}-{h.hexdigest()[:12]}.model"
         if path.is_file():
             try:
-                return cls(torch.load(path, weights_only=True)["model_proto"].numpy().tobytes())
-            except (RuntimeError, KeyError, ValueError, OSError) as e:
+                return cls(path.read_bytes())
+            except Exception as e:  # noqa: BLE001 - sentencepiece raises several kinds
                 raise DataError(f"the cached tokenizer {str(path)!r} is unreadable ({e}); delete "
                                 "it and it will be trained again") from e
         tok = cls.train(texts, vocab_size)
-        proto = torch.frombuffer(bytearray(tok.model_proto), dtype=torch.uint8)
-        atomic_save({"model_proto": proto}, path)
+        atomic_write_bytes(tok.model_proto, path)
         return tok
 
 

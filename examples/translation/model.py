@@ -31,12 +31,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from attention import AlignedOutputLayer, AlignmentInferenceNetwork, LatentAlignmentAttention
+from attention import (
+    AlignedOutputLayer,
+    AlignmentInferenceNetwork,
+    AttentionMode,
+    LatentAlignmentAttention,
+)
 from attention.decoding import beam_search
 from attention.functional import alignment_loss
 from attention.markov import (
@@ -120,9 +125,9 @@ class Seq2Seq(nn.Module):
         self.bridge = nn.Linear(h, 2 * h)  # last encoder states -> decoder's initial (h, c)
         self.decoder = nn.LSTM(e + h, h, num_layers=c.layers, batch_first=True,
                                dropout=c.dropout if c.layers > 1 else 0.0)
-        attn_mode = "marginal" if c.mode in _MARKOV else c.mode
+        attn_mode = cast(AttentionMode, "marginal" if c.mode in _MARKOV else c.mode)
         self.attention = LatentAlignmentAttention(h, h, score="general", mode=attn_mode,
-                                                  k_max=c.k_max)  # type: ignore[arg-type]
+                                                  k_max=c.k_max)
         self.output = AlignedOutputLayer(h, h, v, max_bytes=c.max_bytes)
         self.drop = nn.Dropout(c.dropout)
         self.inference: AlignmentInferenceNetwork | None = None

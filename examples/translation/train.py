@@ -372,14 +372,22 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
 
     _train(args, trainer, valid, device, ckpt, best_path)
 
+    identical = None
     if world > 1:
-        dist.barrier()
+        # every replica must hold the same parameters after data-parallel training
+        flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        got = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(got, flat)
+        identical = all(bool(torch.equal(got[0], g)) for g in got[1:])
+        _log(f"data parallel: the {world} replicas' parameters are "
+             f"{'identical' if identical else 'DIFFERENT'}")
     if rank != 0:
         return {}
     if best_path.is_file():
         model.load_state_dict(torch.load(best_path, map_location=device,
                                          weights_only=True)["model"])
-    return _final(args, model, tok, trainer, valid, test, valid_raw, test_raw, device, out_dir)
+    return _final(args, model, tok, trainer, valid, test, valid_raw, test_raw, device, out_dir,
+                  identical)
 
 
 def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Any],
@@ -456,8 +464,10 @@ def trainer_batch(trainer: Trainer, idx: list[int], device: torch.device) -> Bat
 
 def _final(args: argparse.Namespace, model: Seq2Seq, tok: Tokenizer, trainer: Trainer,
            valid: Sequence[Any], test: Sequence[Any], valid_raw: Any, test_raw: Any,
-           device: torch.device, out_dir: Path) -> dict[str, Any]:
+           device: torch.device, out_dir: Path, identical: bool | None = None
+           ) -> dict[str, Any]:
     results: dict[str, Any] = {
+        "replicas_identical": identical,
         "mode": args.attention, "config": model.config.as_dict(), "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "epochs": trainer.epoch, "steps": trainer.steps, "train_seconds": trainer.train_seconds,

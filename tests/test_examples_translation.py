@@ -1,0 +1,423 @@
+"""The translation example (``python -m examples.translation``): Multi30k loading, the BPE
+tokenizer, the model's exact scores against brute force, beam search, checkpoints and resume,
+the smoke run of every attention mode and a two-process data-parallel run."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.data import DataError, load_multi30k
+from examples.translation.data import (
+    BOS,
+    EOS,
+    PAD,
+    Tokenizer,
+    collate,
+    length_batches,
+    shard,
+)
+from examples.translation.model import MODES, ModelConfig, Seq2Seq, greedy_decode
+from examples.translation.train import Trainer, main, make_parser
+from tests.helpers import find_data
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = find_data("multi30k/train.de.gz")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PLATED_DATA"] = str(DATA)
+    return env
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def test_multi30k_splits_have_their_sizes_and_aligned_lines() -> None:
+    sizes = {"train": 29000, "val": 1014, "test_2016_flickr": 1000}
+    for split, n in sizes.items():
+        p = load_multi30k(split, DATA)
+        assert len(p.src) == len(p.tgt) == n
+        assert all(s.strip() and t.strip() for s, t in zip(p.src, p.tgt, strict=True))
+    train = load_multi30k("train", DATA)
+    # the first and last pairs of the files, read independently
+    with gzip.open(DATA / "multi30k" / "train.de.gz", "rt", encoding="utf-8") as f:
+        de = f.read().splitlines()
+    with gzip.open(DATA / "multi30k" / "train.en.gz", "rt", encoding="utf-8") as f:
+        en = f.read().splitlines()
+    assert (train.src[0], train.tgt[0]) == (de[0], en[0])
+    assert (train.src[-1], train.tgt[-1]) == (de[-1], en[-1])
+    assert train.src[0].startswith("Zwei junge weiße Männer")
+    assert train.tgt[0].startswith("Two young, White males")
+    test = load_multi30k("test_2016_flickr", DATA)
+    assert test.tgt[0] == "A man in an orange hat starring at something."
+    rev = load_multi30k("val", DATA, src_lang="en", tgt_lang="de")
+    assert rev.src == load_multi30k("val", DATA).tgt
+
+
+def _write_gz(path: Path, lines: list[str]) -> None:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_multi30k_errors_name_the_files(tmp_path: Path) -> None:
+    (tmp_path / "multi30k").mkdir()
+    _write_gz(tmp_path / "multi30k" / "val.de.gz", ["a", "b", "c"])
+    _write_gz(tmp_path / "multi30k" / "val.en.gz", ["a", "b"])
+    with pytest.raises(DataError, match=r"val\.de\.gz.* 3 lines .*val\.en\.gz.* 2"):
+        load_multi30k("val", tmp_path)
+    with pytest.raises(DataError, match=r"train\.de\.gz.*not found.*Multi30k.*--data-dir"):
+        load_multi30k("train", tmp_path)
+    with pytest.raises(DataError, match="unknown Multi30k split 'dev'"):
+        load_multi30k("dev", tmp_path)
+    (tmp_path / "multi30k" / "test_2016_flickr.de.gz").write_bytes(b"not gzip")
+    _write_gz(tmp_path / "multi30k" / "test_2016_flickr.en.gz", ["x"])
+    with pytest.raises(DataError, match=r"cannot read .*test_2016_flickr\.de\.gz"):
+        load_multi30k("test_2016_flickr", tmp_path)
+
+
+def test_the_cli_without_data_says_where_it_comes_from(tmp_path: Path) -> None:
+    env = _env()
+    env.pop("PLATED_DATA")
+    r = subprocess.run([sys.executable, "-m", "examples.translation", "--smoke-test",
+                        "--out-dir", str(tmp_path)], capture_output=True, text=True, env=env,
+                       cwd=REPO, timeout=120, check=False)
+    assert r.returncode != 0
+    assert "PLATED_DATA is not set" in r.stderr and "multi30k/dataset" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# -- tokenizer and batches -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    return Tokenizer.cached(_tok_texts(), 400, tmp_path_factory.mktemp("spm"))
+
+
+def _tok_texts() -> list[str]:
+    train = load_multi30k("train", DATA)
+    return train.src[:3000] + train.tgt[:3000]
+
+
+def test_tokenizer_round_trip_on_unseen_sentences(tok: Tokenizer) -> None:
+    val = load_multi30k("val", DATA)
+    alphabet = set("".join(_tok_texts())) | {" "}
+    texts = [t for t in val.src + val.tgt if set(t) <= alphabet]
+    assert len(texts) > 1900
+    ids = tok.encode(texts)
+    assert tok.decode(ids) == texts  # cased, detokenised, every character kept
+    # a character never seen in training is the unknown piece
+    odd = [t for t in val.src + val.tgt if not set(t) <= alphabet]
+    assert odd and all(1 in row for row in tok.encode(odd))
+    assert tok.vocab_size == 400
+    assert all(i not in (PAD, BOS, EOS) for row in ids for i in row)
+    # subwords: more pieces than words, and decoding stops at </s>
+    assert sum(map(len, ids)) > sum(len(t.split()) for t in texts)
+    assert tok.decode([ids[0] + [EOS, 7, 8]]) == [texts[0]]
+    assert tok.decode([[BOS] + ids[1] + [EOS, PAD, PAD]]) == [texts[1]]
+
+
+def test_tokenizer_cache_is_keyed_by_text_and_size(tmp_path: Path) -> None:
+    texts = ["ein kleiner Hund läuft", "a small dog runs", "zwei Hunde", "two dogs"] * 20
+    a = Tokenizer.cached(texts, 40, tmp_path)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 1
+    b = Tokenizer.cached(texts, 40, tmp_path)  # read back
+    assert b.model_proto == a.model_proto and b.encode(texts) == a.encode(texts)
+    Tokenizer.cached(texts, 41, tmp_path)
+    Tokenizer.cached(texts + ["noch einer"], 40, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 3
+    files[0].write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cached tokenizer .* unreadable.*delete"):
+        Tokenizer.cached(texts, 40, tmp_path)
+
+
+def test_collate_and_length_batches() -> None:
+    pairs = [([5, 6, 7], [8, 9]), ([5], [8, 9, 10, 11]), ([], [12])]
+    b = collate(pairs, [0, 1, 2])
+    assert b.src.tolist() == [[5, 6, 7], [5, PAD, PAD], [PAD, PAD, PAD]]
+    assert b.tgt_in.tolist() == [[BOS, 8, 9, PAD, PAD], [BOS, 8, 9, 10, 11],
+                                 [BOS, 12, PAD, PAD, PAD]]
+    assert b.tgt_out.tolist() == [[8, 9, EOS, PAD, PAD], [8, 9, 10, 11, EOS],
+                                  [12, EOS, PAD, PAD, PAD]]
+    assert b.src_mask.sum(1).tolist() == [3, 1, 1]  # an empty source keeps one position
+    assert b.tgt_mask.sum(1).tolist() == [3, 5, 2] and b.num_tokens == 10
+    many = [([1] * (i % 17 + 1), [2] * (i % 5 + 1)) for i in range(500)]
+    for shuffle in (False, True):
+        batches = length_batches(many, 32, shuffle=shuffle, seed=3)
+        assert sorted(i for bt in batches for i in bt) == list(range(500))
+        assert all(len(bt) <= 32 for bt in batches)
+    assert length_batches(many, 32, shuffle=True, seed=3) == length_batches(many, 32,
+                                                                           shuffle=True, seed=3)
+    assert length_batches(many, 32, shuffle=True, seed=3) != length_batches(many, 32,
+                                                                           shuffle=True, seed=4)
+    batches = length_batches(many, 32, shuffle=True, seed=0)
+    parts = [shard(batches, r, 3) for r in range(3)]
+    assert len({len(p) for p in parts}) == 1
+    assert sorted(map(tuple, itertools.chain(*parts))) == sorted(map(tuple, batches[:len(batches)
+                                                                                  // 3 * 3]))
+
+
+# -- the model against brute force -----------------------------------------------------------------
+
+
+def _model(mode: str, seed: int = 0, **kw: object) -> Seq2Seq:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=23, mode=mode, embed=6, hidden=8, layers=1, dropout=0.0)
+    cfg.update(kw)
+    m = Seq2Seq(ModelConfig(**cfg)).double()  # type: ignore[arg-type]
+    for p in m.parameters():
+        p.data.normal_(0.0, 0.8)
+    return m.eval()
+
+
+PAIRS = [([5, 6, 7, 8], [9, 10, 11]), ([12, 13], [14, 15, 16, 17, 18]), ([7, 9, 11], [8])]
+
+
+def _batch() -> object:
+    return collate(PAIRS, [0, 1, 2])
+
+
+def _brute_force_nll(m: Seq2Seq, batch) -> float:  # type: ignore[no-untyped-def]
+    """-log p(y | x), summing every alignment (sequence) by explicit enumeration."""
+    with torch.no_grad():
+        memory, state = m.encode(batch.src, batch.src_mask)
+        hs, feeds = m.decode(memory, batch.src_mask, state, batch.tgt_in)
+        out = m.output
+        total = 0.0
+        for b in range(batch.src.shape[0]):
+            s = int(batch.src_mask[b].sum())
+            t = int(batch.tgt_mask[b].sum())
+            y = batch.tgt_out[b, :t]
+            if m.config.mode == "soft":
+                lp = torch.log_softmax(out.out(feeds[b, :t]), -1)
+                total -= float(lp.gather(1, y[:, None]).sum())
+                continue
+            # ell[t, s] = log p(y_t | x, z_t = s), from the full (T, S, V) table
+            pre = out.hidden_proj(hs[b, :t])[:, None, :] + out.memory_proj(memory[b, :s])[None]
+            table = torch.log_softmax(out.out(torch.tanh(pre)), -1)
+            ell = table.gather(2, y[:, None, None].expand(t, s, 1))[..., 0]
+            if m.config.mode in ("markov", "variational-markov"):
+                assert m.markov is not None
+                init, trans = m.markov(hs[b:b + 1, :t], memory[b:b + 1, :s])
+                lp0 = torch.log_softmax(init[0], -1)
+                lpt = torch.log_softmax(trans[0], -1)  # (T, S, S)
+                terms = []
+                for z in itertools.product(range(s), repeat=t):
+                    v = lp0[z[0]] + ell[0, z[0]]
+                    for i in range(1, t):
+                        v = v + lpt[i, z[i - 1], z[i]] + ell[i, z[i]]
+                    terms.append(v)
+                total -= float(torch.logsumexp(torch.stack(terms), 0))
+            else:
+                prior = torch.log_softmax(m.attention(hs[b, :t][None], memory[b, :s][None])
+                                          .prior_logits[0], -1)
+                total -= float(torch.logsumexp(prior + ell, -1).sum())
+        return total
+
+
+@pytest.mark.parametrize("mode", ["soft", "marginal", "hard-enum", "variational-enum", "markov",
+                                  "variational-markov"])
+def test_score_is_the_exact_marginal_likelihood(mode: str) -> None:
+    m, batch = _model(mode), _batch()
+    r = m.score(batch)
+    assert int(r["tokens"]) == 3 + 1 + 5 + 1 + 1 + 1
+    assert float(r["nll"]) == pytest.approx(_brute_force_nll(m, batch), rel=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decoding_steps_score_the_reference_exactly(mode: str) -> None:
+    """Beam search's next-word distribution, chained along the reference, gives the exact
+    log p(y | x) that score() computes (for the Markov prior: forward filtering)."""
+    m, batch = _model(mode), _batch()
+    memory, (h0, c0) = m.encode(batch.src, batch.src_mask)
+    state = m._initial_state(memory, batch.src_mask, h0, c0)
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(batch.tgt_in.shape[1]):
+            lp, state = m._step(batch.tgt_in[:, t], state)
+            assert torch.allclose(lp.logsumexp(-1), torch.zeros(3, dtype=torch.float64))
+            picked = lp.gather(1, batch.tgt_out[:, t:t + 1])[:, 0]
+            total = total + picked.masked_fill(~batch.tgt_mask[:, t], 0.0).sum()
+    assert float(-total) == pytest.approx(float(m.score(batch)["nll"]), rel=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["soft", "marginal", "variational-sample", "markov"])
+def test_beam_search_of_width_one_is_greedy_decoding(mode: str) -> None:
+    for seed in range(3):
+        m, batch = _model(mode, seed), _batch()
+        greedy = greedy_decode(m, batch.src, batch.src_mask, max_len=15)
+        beam = m.translate(batch.src, batch.src_mask, beam_size=1, max_len=15)
+        assert torch.equal(beam[:, :greedy.shape[1]], greedy)
+        assert (beam[:, greedy.shape[1]:] == EOS).all()
+
+
+def test_kmax_with_k_at_least_the_source_length_is_full_enumeration() -> None:
+    full = _model("variational-enum").score(_batch())
+    kmax = _model("variational-enum", k_max=4).score(_batch())
+    assert float(kmax["nll"]) == pytest.approx(float(full["nll"]), rel=1e-12)
+    k2 = _model("variational-enum", k_max=2).score(_batch())
+    assert float(k2["nll"]) != pytest.approx(float(full["nll"]), rel=1e-6)
+
+
+def test_prior_entropy_of_a_uniform_prior_is_log_s() -> None:
+    for mode in ("marginal", "markov"):
+        m = _model(mode)
+        with torch.no_grad():
+            m.attention.score.proj.weight.zero_()
+            if m.markov is not None:
+                m.markov.query_proj.weight.zero_()
+                m.markov.jump_bias.zero_()
+                m.markov.start_bias.zero_()
+        r = m.score(_batch())
+        lengths = [(4, 4), (2, 6), (3, 2)]  # (S, target tokens)
+        want = sum(math.log(s) * t for s, t in lengths)
+        assert float(r["entropy"]) == pytest.approx(want, rel=1e-10)
+
+
+def test_training_objectives_bound_the_exact_nll() -> None:
+    """Jensen: the hard and variational objectives are upper bounds of -log p(y | x)."""
+    exact = {}
+    for mode in ("marginal", "hard-enum", "variational-enum", "markov", "variational-markov"):
+        m = _model(mode)
+        loss = m(_batch())[0].detach()
+        exact[mode] = float(m.score(_batch())["nll"])
+        if mode in ("marginal", "markov"):
+            assert float(loss) == pytest.approx(exact[mode], rel=1e-10)
+        else:
+            assert float(loss) >= exact[mode] - 1e-9
+
+
+def test_bad_configurations_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown attention mode 'hard'"):
+        Seq2Seq(ModelConfig(vocab_size=10, mode="hard"))
+    with pytest.raises(ValueError, match="k_max .* does not apply to mode 'soft'"):
+        Seq2Seq(ModelConfig(vocab_size=10, mode="soft", k_max=3))
+    with pytest.raises(ValueError, match="hidden must be even"):
+        Seq2Seq(ModelConfig(vocab_size=10, hidden=7))
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def _trainer(mode: str) -> Trainer:
+    args = make_parser().parse_args(["--attention", mode, "--batch-size", "2", "--dropout", "0.3"])
+    torch.manual_seed(0)
+    model = Seq2Seq(ModelConfig(vocab_size=23, mode=mode, embed=6, hidden=8, layers=1,
+                                dropout=0.3))
+    pairs = PAIRS * 3
+    return Trainer(args, model, pairs, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode", ["soft", "variational-sample", "variational-markov"])
+def test_resume_reproduces_the_next_steps_loss(mode: str, tmp_path: Path) -> None:
+    """Dropout and the sampled alignments make each step random: the checkpoint must carry the
+    random generators' states as well as the model and the optimizer."""
+    a = _trainer(mode)
+    batches = a.epoch_batches(0)
+    for idx in batches[:2]:
+        a.step(collate([a.train_pairs[i] for i in idx], idx))
+    a.step_in_epoch = 2
+    a.save(tmp_path / "ckpt.pt")
+    nxt = batches[2]
+    want, _ = a.step(collate([a.train_pairs[i] for i in nxt], nxt))
+    after = [p.detach().clone() for p in a.model.parameters()]
+
+    torch.manual_seed(123)  # a fresh process's state must not matter
+    b = _trainer(mode)
+    b.load(tmp_path / "ckpt.pt")
+    assert (b.steps, b.step_in_epoch) == (2, 2)
+    assert b.epoch_batches(0)[b.step_in_epoch] == nxt
+    got, _ = b.step(collate([b.train_pairs[i] for i in nxt], nxt))
+    assert float(got) == float(want)
+    for p, q in zip(b.model.parameters(), after, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path: Path) -> None:
+    a = _trainer("soft")
+    a.save(tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="was written for .*'mode': 'soft'.*another --out-dir"):
+        _trainer("marginal").load(tmp_path / "ckpt.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"cannot read the checkpoint .*junk\.pt"):
+        a.load(tmp_path / "junk.pt")
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_smoke_run_of_every_mode(mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                 ) -> None:
+    """``python -m examples.translation --smoke-test --attention MODE``, in process."""
+    monkeypatch.setenv("PLATED_DATA", str(DATA))
+    out = tmp_path / "run"
+    res = main(["--smoke-test", "--attention", mode, "--out-dir", str(out), "--no-progress",
+                "--device", "cpu"])
+    assert res["mode"] == mode and res["epochs"] == 2 and res["steps"] == 12
+    for split in ("valid", "test"):
+        assert math.isfinite(res[split]["ppl"]) and 1.0 < res[split]["ppl"] < 1000.0
+        assert 0.0 <= res[split]["bleu"] <= 100.0
+        assert res[split]["prior_entropy"] >= 0.0
+    hyps = (out / "test_2016_flickr.hyp.en").read_text().splitlines()
+    assert len(hyps) == 24
+    assert json.loads((out / "results.json").read_text())["test"]["ppl"] == res["test"]["ppl"]
+    assert (out / "alignments.png").stat().st_size > 1000
+    assert (out / "checkpoint.pt").is_file() and (out / "best.pt").is_file()
+    assert ("test_kmax2" in res) == (mode not in ("soft", "markov", "variational-markov"))
+    # the history's best validation perplexity is the model that was evaluated
+    assert res["valid"]["ppl"] == pytest.approx(min(h["valid_ppl"] for h in res["history"]),
+                                                rel=1e-9)
+
+
+def test_smoke_cli_resume_and_refusal(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "examples.translation", "--smoke-test", "--attention",
+           "marginal", "--out-dir", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "test_2016_flickr: PPL" in r.stdout
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300,
+                       check=False)
+    assert r.returncode != 0 and "pass --resume" in r.stderr
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=_env(), cwd=REPO,
+                       timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed from" in r.stdout and "epoch 1:" not in r.stdout  # nothing left to train
+
+
+def test_two_process_gloo_data_parallel_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "0", "-m", "examples.translation", "--smoke-test", "--attention",
+           "variational-enum", "--device", "cpu", "--threads", "1", "--no-progress",
+           "--out-dir", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600,
+                       check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["replicas_identical"] is True
+    # each process took half of each epoch's batches: 6 batches a epoch -> 3 steps a process
+    assert res["steps"] == 6 and res["epochs"] == 2
+    assert "replicas' parameters are identical" in r.stdout
+
+
+def test_help_lists_the_modes() -> None:
+    text = make_parser().format_help()
+    for mode in MODES:
+        assert mode in text
+    assert isinstance(make_parser().parse_args([]), argparse.Namespace)
