@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from examples.data import DataError, load_multi30k
+from examples.translation import report
 from examples.translation.data import (
     BOS,
     EOS,
@@ -391,6 +392,13 @@ def test_smoke_cli_resume_and_refusal(tmp_path: Path) -> None:
                        check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "test_2016_flickr: PPL" in r.stdout
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    rows = report.main([str(tmp_path / "run")]).splitlines()
+    assert rows[0].startswith("| mode | test PPL | test BLEU | prior entropy | PPL, K-max 2 |")
+    t = res["test"]
+    assert rows[2].startswith(f"| marginal | {t['ppl']:.2f} | {t['bleu']:.2f} |")
+    with pytest.raises(SystemExit, match="no .*results.json"):
+        report.main([str(tmp_path)])
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300,
                        check=False)
     assert r.returncode != 0 and "pass --resume" in r.stderr
@@ -402,8 +410,8 @@ def test_smoke_cli_resume_and_refusal(tmp_path: Path) -> None:
 
 def test_two_process_gloo_data_parallel_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "0", "-m", "examples.translation", "--smoke-test", "--attention",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "examples.translation", "--smoke-test", "--attention",
            "variational-enum", "--device", "cpu", "--threads", "1", "--no-progress",
            "--out-dir", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600,
