@@ -41,8 +41,10 @@ __all__ = [
     "median_ms",
     "progress",
     "resolve_device",
+    "rng_state",
     "save_figure",
     "save_pyro_checkpoint",
+    "set_rng_state",
     "set_seed",
     "write_json",
 ]
@@ -156,14 +158,16 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     return _atomic_write(path, buf.getvalue())
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """The states of Python's and torch's (CPU and CUDA) random generators."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -180,7 +184,7 @@ def save_pyro_checkpoint(path: str | os.PathLike[str], optim: Any, **extra: Any)
 
     state = {"params": pyro.get_param_store().get_state(),
              "optim": None if optim is None else optim.get_state(),
-             "rng": _rng_state(), "extra": extra}
+             "rng": rng_state(), "extra": extra}
     return atomic_save(state, path)
 
 
@@ -209,7 +213,7 @@ def load_pyro_checkpoint(path: str | os.PathLike[str], optim: Any,
     store.set_state(state["params"])
     if optim is not None and state["optim"] is not None:
         optim.set_state(state["optim"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     return dict(state["extra"])
 
 

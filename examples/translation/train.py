@@ -20,7 +20,9 @@ from ..common import (
     example_parser,
     progress,
     resolve_device,
+    rng_state,
     save_figure,
+    set_rng_state,
     write_json,
 )
 from ..data import DataError, load_multi30k
@@ -107,20 +109,6 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     """The model, its optimizer and the training state, with exact checkpoints.
 
@@ -169,7 +157,7 @@ class Trainer:
                 "step_in_epoch": self.step_in_epoch, "steps": self.steps,
                 "best_ppl": self.best_ppl, "bad_epochs": self.bad_epochs,
                 "history": self.history, "train_seconds": self.train_seconds,
-                "done": self.done, "rng": _rng_state(), "world": self.world}
+                "done": self.done, "rng": rng_state(), "world": self.world}
 
     def save(self, path: Path) -> None:
         if _is_main():
@@ -196,7 +184,7 @@ class Trainer:
         for k in ("epoch", "step_in_epoch", "steps", "best_ppl", "bad_epochs", "history",
                   "train_seconds", "done"):
             setattr(self, k, st[k])
-        _set_rng_state(st["rng"])
+        set_rng_state(st["rng"])
 
 
 def _sync(x: float, device: torch.device) -> float:
