@@ -27,7 +27,8 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 def table(results: Sequence[dict[str, Any]]) -> str:
     """The Markdown table of ``results`` (dicts read from ``results.json``)."""
     rows = sorted(results, key=lambda r: (ORDER.index(r["mode"]) if r["mode"] in ORDER
-                                          else len(ORDER), r["mode"]))
+                                          else len(ORDER), r["mode"],
+                                          r.get("config", {}).get("k_max") or 0))
     ks = sorted({k for r in rows for k in r if k.startswith("test_kmax")})
     head = ["mode", "test PPL", "test BLEU", "prior entropy"]
     for k in ks:
@@ -36,7 +37,9 @@ def table(results: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t, v = r["test"], r["valid"]
-        cells = [r["mode"], _fmt(t["ppl"]), _fmt(t["bleu"]), _fmt(t["prior_entropy"])]
+        k_train = r.get("config", {}).get("k_max")
+        label = r["mode"] + (f", trained with K-max {k_train}" if k_train else "")
+        cells = [label, _fmt(t["ppl"]), _fmt(t["bleu"]), _fmt(t["prior_entropy"])]
         for k in ks:
             kr = r.get(k)
             cells += [_fmt(kr["ppl"]) if kr else "", _fmt(kr["bleu"]) if kr else ""]
