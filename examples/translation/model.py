@@ -189,15 +189,17 @@ class Seq2Seq(nn.Module):
         return self.inference(emb, memory, None, batch.tgt_mask)
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """The training objective of ``batch``, summed over target tokens, and the sum of the
-        per-token negative log-likelihood it reports (exact for soft, marginal and markov; the
-        bound or its estimate otherwise). Both are scalars; divide by ``batch.num_tokens``."""
+        """The training objective of ``batch``, summed over target tokens, and the figure to
+        report: the negative log-likelihood (exact for soft, marginal and markov), its bound
+        (hard-enum, the variational modes) or the REINFORCE estimate of that bound (the sampling
+        modes, whose objective adds the soft-attention baseline's own cross-entropy, trained
+        jointly as in the paper). Both are scalars; divide by ``batch.num_tokens``."""
         c = self.config
         memory, state = self.encode(batch.src, batch.src_mask)
         hs, feeds = self.decode(memory, batch.src_mask, state, batch.tgt_in)
         y, tmask = batch.tgt_out, batch.tgt_mask
         if c.mode == "soft":
-            nll = self._soft_nll(feeds, y)
+            nll = self._soft_nll(self.drop(feeds), y)
             loss = nll.masked_fill(~tmask, 0.0).sum()
             return loss, loss.detach()
         hs = self.drop(hs)
@@ -211,9 +213,10 @@ class Seq2Seq(nn.Module):
             z, vals = self.attention.sample(out)  # (1, B, T), (1, B, T, D)
             ll = self.output.log_lik(hs, vals.permute(1, 2, 0, 3), y, gathered=True)
             soft = -self._soft_nll(self.drop(feeds), y)  # the soft baseline, trained jointly
-            per_tok = self.attention.loss(out, ll.permute(2, 0, 1), samples=z, baseline="soft",
-                                          baseline_log_lik=soft.detach())
-            per_tok = per_tok - soft
+            est = self.attention.loss(out, ll.permute(2, 0, 1), samples=z, baseline="soft",
+                                      baseline_log_lik=soft.detach())
+            loss = (est - soft).masked_fill(~tmask, 0.0).sum()
+            return loss, est.detach().masked_fill(~tmask, 0.0).sum()
         else:
             per_tok = self.attention.loss(out, self._log_lik(hs, out, y),
                                           temperature=c.temperature)
