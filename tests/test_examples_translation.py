@@ -429,3 +429,17 @@ def test_help_lists_the_modes() -> None:
     for mode in MODES:
         assert mode in text
     assert isinstance(make_parser().parse_args([]), argparse.Namespace)
+
+
+def test_learning_rate_schedule_and_time_budget(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLATED_DATA", str(DATA))
+    res = main(["--smoke-test", "--attention", "soft", "--out-dir", str(tmp_path / "a"),
+                "--no-progress", "--device", "cpu", "--decay-after", "1", "--lr-decay", "0.25"])
+    assert [h["lr"] for h in res["history"]] == pytest.approx([1e-3, 2.5e-4])
+    # a budget spent by the first step: training stops there, the part-epoch is evaluated
+    res = main(["--smoke-test", "--attention", "soft", "--out-dir", str(tmp_path / "b"),
+                "--no-progress", "--device", "cpu", "--max-minutes", "1e-9"])
+    assert res["steps"] == 1 and res["epochs"] == 0
+    assert len(res["history"]) == 1 and res["history"][0]["complete"] is False
+    assert math.isfinite(res["test"]["ppl"]) and (tmp_path / "b" / "best.pt").is_file()
