@@ -15,8 +15,9 @@ with its gradient. :class:`AlignedOutputLayer` never builds it:
 * the pre-activation is factorized: :math:`W_h h_t + b_c` (``(B, T, P)``) and :math:`W_v v_s`
   (``(B, [H,] S, P)``) are computed once, so only the broadcast sum costs ``T x S``;
 * the ``(pairs, V)`` logits are computed in chunks of ``(b, [h,] t, s)`` pairs, sized so that a
-  chunk's working set (its logits and the few same-sized temporaries of ``logsumexp``, the target
-  gather and their backward, counted as :data:`WORK_FACTOR` copies) stays under ``max_bytes``;
+  chunk's working set (its logits and the few same-sized temporaries of the fused log-softmax
+  and target pick and their backward, counted as :data:`WORK_FACTOR` copies) stays under
+  ``max_bytes``;
 * each chunk runs under :func:`torch.utils.checkpoint.checkpoint`, so the backward pass recomputes
   a chunk's logits instead of keeping them: nothing of size ``V`` per pair survives the forward
   pass, and the backward pass handles one chunk at a time as well. When the whole step fits
@@ -37,8 +38,8 @@ __all__ = ["DEFAULT_MAX_BYTES", "KEEP_FACTOR", "WORK_FACTOR", "AlignedOutputLaye
 
 #: Default cap on a chunk's working set: 256 MiB.
 DEFAULT_MAX_BYTES = 256 * 2**20
-#: Same-sized ``(chunk, V)`` tensors counted per chunk: the logits, ``logsumexp``'s shifted
-#: exponentials, the gradient of the logits and a temporary, plus one for the allocator's slack
+#: Same-sized ``(chunk, V)`` tensors counted per chunk: the logits, the log-softmax, the gradient
+#: of the logits and a temporary, plus one for the allocator's slack
 #: (with 4, a 4 GB cap peaked at 4.16 GB of resident memory at batch 64, lengths 50, vocabulary
 #: 10k; see benchmarks/attention.py).
 WORK_FACTOR = 5
