@@ -397,8 +397,10 @@ def test_smoke_cli_resume_and_refusal(tmp_path: Path) -> None:
     assert rows[0].startswith("| mode | test PPL | test BLEU | prior entropy | PPL, K-max 2 |")
     t = res["test"]
     assert rows[2].startswith(f"| marginal | {t['ppl']:.2f} | {t['bleu']:.2f} |")
+    assert report.main([str(tmp_path)]).splitlines() == rows  # the folder of run folders
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .*results.json"):
-        report.main([str(tmp_path)])
+        report.main([str(tmp_path / "empty")])
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300,
                        check=False)
     assert r.returncode != 0 and "pass --resume" in r.stderr

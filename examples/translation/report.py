@@ -1,4 +1,5 @@
-"""The results table of several runs: ``python -m examples.translation.report RUN_DIR...``.
+"""The results table of several runs: ``python -m examples.translation.report RUN_DIR...``
+(or the folder that holds the run folders).
 
 Reads each run's ``results.json`` (written by ``python -m examples.translation``) and prints a
 Markdown table like Table 1 of Deng et al. (2018): test perplexity, BLEU, the prior's entropy,
@@ -52,15 +53,18 @@ def table(results: Sequence[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m examples.translation.report",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run folders (each holding a results.json)")
+    p.add_argument("runs", nargs="+",
+                   help="run folders (each holding a results.json), or folders of run folders")
     args = p.parse_args(argv)
     results = []
     for d in args.runs:
         path = Path(d) / "results.json"
-        if not path.is_file():
-            raise SystemExit(f"examples.translation.report: error: no {path}; is {d!r} a "
-                             "finished run of python -m examples.translation?")
-        results.append(json.loads(path.read_text()))
+        found = [path] if path.is_file() else sorted(Path(d).glob("*/results.json"))
+        if not found:
+            raise SystemExit(f"examples.translation.report: error: no {path} (nor in its "
+                             f"sub-folders); is {d!r} a finished run of python -m "
+                             "examples.translation?")
+        results += [json.loads(f.read_text()) for f in found]
     out = table(results)
     print(out)
     return out
