@@ -111,8 +111,8 @@ class AlignedOutputLayer(nn.Module):
             bh = torch.div(b_h_t, t, rounding_mode="floor")
             vrow = bh * s + i % s  # into (B * H * S)
         logits = self.out(torch.tanh(hid[row] + val[vrow]))  # (n, V)
-        # fused log-softmax and pick (and a fused backward): on CPUs about twice as fast as
-        # picking and subtracting a logsumexp, whose backward makes several (n, V) temporaries
+        # fused log-softmax and pick, with a fused backward: fewer (n, V) temporaries than
+        # picking and subtracting a logsumexp
         return -nn.functional.cross_entropy(logits, target[row], reduction="none")
 
     def log_lik(self, dec_hidden: Tensor, values: Tensor, target: Tensor, *,
