@@ -74,8 +74,9 @@ class Tokenizer:
         return [self.sp.id_to_piece(int(i)) for i in ids]
 
     @classmethod
-    def train(cls, texts: Sequence[str], vocab_size: int, *, seed_sentences: int = 0) -> Tokenizer:
-        """Train a BPE model on ``texts`` (deterministic for the same texts and settings)."""
+    def train(cls, texts: Sequence[str], vocab_size: int, *, max_sentences: int = 0) -> Tokenizer:
+        """Train a BPE model on ``texts`` (deterministic for the same texts and settings);
+        ``max_sentences > 0`` trains on that many of them only."""
         import sentencepiece as spm
 
         if vocab_size < 16:
@@ -85,7 +86,7 @@ class Tokenizer:
             sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
             model_type="bpe", character_coverage=1.0, normalization_rule_name="identity",
             pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, shuffle_input_sentence=False,
-            input_sentence_size=seed_sentences, num_threads=1, minloglevel=2,
+            input_sentence_size=max_sentences, num_threads=1, minloglevel=2,
             hard_vocab_limit=False)
         return cls(buf.getvalue())
 
