@@ -125,6 +125,8 @@ class Batch:
     :ivar src: ``(B, S)`` ids. :ivar src_mask: ``(B, S)`` bool, ``True`` at real positions.
     :ivar tgt_in: ``(B, T)``. :ivar tgt_out: ``(B, T)``. :ivar tgt_mask: ``(B, T)`` bool.
     :ivar index: ``(B,)`` positions of the pairs in the split.
+    :ivar num_tokens: target tokens, ``</s>`` included (what perplexity is per); counted on the
+        host by :func:`collate`, so reading it never waits for a device.
     """
 
     src: torch.Tensor
@@ -133,15 +135,13 @@ class Batch:
     tgt_out: torch.Tensor
     tgt_mask: torch.Tensor
     index: torch.Tensor
+    num_tokens: int
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(x.to(device, non_blocking=True) for x in (
-            self.src, self.src_mask, self.tgt_in, self.tgt_out, self.tgt_mask, self.index)))
-
-    @property
-    def num_tokens(self) -> int:
-        """Target tokens, ``</s>`` included (what perplexity is per)."""
-        return int(self.tgt_mask.sum())
+        src, src_mask, tgt_in, tgt_out, tgt_mask, index = (
+            x.to(device, non_blocking=True) for x in (
+                self.src, self.src_mask, self.tgt_in, self.tgt_out, self.tgt_mask, self.index))
+        return Batch(src, src_mask, tgt_in, tgt_out, tgt_mask, index, self.num_tokens)
 
 
 def collate(pairs: Sequence[tuple[list[int], list[int]]], index: Sequence[int]) -> Batch:
@@ -160,7 +160,8 @@ def collate(pairs: Sequence[tuple[list[int], list[int]]], index: Sequence[int]) 
     tgt_len = torch.tensor([len(p[1]) + 1 for p in pairs])
     src_mask = torch.arange(s)[None, :] < src_len[:, None]
     tgt_mask = torch.arange(t)[None, :] < tgt_len[:, None]
-    return Batch(src, src_mask, tgt_in, tgt_out, tgt_mask, torch.tensor(list(index)))
+    return Batch(src, src_mask, tgt_in, tgt_out, tgt_mask, torch.tensor(list(index)),
+                 int(tgt_len.sum()))
 
 
 def length_batches(pairs: Sequence[tuple[list[int], list[int]]], batch_size: int, *,
