@@ -33,10 +33,13 @@ import torch
 from .data import add_data_dir_argument
 
 __all__ = [
+    "all_reduce_sum",
     "atomic_save",
     "atomic_write_bytes",
     "atomic_write_text",
     "example_parser",
+    "is_main",
+    "log_main",
     "load_pyro_checkpoint",
     "median_ms",
     "progress",
@@ -46,6 +49,8 @@ __all__ = [
     "save_pyro_checkpoint",
     "set_rng_state",
     "set_seed",
+    "setup_distributed",
+    "shard",
     "write_json",
 ]
 
@@ -232,3 +237,56 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str | None =
 
     return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True,
                 leave=False, disable=disable)
+
+
+# -- data parallelism (torchrun) -------------------------------------------------------------------
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0 of a data-parallel run (or the only process)."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log_main(msg: str) -> None:
+    """Print ``msg`` (flushed) from rank 0 only."""
+    if is_main():
+        print(msg, flush=True)
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """``(rank, world size, device)``: joins the process group when started by ``torchrun``
+    (``WORLD_SIZE`` > 1): NCCL with one GPU per local rank on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device_name)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(x: float, device: torch.device) -> float:
+    """Sum a number over the processes of a data-parallel run (itself without one)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """The batches process ``rank`` of ``world`` trains on: every ``world``-th one, after cutting
+    the list to a multiple of ``world`` so that every process takes the same number of steps."""
+    if world == 1:
+        return batches
+    n = len(batches) - len(batches) % world
+    return batches[rank:n:world]

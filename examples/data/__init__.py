@@ -8,6 +8,7 @@ says where the data come from when a file is missing.
 - :mod:`examples.data.seals`: seal tracks, step lengths and turning angles (``seals/*.csv``).
 - :mod:`examples.data.multi30k`: Multi30k German-English sentence pairs (``multi30k/*.gz``).
 - :mod:`examples.data.sst`: the Stanford Sentiment Treebank's trees (``sst/*.txt``).
+- :mod:`examples.data.tgif`: the TGIF-QA GIFs and their questions (``tgif-qa/``).
 """
 
 from .common import (
@@ -22,6 +23,7 @@ from .multi30k import MULTI30K_SPLITS, Parallel, load_multi30k
 from .polyphonic import NUM_KEYS, POLYPHONIC, POLYPHONIC_SOURCE, SPLITS, load_polyphonic
 from .seals import Tracks, load_nfs, load_ses
 from .sst import Treebank, build_vocab, load_sst
+from .tgif import GifQuestion, decode_gif, load_tgif_qa
 
 __all__ = [
     "DATA_ENV",
@@ -34,6 +36,9 @@ __all__ = [
     "SOURCES",
     "SPLITS",
     "DataError",
+    "GifQuestion",
+    "decode_gif",
+    "load_tgif_qa",
     "Tracks",
     "Treebank",
     "build_vocab",

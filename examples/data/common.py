@@ -35,6 +35,11 @@ SOURCES = {
     "sst": (
         "the Stanford Sentiment Treebank (Socher et al. 2013), the PTB-style trees/ split "
         "(train.txt, dev.txt, test.txt) from https://nlp.stanford.edu/sentiment/"),
+    "tgif-qa": (
+        "four animated GIFs of TGIF-QA (Jang et al. 2017), one per question type, from "
+        "https://github.com/YunseokJANG/tgif-qa, resources/1.gif to 4.gif, with their question "
+        "and answer from its README table written to qa.json (a list of {gif, type, question, "
+        "answer})"),
 }
 
 

@@ -5,7 +5,7 @@
   and the settings, so every run and every attention mode shares the same subwords.
 * :func:`encode_pairs`, :func:`length_batches` and :func:`collate`: sentences -> ids -> padded
   batches of similar lengths (right padding, ``<s>`` / ``</s>`` on the target side).
-* :func:`shard`: the batches of one process of a data-parallel run.
+* :func:`shard` (from :mod:`examples.common`): the batches of one process of a data-parallel run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..common import atomic_write_bytes
+from ..common import atomic_write_bytes, shard
 from ..data import DataError
 
 __all__ = ["BOS", "EOS", "PAD", "UNK", "Batch", "Tokenizer", "collate", "encode_pairs",
@@ -192,12 +192,3 @@ def length_batches(pairs: Sequence[tuple[list[int], list[int]]], batch_size: int
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
-    """The batches process ``rank`` of ``world`` trains on: every ``world``-th one, after cutting
-    the list to a multiple of ``world`` so that every process takes the same number of steps."""
-    if world == 1:
-        return batches
-    n = len(batches) - len(batches) % world
-    return batches[rank:n:world]

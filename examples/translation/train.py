@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -15,14 +14,17 @@ import torch
 import torch.distributed as dist
 
 from ..common import (
+    all_reduce_sum,
     atomic_save,
     atomic_write_text,
     example_parser,
+    is_main,
+    log_main,
     progress,
-    resolve_device,
     rng_state,
     save_figure,
     set_rng_state,
+    setup_distributed,
     write_json,
 )
 from ..data import DataError, load_multi30k
@@ -100,15 +102,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _log(msg: str) -> None:
-    if _is_main():
-        print(msg, flush=True)
-
-
 class Trainer:
     """The model, its optimizer and the training state, with exact checkpoints.
 
@@ -160,7 +153,7 @@ class Trainer:
                 "done": self.done, "rng": rng_state(), "world": self.world}
 
     def save(self, path: Path) -> None:
-        if _is_main():
+        if is_main():
             atomic_save(self.state(), path)
 
     def load(self, path: Path) -> None:
@@ -185,15 +178,6 @@ class Trainer:
                   "train_seconds", "done"):
             setattr(self, k, st[k])
         set_rng_state(st["rng"])
-
-
-def _sync(x: float, device: torch.device) -> float:
-    """Sum a number over the processes of a data-parallel run."""
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
 
 
 def evaluate(model: Seq2Seq, pairs: Sequence[Any], batch_size: int, device: torch.device,
@@ -276,19 +260,6 @@ def alignment_figure(model: Seq2Seq, tok: Tokenizer, pairs: Sequence[Any], n: in
     save_figure(fig, path)
 
 
-def _setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, resolve_device(args.device)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = make_parser().parse_args(argv)
     if args.smoke_test:
@@ -297,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.eval_k_max = min(args.eval_k_max, 2) if args.eval_k_max else 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rank, world, device = _setup_distributed(args)
+    rank, world, device = setup_distributed(args.device)
     try:
         return _run(args, rank, world, device)
     finally:
@@ -338,7 +309,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
              and len(p[1]) < args.max_train_len]
     valid = encode_pairs(tok, valid_raw.src, valid_raw.tgt)
     test = encode_pairs(tok, test_raw.src, test_raw.tgt)
-    _log(f"Multi30k de->en: {len(train)} training pairs (of {len(train_all)}), {len(valid)} "
+    log_main(f"Multi30k de->en: {len(train)} training pairs (of {len(train_all)}), {len(valid)} "
          f"valid, {len(test)} {args.test_split}; {tok.vocab_size} joint BPE subwords; "
          f"{world} process(es) on {device}")
 
@@ -351,12 +322,12 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     ckpt, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
     if args.resume and ckpt.is_file():
         trainer.load(ckpt)
-        _log(f"resumed from {ckpt}: epoch {trainer.epoch}, step {trainer.step_in_epoch} of it, "
+        log_main(f"resumed from {ckpt}: epoch {trainer.epoch}, step {trainer.step_in_epoch} of it, "
              f"{trainer.steps} steps in all")
     elif ckpt.is_file() and not args.resume:
         raise FileExistsError(f"{ckpt} exists: pass --resume to continue that run, or choose "
                               "another --out-dir")
-    _log(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.attention}")
+    log_main(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.attention}")
 
     _train(args, trainer, valid, device, ckpt, best_path)
 
@@ -367,7 +338,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         got = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(got, flat)
         identical = all(bool(torch.equal(got[0], g)) for g in got[1:])
-        _log(f"data parallel: the {world} replicas' parameters are "
+        log_main(f"data parallel: the {world} replicas' parameters are "
              f"{'identical' if identical else 'DIFFERENT'}")
     if rank != 0:
         return {}
@@ -390,7 +361,7 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Any],
                 g["lr"] *= args.lr_decay
         bar = progress(range(trainer.step_in_epoch, len(batches)), total=len(batches),
                        initial=trainer.step_in_epoch, desc=f"epoch {trainer.epoch + 1}",
-                       disable=args.no_progress or not _is_main())
+                       disable=args.no_progress or not is_main())
         report = torch.zeros((), device=device)
         tokens, t_mark, tok_mark = 0, time.perf_counter(), 0
         out_of_time = False
@@ -408,12 +379,12 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Any],
             trainer.train_seconds += time.perf_counter() - t0
             if trainer.steps % args.checkpoint_every == 0:
                 trainer.save(ckpt)
-            if budget is not None and _sync(trainer.train_seconds, device) / trainer.world \
-                    >= budget:
+            if budget is not None and \
+                    all_reduce_sum(trainer.train_seconds, device) / trainer.world >= budget:
                 out_of_time = True
                 break
         bar.close()
-        epoch_loss = _sync(float(report), device) / max(_sync(tokens, device), 1)
+        epoch_loss = all_reduce_sum(float(report), device) / max(all_reduce_sum(tokens, device), 1)
         finished_epoch = trainer.step_in_epoch == len(batches)
         if finished_epoch or out_of_time:
             v = evaluate(model, valid, args.eval_batch_size, device)
@@ -422,11 +393,11 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Any],
                      "lr": trainer.optim.param_groups[0]["lr"],
                      "train_seconds": trainer.train_seconds, "complete": finished_epoch}
             trainer.history.append(entry)
-            _log(f"epoch {trainer.epoch + 1}: train loss {epoch_loss:.4f}/token, valid PPL "
+            log_main(f"epoch {trainer.epoch + 1}: train loss {epoch_loss:.4f}/token, valid PPL "
                  f"{v['ppl']:.3f}, lr {entry['lr']:.2e}, {trainer.train_seconds:.0f} s")
             if v["ppl"] < trainer.best_ppl:
                 trainer.best_ppl, trainer.bad_epochs = v["ppl"], 0
-                if _is_main():
+                if is_main():
                     atomic_save({"model": model.state_dict(), "config": model.config.as_dict(),
                                  "epoch": trainer.epoch + 1}, best_path)
             else:
@@ -434,12 +405,12 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Any],
                 for g in trainer.optim.param_groups:
                     g["lr"] *= args.lr_decay
                 if trainer.bad_epochs >= args.patience:
-                    _log(f"early stop: {args.patience} epochs without a better valid PPL")
+                    log_main(f"early stop: {args.patience} epochs without a better valid PPL")
                     trainer.done = True
         if finished_epoch:
             trainer.epoch, trainer.step_in_epoch = trainer.epoch + 1, 0
         if out_of_time:
-            _log(f"training-time budget of {args.max_minutes} min reached")
+            log_main(f"training-time budget of {args.max_minutes} min reached")
             trainer.done = True
         trainer.save(ckpt)
     trainer.done = True
@@ -486,12 +457,12 @@ def _final(args: argparse.Namespace, model: Seq2Seq, tok: Tokenizer, trainer: Tr
     alignment_figure(model, tok, valid, args.heatmaps, device, out_dir / "alignments.png")
     write_json(results, out_dir / "results.json")
     t = results["test"]
-    _log(f"{args.test_split}: PPL {t['ppl']:.3f}, BLEU {t['bleu']:.2f}, prior entropy "
+    log_main(f"{args.test_split}: PPL {t['ppl']:.3f}, BLEU {t['bleu']:.2f}, prior entropy "
          f"{t['prior_entropy']:.3f}; valid PPL {results['valid']['ppl']:.3f}, BLEU "
          f"{results['valid']['bleu']:.2f}; training {trainer.train_seconds:.0f} s")
     if f"test_kmax{k}" in results:
         kr = results[f"test_kmax{k}"]
-        _log(f"  K-max (K={k}): PPL {kr['ppl']:.3f}, BLEU {kr['bleu']:.2f}")
+        log_main(f"  K-max (K={k}): PPL {kr['ppl']:.3f}, BLEU {kr['bleu']:.2f}")
     return results
 
 

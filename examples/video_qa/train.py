@@ -1,0 +1,478 @@
+"""Train and evaluate the video-QA model of one attention mode (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..common import (
+    all_reduce_sum,
+    atomic_save,
+    example_parser,
+    is_main,
+    log_main,
+    progress,
+    rng_state,
+    save_figure,
+    set_rng_state,
+    setup_distributed,
+    shard,
+    write_json,
+)
+from ..data import DataError
+from .data import (
+    Batch,
+    Question,
+    VideoQAData,
+    Vocab,
+    collate,
+    load_features,
+    load_or_generate,
+    video_batches,
+)
+from .model import MODES, ModelConfig, VideoQA
+
+__all__ = ["Trainer", "cli", "evaluate", "load_run", "main", "make_parser"]
+
+DESCRIPTION = """\
+Video question answering with a latent frame alignment (Deng et al., 2018): which frame answers
+the question. Trains on procedurally generated grounded videos (moving shapes that appear,
+change colour and leave; templated questions with their ground-truth evidence frames) or on real
+precomputed per-frame features (--features DIR), with the attention of --mode: soft attention,
+the exact marginal likelihood, hard attention (enumerated or REINFORCE), variational attention
+with an inference network q(z | video, question, answer) (enumerated or REINFORCE), or a
+two-level segment-then-frame alignment eliminated by the plated engine. Reports answer accuracy,
+exact NLL and grounding accuracy (the argmax of the prior, of the exact posterior and of q hits
+an evidence frame) on the held-out test split; writes results.json, checkpoints and an alignment
+figure. Data parallel with torchrun (gloo on CPU, NCCL on GPUs)."""
+
+SMOKE = dict(videos=40, batch_size=8, epochs=2, dim=32, embed=16, checkpoint_every=3,
+             eval_batch_size=16, figure_questions=2)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = example_parser("python -m examples.video_qa", DESCRIPTION, "runs/video_qa")
+    p.add_argument("--mode", choices=MODES, default="soft", help="attention mode")
+    g = p.add_argument_group("data")
+    g.add_argument("--videos", type=int, default=4000, help="generated videos (80/10/10 split)")
+    g.add_argument("--frames", type=int, default=16, help="frames per generated video")
+    g.add_argument("--size", type=int, default=32, help="side of a generated frame in pixels")
+    g.add_argument("--questions-per-video", type=int, default=4)
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the generated data set")
+    g.add_argument("--cache-dir", default=None,
+                   help="where generated data sets are cached (default: OUT_DIR/../cache)")
+    g.add_argument("--features", default=None, metavar="DIR",
+                   help="train on real precomputed features instead: DIR/qa.jsonl and "
+                        "DIR/features/ID.npz|.pt (format: examples/video_qa/data.py)")
+    g = p.add_argument_group("model")
+    g.add_argument("--dim", type=int, default=128, help="frame, question and hidden size")
+    g.add_argument("--embed", type=int, default=64, help="word and answer embedding size")
+    g.add_argument("--samples", type=int, default=4,
+                   help="REINFORCE samples per question (leave-one-out baseline)")
+    g.add_argument("--segment-len", type=int, default=4, help="frames per two-level segment")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="questions per step (per process under torchrun)")
+    g.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    g.add_argument("--clip", type=float, default=5.0, help="gradient-norm clipping")
+    g.add_argument("--epochs", type=int, default=30, help="most epochs")
+    g.add_argument("--patience", type=int, default=8,
+                   help="early stopping: epochs without a better validation accuracy")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this much training time (then evaluate)")
+    g.add_argument("--checkpoint-every", type=int, default=200,
+                   help="write the checkpoint every N steps (and after every epoch)")
+    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--figure-questions", type=int, default=6,
+                   help="test questions in the alignment figure")
+    return p
+
+
+def load_data(args: argparse.Namespace, out_dir: Path) -> VideoQAData:
+    if args.features:
+        return load_features(args.features)
+    cache = Path(args.cache_dir) if args.cache_dir else out_dir.parent / "cache"
+    return load_or_generate(cache, args.videos, args.frames, args.size,
+                            args.questions_per_video, args.data_seed)
+
+
+class Trainer:
+    """The model, its optimizer and the training state, with exact checkpoints.
+
+    The state after any step is (model, optimizer, epoch, step within the epoch, validation
+    history, random generators); :meth:`save` writes all of it atomically and :meth:`load`
+    restores it, so a resumed run takes the same next step as an uninterrupted one (the batch
+    order of an epoch is a function of the seed and the epoch).
+    """
+
+    def __init__(self, args: argparse.Namespace, model: VideoQA, data: VideoQAData,
+                 train: Sequence[Question], vocab: Vocab, device: torch.device, world: int = 1,
+                 rank: int = 0) -> None:
+        self.args, self.model, self.data, self.train = args, model, data, train
+        self.vocab, self.device, self.world, self.rank = vocab, device, world, rank
+        self.net: torch.nn.Module = model
+        if world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optim = torch.optim.Adam(model.parameters(), lr=args.lr)
+        self.epoch, self.step_in_epoch, self.steps = 0, 0, 0
+        self.best: tuple[float, float] = (-1.0, 0.0)  # (valid accuracy, -valid NLL)
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+        self.done = False
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        return shard(video_batches(self.train, self.args.batch_size,
+                                   self.args.seed * 100003 + epoch), self.rank, self.world)
+
+    def batch(self, idx: list[int]) -> Batch:
+        return collate(self.data, self.train, self.vocab, idx).to(self.device)
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        """One optimizer step; returns the loss summed over the batch (no host sync)."""
+        self.model.train()
+        self.optim.zero_grad(set_to_none=True)
+        loss, report = self.net(batch)
+        (loss / len(batch)).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
+        self.optim.step()
+        self.steps += 1
+        return report
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optim": self.optim.state_dict(),
+                "config": self.model.config.as_dict(), "vocab": self.vocab.as_dict(),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "steps": self.steps,
+                "best": self.best, "bad_epochs": self.bad_epochs, "history": self.history,
+                "train_seconds": self.train_seconds, "done": self.done, "rng": rng_state(),
+                "world": self.world}
+
+    def save(self, path: Path) -> None:
+        if is_main():
+            atomic_save(self.state(), path)
+
+    def load(self, path: Path) -> None:
+        st = _read_checkpoint(path, self.device)
+        if st["config"] != self.model.config.as_dict() or st["vocab"] != self.vocab.as_dict():
+            raise ValueError(f"the checkpoint {str(path)!r} was written for {st['config']} and "
+                             f"another data set or options, not {self.model.config.as_dict()}; "
+                             "use the same options, or another --out-dir")
+        if st.get("world", 1) != self.world:
+            raise ValueError(f"the checkpoint {str(path)!r} was written by {st.get('world', 1)} "
+                             f"processes; resume it with the same number, not {self.world}")
+        self.model.load_state_dict(st["model"])
+        self.optim.load_state_dict(st["optim"])
+        for k in ("epoch", "step_in_epoch", "steps", "bad_epochs", "history", "train_seconds",
+                  "done"):
+            setattr(self, k, st[k])
+        self.best = (float(st["best"][0]), float(st["best"][1]))
+        set_rng_state(st["rng"])
+
+
+def _read_checkpoint(path: Path, device: torch.device | str) -> dict[str, Any]:
+    try:
+        st = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ValueError(f"cannot read the checkpoint {str(path)!r} ({e}); delete it or choose "
+                         "another --out-dir") from e
+    if not isinstance(st, dict) or "model" not in st or "config" not in st or "vocab" not in st:
+        raise ValueError(f"{str(path)!r} is not a checkpoint of examples.video_qa; delete it or "
+                         "choose another --out-dir")
+    return st
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu"
+             ) -> tuple[VideoQA, Vocab, dict[str, Any]]:
+    """The best model of a finished run (``RUN/best.pt``), its vocabulary and ``results.json``'s
+    contents (empty if missing)."""
+    import json
+
+    run = Path(run_dir)
+    path = run / "best.pt"
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} not found: {str(run)!r} is not a finished run of "
+                         "examples.video_qa (train one with python -m examples.video_qa)")
+    st = _read_checkpoint(path, device)
+    model = VideoQA(ModelConfig(**st["config"])).to(device)
+    model.load_state_dict(st["model"])
+    model.eval()
+    res = run / "results.json"
+    results = json.loads(res.read_text()) if res.is_file() else {}
+    return model, Vocab.from_dict(st["vocab"]), results
+
+
+def evaluate(model: VideoQA, data: VideoQAData, questions: Sequence[Question], vocab: Vocab,
+             batch_size: int, device: torch.device) -> dict[str, Any]:
+    """Answer accuracy, exact NLL per question and grounding accuracies over ``questions``.
+
+    Grounding counts the questions with known evidence frames whose argmax frame (of the prior,
+    of the exact posterior given the true answer, of ``q``) is an evidence frame; it is also
+    broken down by question type together with accuracy.
+    """
+    model.eval()
+    sums: dict[str, Tensor] = {}
+    per_type: dict[str, list[float]] = {}
+    n_ev = 0
+    for idx in video_batches(questions, batch_size):
+        b = collate(data, questions, vocab, idx).to(device)
+        r = model.analyse(b)
+        ans = b.answers
+        correct = (r["log_pred"].argmax(-1) == ans).double()
+        has_ev = b.evidence.any(-1)
+        n_ev += int(has_ev.sum())
+        rows = torch.arange(len(b), device=device)
+        stats = {"correct": correct, "nll": -r["log_pred"][rows, ans].double()}
+        for key in ("prior", "posterior", "q"):
+            if f"{key}_map" in r:
+                stats[f"ground_{key}"] = (b.evidence[rows, r[f"{key}_map"]] & has_ev).double()
+        if "segment_posterior" in r:
+            seg = model.config.segment_len
+            ev = torch.nn.functional.pad(b.evidence, (0, r["segment_posterior"].shape[1] * seg
+                                                      - b.evidence.shape[1]))
+            seg_ev = ev.view(len(b), -1, seg).any(-1)
+            stats["ground_segment"] = seg_ev[rows, r["segment_posterior"].argmax(-1)].double()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.sum()
+        c = correct.cpu().tolist()
+        for i, q in zip(idx, c, strict=True):
+            per_type.setdefault(questions[i].type, []).append(q)
+    n = len(questions)
+    out: dict[str, Any] = {"questions": n, "accuracy": float(sums["correct"]) / n,
+                           "nll": float(sums["nll"]) / n, "with_evidence": n_ev}
+    for k, v in sums.items():
+        if k.startswith("ground_"):
+            out[k] = float(v) / max(n_ev, 1)
+    out["accuracy_by_type"] = {t: sum(v) / len(v) for t, v in sorted(per_type.items())}
+    return out
+
+
+
+def alignment_figure(models: dict[str, VideoQA], data: VideoQAData,
+                     questions: Sequence[Question], vocab: Vocab, device: torch.device,
+                     path: Path) -> None:
+    """Per question: the frames as thumbnails (evidence frames framed in green) and, per model,
+    the prior over frames (bars) and the exact posterior or ``q`` (line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(questions)
+    batch = collate(data, questions, vocab, list(range(n))).to(device)
+    res = {name: m.analyse(batch) for name, m in models.items()}
+    rows = 1 + len(models)
+    fig, axes = plt.subplots(n * rows, 1, figsize=(10, 1.1 * n * rows + 0.5), squeeze=False)
+    t = int(batch.frame_mask.shape[1])
+    for i, q in enumerate(questions):
+        ax = axes[i * rows, 0]
+        length = int(data.lengths[q.video])
+        if data.pixels:
+            frames = data.videos[q.video, :length].numpy()
+            strip = _thumbnails(frames, set(q.evidence))
+            ax.imshow(strip, extent=(-0.5, length - 0.5, 0, 1), aspect="auto")
+        ax.set_xlim(-0.5, t - 0.5)
+        ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_title(f"{q.text}  answer: {q.answer}  evidence: {list(q.evidence)}", fontsize=9)
+        for j, (name, r) in enumerate(res.items()):
+            a = axes[i * rows + 1 + j, 0]
+            prior = r["prior"][i, :length].float().cpu().numpy()
+            colours = ["tab:green" if f in q.evidence else "tab:gray" for f in range(length)]
+            a.bar(range(length), prior, color=colours, width=0.8)
+            other = "q" if "q" in r else "posterior" if "posterior" in r else None
+            if other is not None:
+                a.plot(range(length), r[other][i, :length].float().cpu().numpy(), "o-",
+                       color="tab:red", markersize=3, linewidth=1, label=other)
+            pred = vocab.answers[int(r["log_pred"][i].argmax())]
+            a.set_xlim(-0.5, t - 0.5)
+            a.set_ylim(0, 1)
+            a.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+            a.tick_params(labelsize=7)
+            a.text(t - 0.6, 0.95, f"says {pred}" + (f"; red: {other}" if other else ""),
+                   ha="right", va="top", fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _thumbnails(frames: Any, evidence: set[int]) -> Any:
+    """A strip of frames, each with a 2-pixel border (green for evidence frames)."""
+    import numpy as np
+
+    out = []
+    for f, x in enumerate(frames):
+        colour = (40, 200, 40) if f in evidence else (90, 90, 90)
+        y = np.empty((x.shape[0] + 4, x.shape[1] + 4, 3), dtype=np.uint8)
+        y[:] = colour
+        y[2:-2, 2:-2] = x
+        out.append(y)
+    return np.concatenate(out, 1)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.smoke_test:  # small settings for the options left at their defaults
+        for k, v in SMOKE.items():
+            if getattr(args, k) == parser.get_default(k):
+                setattr(args, k, v)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed(args.device)
+    try:
+        return _run(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # rank 0 generates and caches the data set first; the others then read the cache
+    if rank == 0:
+        data = load_data(args, out_dir)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        data = load_data(args, out_dir)
+    train, valid, test = data.split("train"), data.split("val"), data.split("test")
+    if not train or not valid or not test:
+        raise DataError(f"{data.source}: every split needs questions; got {len(train)} train, "
+                        f"{len(valid)} val and {len(test)} test (use more --videos, or set "
+                        "\"split\" in qa.jsonl)")
+    vocab = Vocab.build(train)
+    log_main(f"{data.source}: {data.videos.shape[0]} videos, {len(train)} training, "
+             f"{len(valid)} validation and {len(test)} test questions; {len(vocab.words)} words, "
+             f"{len(vocab.answers) - 1} answers; {world} process(es) on {device}")
+    config = ModelConfig(
+        vocab_size=len(vocab.words), num_answers=len(vocab.answers), mode=args.mode,
+        feature_dim=None if data.pixels else int(data.videos.shape[-1]),
+        image_size=int(data.videos.shape[2]) if data.pixels else 32, dim=args.dim,
+        embed=args.embed, samples=args.samples, segment_len=args.segment_len)
+    model = VideoQA(config).to(device)
+    trainer = Trainer(args, model, data, train, vocab, device, world, rank)
+    ckpt, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
+    if args.resume and ckpt.is_file():
+        trainer.load(ckpt)
+        log_main(f"resumed from {ckpt}: epoch {trainer.epoch}, step {trainer.step_in_epoch} of "
+                 f"it, {trainer.steps} steps in all")
+    elif ckpt.is_file():
+        raise FileExistsError(f"{ckpt} exists: pass --resume to continue that run, or choose "
+                              "another --out-dir")
+    log_main(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.mode}")
+    _train(args, trainer, valid, ckpt, best_path)
+
+    identical = None
+    if world > 1:
+        flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        got = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(got, flat)
+        identical = all(bool(torch.equal(got[0], g)) for g in got[1:])
+        log_main(f"data parallel: the {world} replicas' parameters are "
+                 f"{'identical' if identical else 'DIFFERENT'}")
+    if rank != 0:
+        return {}
+    if best_path.is_file():
+        model.load_state_dict(_read_checkpoint(best_path, device)["model"])
+    results: dict[str, Any] = {
+        "mode": args.mode, "config": config.as_dict(), "data": data.source,
+        "data_args": {"features": args.features, "videos": args.videos, "frames": args.frames,
+                      "size": args.size, "questions_per_video": args.questions_per_video,
+                      "data_seed": args.data_seed},
+        "videos": int(data.videos.shape[0]), "frames": int(data.videos.shape[1]),
+        "train_questions": len(train), "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+        "world_size": world, "batch_size": args.batch_size, "epochs": trainer.epoch,
+        "steps": trainer.steps, "train_seconds": trainer.train_seconds,
+        "history": trainer.history, "replicas_identical": identical,
+        "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
+        "valid": evaluate(model, data, valid, vocab, args.eval_batch_size, device),
+        "test": evaluate(model, data, test, vocab, args.eval_batch_size, device),
+    }
+    alignment_figure({args.mode: model}, data, test[:args.figure_questions], vocab, device,
+                     out_dir / "alignments.png")
+    write_json(results, out_dir / "results.json")
+    t = results["test"]
+    ground = ", ".join(f"{k[7:]} {v:.3f}" for k, v in t.items() if k.startswith("ground_"))
+    log_main(f"test: accuracy {t['accuracy']:.3f}, NLL {t['nll']:.3f}, grounding ({ground}); "
+             f"training {trainer.train_seconds:.0f} s")
+    return results
+
+
+def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Question], ckpt: Path,
+           best_path: Path) -> None:
+    model, device = trainer.model, trainer.device
+    budget = None if args.max_minutes is None else 60.0 * args.max_minutes
+    while not trainer.done and trainer.epoch < args.epochs:
+        batches = trainer.epoch_batches(trainer.epoch)
+        bar = progress(range(trainer.step_in_epoch, len(batches)), total=len(batches),
+                       initial=trainer.step_in_epoch, desc=f"epoch {trainer.epoch + 1}",
+                       disable=args.no_progress or not is_main())
+        report = torch.zeros((), device=device)
+        seen, out_of_time = 0, False
+        for i in bar:
+            t0 = time.perf_counter()
+            report = report + trainer.step(trainer.batch(batches[i]))
+            seen += len(batches[i])
+            trainer.step_in_epoch = i + 1
+            if trainer.steps % 25 == 0 or i + 1 == len(batches):
+                bar.set_postfix(loss=f"{float(report) / max(seen, 1):.3f}")  # a sync every 25
+            trainer.train_seconds += time.perf_counter() - t0
+            if trainer.steps % args.checkpoint_every == 0:
+                trainer.save(ckpt)
+            if budget is not None and \
+                    all_reduce_sum(trainer.train_seconds, device) / trainer.world >= budget:
+                out_of_time = True
+                break
+        bar.close()
+        epoch_loss = all_reduce_sum(float(report), device) / max(all_reduce_sum(seen, device), 1)
+        finished = trainer.step_in_epoch == len(batches)
+        if finished or out_of_time:
+            v = evaluate(model, trainer.data, valid, trainer.vocab, args.eval_batch_size, device)
+            entry = {"epoch": trainer.epoch + 1, "steps": trainer.steps,
+                     "train_loss": epoch_loss, "valid_accuracy": v["accuracy"],
+                     "valid_nll": v["nll"], "valid_ground_prior": v["ground_prior"],
+                     "train_seconds": trainer.train_seconds, "complete": finished}
+            trainer.history.append(entry)
+            log_main(f"epoch {trainer.epoch + 1}: train loss {epoch_loss:.4f}, valid accuracy "
+                     f"{v['accuracy']:.3f}, NLL {v['nll']:.3f}, prior grounding "
+                     f"{v['ground_prior']:.3f}, {trainer.train_seconds:.0f} s")
+            score = (v["accuracy"], -v["nll"])
+            if score > trainer.best:
+                trainer.best, trainer.bad_epochs = score, 0
+                if is_main():
+                    atomic_save({"model": model.state_dict(), "config": model.config.as_dict(),
+                                 "vocab": trainer.vocab.as_dict(), "epoch": trainer.epoch + 1},
+                                best_path)
+            else:
+                trainer.bad_epochs += 1
+                if trainer.bad_epochs >= args.patience:
+                    log_main(f"early stop: {args.patience} epochs without a better valid "
+                             "accuracy")
+                    trainer.done = True
+        if finished:
+            trainer.epoch, trainer.step_in_epoch = trainer.epoch + 1, 0
+        if out_of_time:
+            log_main(f"training-time budget of {args.max_minutes} min reached")
+            trainer.done = True
+        trainer.save(ckpt)
+    trainer.done = True
+    trainer.save(ckpt)
+
+
+def cli() -> None:
+    try:
+        main()
+    except (DataError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"examples.video_qa: error: {e}") from e
