@@ -164,7 +164,7 @@ class VideoQA(nn.Module):
         return F.log_softmax(self.classify(mem, q.unsqueeze(1).expand(-1, mem.shape[1], -1)), -1)
 
     def classify(self, v: Tensor, q: Tensor) -> Tensor:
-        """Answer logits from a frame (or context) vector and the question: an MLP over
+        r"""Answer logits from a frame (or context) vector and the question: an MLP over
         :math:`[v; q; v \odot q]`."""
         out: Tensor = self.classifier(torch.cat([v, q, v * q], -1))
         return out

@@ -128,7 +128,7 @@ class Trainer:
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
         self.train_seconds = 0.0
-        self.done = False
+        self.stopped_early = False
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         return shard(video_batches(self.train, self.args.batch_size,
@@ -153,8 +153,8 @@ class Trainer:
                 "config": self.model.config.as_dict(), "vocab": self.vocab.as_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "steps": self.steps,
                 "best": self.best, "bad_epochs": self.bad_epochs, "history": self.history,
-                "train_seconds": self.train_seconds, "done": self.done, "rng": rng_state(),
-                "world": self.world}
+                "train_seconds": self.train_seconds, "stopped_early": self.stopped_early,
+                "rng": rng_state(), "world": self.world}
 
     def save(self, path: Path) -> None:
         if is_main():
@@ -171,9 +171,9 @@ class Trainer:
                              f"processes; resume it with the same number, not {self.world}")
         self.model.load_state_dict(st["model"])
         self.optim.load_state_dict(st["optim"])
-        for k in ("epoch", "step_in_epoch", "steps", "bad_epochs", "history", "train_seconds",
-                  "done"):
+        for k in ("epoch", "step_in_epoch", "steps", "bad_epochs", "history", "train_seconds"):
             setattr(self, k, st[k])
+        self.stopped_early = bool(st.get("stopped_early", False))
         self.best = (float(st["best"][0]), float(st["best"][1]))
         set_rng_state(st["rng"])
 
@@ -414,7 +414,11 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Question]
            best_path: Path) -> None:
     model, device = trainer.model, trainer.device
     budget = None if args.max_minutes is None else 60.0 * args.max_minutes
-    while not trainer.done and trainer.epoch < args.epochs:
+    # a run stops early for good; one that used up its --epochs or --max-minutes continues when
+    # resumed with larger ones
+    while not trainer.stopped_early and trainer.epoch < args.epochs and (
+            budget is None or all_reduce_sum(trainer.train_seconds, device) / trainer.world
+            < budget):
         batches = trainer.epoch_batches(trainer.epoch)
         bar = progress(range(trainer.step_in_epoch, len(batches)), total=len(batches),
                        initial=trainer.step_in_epoch, desc=f"epoch {trainer.epoch + 1}",
@@ -460,14 +464,12 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Question]
                 if trainer.bad_epochs >= args.patience:
                     log_main(f"early stop: {args.patience} epochs without a better valid "
                              "accuracy")
-                    trainer.done = True
+                    trainer.stopped_early = True
         if finished:
             trainer.epoch, trainer.step_in_epoch = trainer.epoch + 1, 0
         if out_of_time:
             log_main(f"training-time budget of {args.max_minutes} min reached")
-            trainer.done = True
         trainer.save(ckpt)
-    trainer.done = True
     trainer.save(ckpt)
 
 
