@@ -431,7 +431,7 @@ def load_features(folder: str | os.PathLike[str]) -> VideoQAData:
     if not questions:
         raise DataError(f"{str(qa)!r} holds no questions")
     lengths = torch.tensor([f.shape[0] for f in feats])
-    videos = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1])
+    videos = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1], dtype=torch.float32)
     for i, f in enumerate(feats):
         videos[i, :f.shape[0]] = torch.from_numpy(f)
     return VideoQAData(videos, lengths, questions, f"features from {folder}")

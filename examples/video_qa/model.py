@@ -111,10 +111,11 @@ class FrameEncoder(nn.Module):
                                      nn.Linear(d, d), nn.ReLU())
 
     def forward(self, videos: Tensor, mask: Tensor) -> Tensor:
+        dtype = next(self.net.parameters()).dtype
         if self.pixels:
-            x = videos.permute(0, 1, 4, 2, 3).float() / 255.0  # (B, T, 3, H, W)
+            x = videos.permute(0, 1, 4, 2, 3).to(dtype) / 255.0  # (B, T, 3, H, W)
         else:
-            x = videos.float()
+            x = videos.to(dtype)
         x = x * mask.reshape(mask.shape + (1,) * (x.dim() - 2))
         blank = torch.zeros_like(x[:, :1])
         prev = torch.cat([blank, x[:, :-1]], 1)

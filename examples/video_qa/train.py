@@ -129,6 +129,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.train_seconds = 0.0
         self.stopped_early = False
+        self.partial = (0.0, 0)  # loss sum and questions of the epoch so far, at the last save
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         return shard(video_batches(self.train, self.args.batch_size,
@@ -154,6 +155,7 @@ class Trainer:
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "steps": self.steps,
                 "best": self.best, "bad_epochs": self.bad_epochs, "history": self.history,
                 "train_seconds": self.train_seconds, "stopped_early": self.stopped_early,
+                "partial": self.partial,
                 "rng": rng_state(), "world": self.world}
 
     def save(self, path: Path) -> None:
@@ -174,6 +176,8 @@ class Trainer:
         for k in ("epoch", "step_in_epoch", "steps", "bad_epochs", "history", "train_seconds"):
             setattr(self, k, st[k])
         self.stopped_early = bool(st.get("stopped_early", False))
+        loss_sum, seen = st.get("partial", (0.0, 0))
+        self.partial = (float(loss_sum), int(seen))
         self.best = (float(st["best"][0]), float(st["best"][1]))
         set_rng_state(st["rng"])
 
@@ -423,8 +427,10 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Question]
         bar = progress(range(trainer.step_in_epoch, len(batches)), total=len(batches),
                        initial=trainer.step_in_epoch, desc=f"epoch {trainer.epoch + 1}",
                        disable=args.no_progress or not is_main())
-        report = torch.zeros((), device=device)
-        seen, out_of_time = 0, False
+        # the epoch's running loss continues from the checkpoint after a mid-epoch resume
+        loss0, seen = trainer.partial if trainer.step_in_epoch else (0.0, 0)
+        report = torch.full((), loss0, device=device)
+        out_of_time = False
         for i in bar:
             t0 = time.perf_counter()
             report = report + trainer.step(trainer.batch(batches[i]))
@@ -434,6 +440,7 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Question]
                 bar.set_postfix(loss=f"{float(report) / max(seen, 1):.3f}")  # a sync every 25
             trainer.train_seconds += time.perf_counter() - t0
             if trainer.steps % args.checkpoint_every == 0:
+                trainer.partial = (float(report), seen)  # a host sync per checkpoint
                 trainer.save(ckpt)
             if budget is not None and \
                     all_reduce_sum(trainer.train_seconds, device) / trainer.world >= budget:
@@ -469,6 +476,7 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Question]
             trainer.epoch, trainer.step_in_epoch = trainer.epoch + 1, 0
         if out_of_time:
             log_main(f"training-time budget of {args.max_minutes} min reached")
+        trainer.partial = (float(report), seen)
         trainer.save(ckpt)
     trainer.save(ckpt)
 
