@@ -43,6 +43,8 @@ __all__ = [
     "load_pyro_checkpoint",
     "median_ms",
     "progress",
+    "replicas_identical",
+    "run_distributed",
     "resolve_device",
     "rng_state",
     "save_figure",
@@ -290,3 +292,34 @@ def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
         return batches
     n = len(batches) - len(batches) % world
     return batches[rank:n:world]
+
+
+def run_distributed(args: argparse.Namespace, run: Any) -> Any:
+    """``run(args, rank, world, device)`` in this process's place of a data-parallel run
+    (:func:`setup_distributed`; ``--threads`` applied first), leaving the process group after."""
+    import torch.distributed as dist
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed(args.device)
+    try:
+        return run(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def replicas_identical(module: torch.nn.Module, world: int) -> bool | None:
+    """After data-parallel training, whether every process holds the same parameters (logged
+    from rank 0); ``None`` for a single process."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return None
+    flat = torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
+    got = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(got, flat)
+    same = all(bool(torch.equal(got[0], g)) for g in got[1:])
+    log_main(f"data parallel: the {world} replicas' parameters are "
+             f"{'identical' if same else 'DIFFERENT'}")
+    return same

@@ -21,10 +21,11 @@ from ..common import (
     is_main,
     log_main,
     progress,
+    replicas_identical,
     rng_state,
+    run_distributed,
     save_figure,
     set_rng_state,
-    setup_distributed,
     write_json,
 )
 from ..data import DataError, load_multi30k
@@ -266,14 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k, v in SMOKE.items():
             setattr(args, k, v)
         args.eval_k_max = min(args.eval_k_max, 2) if args.eval_k_max else 0
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    rank, world, device = setup_distributed(args.device)
-    try:
-        return _run(args, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    out: dict[str, Any] = run_distributed(args, _run)
+    return out
 
 
 def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict[str, Any]:
@@ -331,15 +326,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
 
     _train(args, trainer, valid, device, ckpt, best_path)
 
-    identical = None
-    if world > 1:
-        # every replica must hold the same parameters after data-parallel training
-        flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
-        got = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(got, flat)
-        identical = all(bool(torch.equal(got[0], g)) for g in got[1:])
-        log_main(f"data parallel: the {world} replicas' parameters are "
-             f"{'identical' if identical else 'DIFFERENT'}")
+    identical = replicas_identical(model, world)
     if rank != 0:
         return {}
     if best_path.is_file():
