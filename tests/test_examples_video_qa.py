@@ -806,8 +806,17 @@ def test_report_table_and_figure(two_runs: Path, tmp_path: Path) -> None:
     text = report.main([str(two_runs), "--table", str(table), "--figure", str(fig),
                         "--cache-dir", str(two_runs / "cache")])
     assert table.read_text() == text and fig.stat().st_size > 1000
-    rows = [r for r in text.splitlines() if r.startswith("| soft") or r.startswith("| var")]
+    main_table, by_type = text.split("\n\n")
+    rows = [r for r in main_table.splitlines() if r.startswith(("| soft", "| var"))]
     assert len(rows) == 2
+    header, _, *type_rows = by_type.splitlines()
+    types = [c.strip().replace(" ", "_") for c in header.split("|")[2:-1]]
+    assert len(type_rows) == 2 and set(types) <= set(QUESTION_TYPES)
+    for row in type_rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        acc = json.loads((two_runs / cells[0] / "results.json").read_text())["test"][
+            "accuracy_by_type"]
+        assert cells[1:] == [f"{100 * acc[t]:.1f}" if t in acc else "" for t in types]
     for row in rows:
         mode = row.split("|")[1].strip()
         t = json.loads((two_runs / mode / "results.json").read_text())["test"]

@@ -20,7 +20,7 @@ from ..data import add_data_dir_argument
 from .data import VideoQAData, load_features, load_or_generate
 from .train import alignment_figure, load_run
 
-__all__ = ["figure", "main", "table"]
+__all__ = ["figure", "main", "table", "type_table"]
 
 
 def _runs(paths: list[str]) -> list[Path]:
@@ -55,6 +55,17 @@ def table(results: list[dict[str, Any]], split: str = "test") -> str:
             f"{_pct(t.get('ground_prior'))} | {_pct(t.get('ground_posterior'))} | "
             f"{_pct(t.get('ground_q'))} | {_pct(t.get('ground_segment'))} | {r['epochs']} | "
             f"{r['train_seconds'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def type_table(results: list[dict[str, Any]], split: str = "test") -> str:
+    """A Markdown table of answer accuracy by question type, one row per run."""
+    types = sorted({t for r in results for t in r[split]["accuracy_by_type"]})
+    lines = ["| mode | " + " | ".join(t.replace("_", " ") for t in types) + " |",
+             "|---|" + "---|" * len(types)]
+    for r in results:
+        acc = r[split]["accuracy_by_type"]
+        lines.append(f"| {r['mode']} | " + " | ".join(_pct(acc.get(t)) for t in types) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     runs = _runs(args.runs)
     results = [json.loads((r / "results.json").read_text()) for r in runs]
-    text = table(results, args.split)
+    text = table(results, args.split) + "\n" + type_table(results, args.split)
     print(text, end="")
     if args.table:
         atomic_write_text(text, args.table)
