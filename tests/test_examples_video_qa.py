@@ -792,6 +792,16 @@ def test_evaluate_equals_a_per_question_recount(two_runs: Path) -> None:
         for k in hits:
             hits[k] += int(int(r[k][0].argmax()) in q.evidence)
     t = res["test"]
+    by_type: dict[str, list[tuple[int, int]]] = {}
+    for i, q in enumerate(test):
+        r = model.analyse(collate(data, test, vocab, [i]))
+        by_type.setdefault(q.type, []).append(
+            (int(int(r["prior"][0].argmax()) in q.evidence),
+             int(int(r["q"][0].argmax()) in q.evidence)))
+    for typ, hits_t in by_type.items():
+        g = t["grounding_by_type"][typ]
+        assert g["prior"] == pytest.approx(sum(h[0] for h in hits_t) / len(hits_t))
+        assert g["q"] == pytest.approx(sum(h[1] for h in hits_t) / len(hits_t))
     assert t["accuracy"] == pytest.approx(correct / len(test))
     assert t["nll"] == pytest.approx(nll / len(test), rel=1e-5)
     for k, n in hits.items():
@@ -810,13 +820,17 @@ def test_report_table_and_figure(two_runs: Path, tmp_path: Path) -> None:
     rows = [r for r in main_table.splitlines() if r.startswith(("| soft", "| var"))]
     assert len(rows) == 2
     header, _, *type_rows = by_type.splitlines()
-    types = [c.strip().replace(" ", "_") for c in header.split("|")[2:-1]]
+    heads = [c.strip() for c in header.split("|")[2:-1]]
+    types = [h.split(": ")[1].replace(" ", "_") for h in heads if h.startswith("accuracy")]
     assert len(type_rows) == 2 and set(types) <= set(QUESTION_TYPES)
     for row in type_rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
-        acc = json.loads((two_runs / cells[0] / "results.json").read_text())["test"][
-            "accuracy_by_type"]
-        assert cells[1:] == [f"{100 * acc[t]:.1f}" if t in acc else "" for t in types]
+        t = json.loads((two_runs / cells[0] / "results.json").read_text())["test"]
+        acc, gr = t["accuracy_by_type"], t["grounding_by_type"]
+        assert cells[1:1 + len(types)] == [f"{100 * acc[k]:.1f}" for k in types]
+        assert cells[1 + len(types):] == [
+            f"{100 * gr[k]['prior']:.1f}" + (f" / {100 * gr[k]['q']:.1f}" if "q" in gr[k] else "")
+            for k in types]
     for row in rows:
         mode = row.split("|")[1].strip()
         t = json.loads((two_runs / mode / "results.json").read_text())["test"]

@@ -58,14 +58,25 @@ def table(results: list[dict[str, Any]], split: str = "test") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ground(g: dict[str, float]) -> str:
+    """The prior argmax's grounding, then q's or the exact posterior's where there is one."""
+    other = "q" if "q" in g else "posterior" if "posterior" in g else None
+    return _pct(g.get("prior")) + (f" / {_pct(g[other])}" if other else "")
+
+
 def type_table(results: list[dict[str, Any]], split: str = "test") -> str:
-    """A Markdown table of answer accuracy by question type, one row per run."""
+    """A Markdown table by question type, one row per run: answer accuracy, then the grounding
+    of the prior's argmax (and of q's, or the exact posterior's, where there is one)."""
     types = sorted({t for r in results for t in r[split]["accuracy_by_type"]})
-    lines = ["| mode | " + " | ".join(t.replace("_", " ") for t in types) + " |",
-             "|---|" + "---|" * len(types)]
+    names = [t.replace("_", " ") for t in types]
+    lines = ["| mode | " + " | ".join(f"accuracy: {n}" for n in names) + " | "
+             + " | ".join(f"grounding: {n}" for n in names) + " |",
+             "|---|" + "---|" * (2 * len(types))]
     for r in results:
         acc = r[split]["accuracy_by_type"]
-        lines.append(f"| {r['mode']} | " + " | ".join(_pct(acc.get(t)) for t in types) + " |")
+        gr = r[split].get("grounding_by_type", {})
+        lines.append(f"| {r['mode']} | " + " | ".join(_pct(acc.get(t)) for t in types) + " | "
+                     + " | ".join(_ground(gr.get(t, {})) for t in types) + " |")
     return "\n".join(lines) + "\n"
 
 

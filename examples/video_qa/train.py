@@ -225,7 +225,7 @@ def evaluate(model: VideoQA, data: VideoQAData, questions: Sequence[Question], v
     """
     model.eval()
     sums: dict[str, Tensor] = {}
-    per_type: dict[str, list[float]] = {}
+    per_type: dict[str, dict[str, list[float]]] = {}
     n_ev = 0
     for idx in video_batches(questions, batch_size):
         b = collate(data, questions, vocab, idx).to(device)
@@ -247,16 +247,23 @@ def evaluate(model: VideoQA, data: VideoQAData, questions: Sequence[Question], v
             stats["ground_segment"] = seg_ev[rows, r["segment_posterior"].argmax(-1)].double()
         for k, v in stats.items():
             sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.sum()
-        c = correct.cpu().tolist()
-        for i, q in zip(idx, c, strict=True):
-            per_type.setdefault(questions[i].type, []).append(q)
+        host = {k: v.cpu().tolist() for k, v in stats.items() if k != "nll"}
+        host["evidence"] = has_ev.cpu().tolist()
+        for j, i in enumerate(idx):
+            by = per_type.setdefault(questions[i].type, {})
+            for k, vals in host.items():
+                by.setdefault(k, []).append(vals[j])
     n = len(questions)
     out: dict[str, Any] = {"questions": n, "accuracy": float(sums["correct"]) / n,
                            "nll": float(sums["nll"]) / n, "with_evidence": n_ev}
     for k, v in sums.items():
         if k.startswith("ground_"):
             out[k] = float(v) / max(n_ev, 1)
-    out["accuracy_by_type"] = {t: sum(v) / len(v) for t, v in sorted(per_type.items())}
+    out["accuracy_by_type"] = {t: sum(v["correct"]) / len(v["correct"])
+                               for t, v in sorted(per_type.items())}
+    out["grounding_by_type"] = {
+        t: {k[7:]: sum(x) / max(sum(v["evidence"]), 1) for k, x in v.items()
+            if k.startswith("ground_")} for t, v in sorted(per_type.items())}
     return out
 
 
