@@ -643,6 +643,9 @@ def test_smoke_run_of_every_mode(mode: str, tmp_path: Path) -> None:
         assert r["questions"] == r["with_evidence"] == 8
         assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["nll"]) and r["nll"] >= 0.0
         assert {k for k in r if k.startswith("ground_")} == want
+        near = {k.replace("ground_", "near_") for k in want if k != "ground_segment"}
+        assert {k for k in r if k.startswith("near_")} == near
+        assert all(r[k.replace("near_", "ground_")] <= r[k] <= 1.0 for k in near)
         assert all(0.0 <= r[k] <= 1.0 for k in want)
         assert set(r["accuracy_by_type"]) <= set(QUESTION_TYPES)
     # the evaluated model is the best epoch's (best.pt)
@@ -784,13 +787,16 @@ def test_evaluate_equals_a_per_question_recount(two_runs: Path) -> None:
     test = data.split("test")
     correct = nll = 0.0
     hits = {"prior": 0, "posterior": 0, "q": 0}
+    near = dict.fromkeys(hits, 0)
     for i, q in enumerate(test):
         r = model.analyse(collate(data, test, vocab, [i]))
         answer = vocab.answer_index[q.answer]
         correct += float(int(r["log_pred"][0].argmax()) == answer)
         nll -= float(r["log_pred"][0, answer])
         for k in hits:
-            hits[k] += int(int(r[k][0].argmax()) in q.evidence)
+            z = int(r[k][0].argmax())
+            hits[k] += int(z in q.evidence)
+            near[k] += int(any(abs(z - e) <= 1 for e in q.evidence))
     t = res["test"]
     by_type: dict[str, list[tuple[int, int]]] = {}
     for i, q in enumerate(test):
@@ -806,6 +812,7 @@ def test_evaluate_equals_a_per_question_recount(two_runs: Path) -> None:
     assert t["nll"] == pytest.approx(nll / len(test), rel=1e-5)
     for k, n in hits.items():
         assert t[f"ground_{k}"] == pytest.approx(n / len(test)), k
+        assert t[f"near_{k}"] == pytest.approx(near[k] / len(test)), k
 
 
 def test_report_table_and_figure(two_runs: Path, tmp_path: Path) -> None:
@@ -838,6 +845,8 @@ def test_report_table_and_figure(two_runs: Path, tmp_path: Path) -> None:
         assert cells[1] == f"{100 * t['accuracy']:.1f}" and cells[2] == f"{t['nll']:.3f}"
         assert cells[3] == f"{100 * t['ground_prior']:.1f}"
         assert cells[5] == ("" if mode == "soft" else f"{100 * t['ground_q']:.1f}")
+        assert cells[7] == " / ".join(f"{100 * t[f'near_{k}']:.1f}" if f"near_{k}" in t
+                                      else "–" for k in ("prior", "posterior", "q"))
     with pytest.raises(ValueError, match="neither a run folder"):
         report.main([str(tmp_path / "missing")])
 

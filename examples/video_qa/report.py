@@ -46,15 +46,17 @@ def _pct(x: float | None) -> str:
 def table(results: list[dict[str, Any]], split: str = "test") -> str:
     """A Markdown table, one row per run."""
     lines = ["| mode | answer accuracy (%) | NLL | grounding: prior argmax (%) | exact posterior "
-             "argmax (%) | q argmax (%) | posterior segment (%) | epochs | training |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "argmax (%) | q argmax (%) | posterior segment (%) | within 1 frame: prior / "
+             "posterior / q (%) | epochs | training |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         t = r[split]
+        near = " / ".join(_pct(t.get(f"near_{k}")) or "–" for k in ("prior", "posterior", "q"))
         lines.append(
             f"| {r['mode']} | {_pct(t['accuracy'])} | {t['nll']:.3f} | "
             f"{_pct(t.get('ground_prior'))} | {_pct(t.get('ground_posterior'))} | "
-            f"{_pct(t.get('ground_q'))} | {_pct(t.get('ground_segment'))} | {r['epochs']} | "
-            f"{r['train_seconds'] / 60:.1f} min |")
+            f"{_pct(t.get('ground_q'))} | {_pct(t.get('ground_segment'))} | {near} | "
+            f"{r['epochs']} | {r['train_seconds'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
 

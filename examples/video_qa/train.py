@@ -219,9 +219,10 @@ def evaluate(model: VideoQA, data: VideoQAData, questions: Sequence[Question], v
              batch_size: int, device: torch.device) -> dict[str, Any]:
     """Answer accuracy, exact NLL per question and grounding accuracies over ``questions``.
 
-    Grounding counts the questions with known evidence frames whose argmax frame (of the prior,
-    of the exact posterior given the true answer, of ``q``) is an evidence frame; it is also
-    broken down by question type together with accuracy.
+    Grounding (``ground_*``) counts the questions with known evidence frames whose argmax frame
+    (of the prior, of the exact posterior given the true answer, of ``q``) is an evidence frame,
+    ``near_*`` those whose argmax is within one frame of one (the frame encoder's window); the
+    grounding is also broken down by question type, together with accuracy.
     """
     model.eval()
     sums: dict[str, Tensor] = {}
@@ -236,9 +237,15 @@ def evaluate(model: VideoQA, data: VideoQAData, questions: Sequence[Question], v
         n_ev += int(has_ev.sum())
         rows = torch.arange(len(b), device=device)
         stats = {"correct": correct, "nll": -r["log_pred"][rows, ans].double()}
+        # "near": within one frame of an evidence frame, the resolution of the encoder, whose
+        # vector of frame t sees frames t - 1 to t + 1
+        near = b.evidence.clone()
+        near[:, 1:] |= b.evidence[:, :-1]
+        near[:, :-1] |= b.evidence[:, 1:]
         for key in ("prior", "posterior", "q"):
             if f"{key}_map" in r:
                 stats[f"ground_{key}"] = (b.evidence[rows, r[f"{key}_map"]] & has_ev).double()
+                stats[f"near_{key}"] = (near[rows, r[f"{key}_map"]] & has_ev).double()
         if "segment_posterior" in r:
             seg = model.config.segment_len
             ev = torch.nn.functional.pad(b.evidence, (0, r["segment_posterior"].shape[1] * seg
@@ -257,7 +264,7 @@ def evaluate(model: VideoQA, data: VideoQAData, questions: Sequence[Question], v
     out: dict[str, Any] = {"questions": n, "accuracy": float(sums["correct"]) / n,
                            "nll": float(sums["nll"]) / n, "with_evidence": n_ev}
     for k, v in sums.items():
-        if k.startswith("ground_"):
+        if k.startswith(("ground_", "near_")):
             out[k] = float(v) / max(n_ev, 1)
     out["accuracy_by_type"] = {t: sum(v["correct"]) / len(v["correct"])
                                for t, v in sorted(per_type.items())}
