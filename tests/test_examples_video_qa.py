@@ -806,6 +806,7 @@ def test_evaluate_equals_a_per_question_recount(two_runs: Path) -> None:
              int(int(r["q"][0].argmax()) in q.evidence)))
     for typ, hits_t in by_type.items():
         g = t["grounding_by_type"][typ]
+        assert set(g) == {"prior", "posterior", "q", "near_prior", "near_posterior", "near_q"}
         assert g["prior"] == pytest.approx(sum(h[0] for h in hits_t) / len(hits_t))
         assert g["q"] == pytest.approx(sum(h[1] for h in hits_t) / len(hits_t))
     assert t["accuracy"] == pytest.approx(correct / len(test))
@@ -828,6 +829,7 @@ def test_report_table_and_figure(two_runs: Path, tmp_path: Path) -> None:
     assert len(rows) == 2
     header, _, *type_rows = by_type.splitlines()
     heads = [c.strip() for c in header.split("|")[2:-1]]
+    assert len(heads) == 3 * sum(h.startswith("accuracy") for h in heads)
     types = [h.split(": ")[1].replace(" ", "_") for h in heads if h.startswith("accuracy")]
     assert len(type_rows) == 2 and set(types) <= set(QUESTION_TYPES)
     for row in type_rows:
@@ -835,9 +837,11 @@ def test_report_table_and_figure(two_runs: Path, tmp_path: Path) -> None:
         t = json.loads((two_runs / cells[0] / "results.json").read_text())["test"]
         acc, gr = t["accuracy_by_type"], t["grounding_by_type"]
         assert cells[1:1 + len(types)] == [f"{100 * acc[k]:.1f}" for k in types]
-        assert cells[1 + len(types):] == [
+        n = len(types)
+        assert cells[1 + n:1 + 2 * n] == [
             f"{100 * gr[k]['prior']:.1f}" + (f" / {100 * gr[k]['q']:.1f}" if "q" in gr[k] else "")
             for k in types]
+        assert cells[1 + 2 * n:] == [f"{100 * gr[k]['near_prior']:.1f}" for k in types]
     for row in rows:
         mode = row.split("|")[1].strip()
         t = json.loads((two_runs / mode / "results.json").read_text())["test"]

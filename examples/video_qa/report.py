@@ -72,13 +72,15 @@ def type_table(results: list[dict[str, Any]], split: str = "test") -> str:
     types = sorted({t for r in results for t in r[split]["accuracy_by_type"]})
     names = [t.replace("_", " ") for t in types]
     lines = ["| mode | " + " | ".join(f"accuracy: {n}" for n in names) + " | "
-             + " | ".join(f"grounding: {n}" for n in names) + " |",
-             "|---|" + "---|" * (2 * len(types))]
+             + " | ".join(f"grounding: {n}" for n in names) + " | "
+             + " | ".join(f"prior within 1 frame: {n}" for n in names) + " |",
+             "|---|" + "---|" * (3 * len(types))]
     for r in results:
         acc = r[split]["accuracy_by_type"]
         gr = r[split].get("grounding_by_type", {})
         lines.append(f"| {r['mode']} | " + " | ".join(_pct(acc.get(t)) for t in types) + " | "
-                     + " | ".join(_ground(gr.get(t, {})) for t in types) + " |")
+                     + " | ".join(_ground(gr.get(t, {})) for t in types) + " | "
+                     + " | ".join(_pct(gr.get(t, {}).get("near_prior")) for t in types) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -269,8 +269,9 @@ def evaluate(model: VideoQA, data: VideoQAData, questions: Sequence[Question], v
     out["accuracy_by_type"] = {t: sum(v["correct"]) / len(v["correct"])
                                for t, v in sorted(per_type.items())}
     out["grounding_by_type"] = {
-        t: {k[7:]: sum(x) / max(sum(v["evidence"]), 1) for k, x in v.items()
-            if k.startswith("ground_")} for t, v in sorted(per_type.items())}
+        t: {k[7:] if k.startswith("ground_") else k: sum(x) / max(sum(v["evidence"]), 1)
+            for k, x in v.items() if k.startswith(("ground_", "near_"))}
+        for t, v in sorted(per_type.items())}
     return out
 
 
