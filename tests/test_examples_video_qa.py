@@ -650,6 +650,7 @@ def test_smoke_run_of_every_mode(mode: str, tmp_path: Path) -> None:
         assert set(r["accuracy_by_type"]) <= set(QUESTION_TYPES)
     # the evaluated model is the best epoch's (best.pt)
     best = _best_entry(res["history"])
+    assert res["best_epoch"] == best["epoch"]
     assert res["valid"]["accuracy"] == best["valid_accuracy"]
     assert res["valid"]["nll"] == pytest.approx(best["valid_nll"], rel=1e-9)
 

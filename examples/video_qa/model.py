@@ -73,8 +73,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.feature_dim is None and self.image_size % 8:
-            raise ValueError(f"image_size must be a multiple of 8, got {self.image_size}")
+        if self.feature_dim is None and self.image_size < 4:
+            raise ValueError(f"image_size must be at least 4 pixels, got {self.image_size}")
         if self.mode in _SAMPLE and self.samples < 2:
             raise ValueError("the sampling modes use a leave-one-out baseline: samples >= 2")
 

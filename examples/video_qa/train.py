@@ -390,8 +390,11 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     identical = replicas_identical(model, world)
     if rank != 0:
         return {}
+    best_epoch = None
     if best_path.is_file():
-        model.load_state_dict(_read_checkpoint(best_path, device)["model"])
+        best = _read_checkpoint(best_path, device)
+        model.load_state_dict(best["model"])
+        best_epoch = best["epoch"]
     results: dict[str, Any] = {
         "mode": args.mode, "config": config.as_dict(), "data": data.source,
         "data_args": {"features": args.features, "videos": args.videos, "frames": args.frames,
@@ -401,6 +404,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         "train_questions": len(train), "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "world_size": world, "batch_size": args.batch_size, "epochs": trainer.epoch,
+        "best_epoch": best_epoch,
         "steps": trainer.steps, "train_seconds": trainer.train_seconds,
         "history": trainer.history, "replicas_identical": identical,
         "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
