@@ -35,6 +35,8 @@ from .data import add_data_dir_argument
 __all__ = [
     "all_reduce_sum",
     "atomic_save",
+    "check_checkpoint_world",
+    "data_parallel",
     "atomic_write_bytes",
     "atomic_write_text",
     "example_parser",
@@ -46,6 +48,7 @@ __all__ = [
     "replicas_identical",
     "run_distributed",
     "resolve_device",
+    "resume_or_refuse",
     "rng_state",
     "save_figure",
     "save_pyro_checkpoint",
@@ -323,3 +326,38 @@ def replicas_identical(module: torch.nn.Module, world: int) -> bool | None:
     log_main(f"data parallel: the {world} replicas' parameters are "
              f"{'identical' if same else 'DIFFERENT'}")
     return same
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+    """``module`` wrapped in ``DistributedDataParallel`` in a run of ``world`` > 1 processes
+    (one device per process on CUDA), else ``module`` itself."""
+    if world == 1:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def check_checkpoint_world(state: dict[str, Any], path: str | os.PathLike[str],
+                           world: int) -> None:
+    """Refuse to resume a checkpoint written by another number of processes (the batch order
+    and the per-process state depend on it).
+
+    :raises ValueError: naming the checkpoint and both numbers.
+    """
+    wrote = state.get("world", 1)
+    if wrote != world:
+        raise ValueError(f"the checkpoint {str(path)!r} was written by {wrote} processes; resume "
+                         f"it with the same number, not {world}")
+
+
+def resume_or_refuse(resume: bool, path: str | os.PathLike[str]) -> bool:
+    """Whether to resume from the checkpoint ``path``: ``--resume`` and the file exists.
+
+    :raises FileExistsError: if the file exists without ``--resume`` (a new run would overwrite
+        it).
+    """
+    exists = Path(path).is_file()
+    if exists and not resume:
+        raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose "
+                              "another --out-dir")
+    return resume and exists

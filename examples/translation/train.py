@@ -17,11 +17,14 @@ from ..common import (
     all_reduce_sum,
     atomic_save,
     atomic_write_text,
+    check_checkpoint_world,
+    data_parallel,
     example_parser,
     is_main,
     log_main,
     progress,
     replicas_identical,
+    resume_or_refuse,
     rng_state,
     run_distributed,
     save_figure,
@@ -116,10 +119,7 @@ class Trainer:
                  device: torch.device, world: int = 1, rank: int = 0) -> None:
         self.args, self.model, self.train_pairs = args, model, train
         self.device, self.world, self.rank = device, world, rank
-        self.net: torch.nn.Module = model
-        if world > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.net = data_parallel(model, device, world)
         self.optim = torch.optim.Adam(model.parameters(), lr=args.lr)
         self.epoch, self.step_in_epoch, self.steps = 0, 0, 0
         self.best_ppl, self.bad_epochs = math.inf, 0
@@ -170,9 +170,7 @@ class Trainer:
             raise ValueError(f"the checkpoint {str(path)!r} was written for {st['config']}, not "
                              f"{self.model.config.as_dict()}; use the same options, or another "
                              "--out-dir")
-        if st.get("world", 1) != self.world:
-            raise ValueError(f"the checkpoint {str(path)!r} was written by {st.get('world', 1)} "
-                             f"processes; resume it with the same number, not {self.world}")
+        check_checkpoint_world(st, path, self.world)
         self.model.load_state_dict(st["model"])
         self.optim.load_state_dict(st["optim"])
         for k in ("epoch", "step_in_epoch", "steps", "best_ppl", "bad_epochs", "history",
@@ -315,13 +313,10 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     model = Seq2Seq(config).to(device)
     trainer = Trainer(args, model, train, device, world, rank)
     ckpt, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
-    if args.resume and ckpt.is_file():
+    if resume_or_refuse(args.resume, ckpt):
         trainer.load(ckpt)
         log_main(f"resumed from {ckpt}: epoch {trainer.epoch}, step {trainer.step_in_epoch} of it, "
              f"{trainer.steps} steps in all")
-    elif ckpt.is_file() and not args.resume:
-        raise FileExistsError(f"{ckpt} exists: pass --resume to continue that run, or choose "
-                              "another --out-dir")
     log_main(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.attention}")
 
     _train(args, trainer, valid, device, ckpt, best_path)

@@ -199,11 +199,10 @@ class VideoQA(nn.Module):
         seg_logits = self.segment_score(q.unsqueeze(1), seg_mem).squeeze(1)
         log_p1 = torch.log_softmax(seg_logits.masked_fill(~seg_ok, -math.inf), -1)
         frame_logits = self.attention(q, mem, mask).prior_logits.view(b, g, seg)
-        # an empty segment (padding only) keeps a finite, uniform z2 row: log p(z1) is -inf there
+        # padded frames score -inf; an empty segment (padding only) keeps a finite, uniform z2
+        # row instead, since log p(z1) is -inf there
         live = torch.where(seg_ok.unsqueeze(-1), frame_logits, 0.0)
-        log_p2 = torch.log_softmax(live, -1)
-        log_p2 = log_p2.masked_fill(~m3 & seg_ok.unsqueeze(-1), -math.inf)
-        return log_p1, log_p2, m3
+        return log_p1, torch.log_softmax(live, -1), m3
 
     # -- training ---------------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from ..common import atomic_write_text, resolve_device
-from ..data import add_data_dir_argument
 from .data import VideoQAData, load_features, load_or_generate
 from .train import alignment_figure, load_run
 
@@ -125,7 +124,6 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--cache-dir", default=None, help="the generated-data cache of the runs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--split", default="test", choices=("valid", "test"))
-    add_data_dir_argument(p)
     args = p.parse_args(argv)
     runs = _runs(args.runs)
     results = [json.loads((r / "results.json").read_text()) for r in runs]
