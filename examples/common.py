@@ -18,13 +18,17 @@ A training script built on these helpers
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import random
+import re
+import shlex
 import statistics
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +37,26 @@ import torch
 from .data import add_data_dir_argument
 
 __all__ = [
+    "ExampleError",
+    "HelpFormatter",
+    "RunExistsError",
     "all_reduce_sum",
+    "apply_smoke",
+    "check_resume_options",
+    "device_option",
+    "explicit_options",
+    "load_checkpoint",
+    "nonnegative_float",
+    "nonnegative_int",
+    "out_dir_guard",
+    "plain_text",
+    "positive_float",
+    "positive_int",
+    "print_written",
+    "probability",
+    "resume_command",
+    "run_cli",
+    "run_options",
     "atomic_save",
     "check_checkpoint_world",
     "data_parallel",
@@ -62,43 +85,245 @@ __all__ = [
 T = TypeVar("T")
 
 
-def example_parser(prog: str, description: str, out_dir: str) -> argparse.ArgumentParser:
+class ExampleError(Exception):
+    """A problem with the command line, the data, the output folder or a checkpoint that the user
+    can fix; :func:`run_cli` reports it in one line (program name, what is wrong, what to do)."""
+
+
+class RunExistsError(ExampleError, FileExistsError):
+    """The output folder holds another run's files and ``--resume`` was not given."""
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, except that it adds ``(default: ...)`` only where the help
+    text does not already speak of its default, and never for on/off flags or ``None``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or action.nargs == 0):
+            return text
+        return super()._get_help_string(action) or text
+
+
+_SPHINX_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """``text`` (a docstring, say) without Sphinx markup: roles such as ``:math:`x``` and
+    ``:func:`f``` become their content and double back-quotes are dropped, so ``--help`` reads
+    as plain text."""
+    text = _SPHINX_ROLE.sub(lambda m: m.group(1), text)
+    return text.replace("``", "")
+
+
+def _number(kind: type, low: float, strict: bool, high: float | None = None
+            ) -> Callable[[str], Any]:
+    what = {(int, True): "a positive whole number", (int, False): "a whole number >= 0",
+            (float, True): "a number > 0", (float, False): "a number >= 0"}[(kind, strict)]
+    if high is not None:
+        what = f"a number in [{low:g}, {high:g})"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if (value <= low if strict else value < low) or (high is not None and value >= high) \
+                or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+#: argparse types: ``type=positive_int`` refuses 0 and negative numbers with a usage error.
+positive_int = _number(int, 0, strict=True)
+nonnegative_int = _number(int, 0, strict=False)
+positive_float = _number(float, 0.0, strict=True)
+nonnegative_float = _number(float, 0.0, strict=False)
+#: a probability such as a dropout rate, in [0, 1)
+probability = _number(float, 0.0, strict=False, high=1.0)
+
+
+def device_option(text: str) -> str:
+    """argparse type of ``--device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or any other
+    device torch knows; a name torch does not know, or CUDA on a machine where torch sees no
+    GPU, is a usage error that says what to pass instead."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: torch sees no CUDA device on this machine; use --device cpu (or auto)")
+    return text
+
+
+def example_parser(prog: str, description: str, out_dir: str,
+                   data_example: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with the options every example has.
 
     :param prog: the program name shown by ``--help`` (e.g. ``"python -m examples.music"``).
-    :param description: the text shown by ``--help``.
+    :param description: the text shown by ``--help`` (Sphinx markup is removed).
     :param out_dir: the default output folder (checkpoints, results, figures).
+    :param data_example: what this program reads from the data folder, for ``--data-dir``'s help
+        (e.g. ``"polyphonic/*.mat"``); ``None`` for a program that reads no data set.
     """
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_data_dir_argument(parser)
+    parser = argparse.ArgumentParser(prog=prog, description=plain_text(description),
+                                     formatter_class=HelpFormatter)
+    add_data_dir_argument(parser, data_example)
     parser.add_argument("--out-dir", default=out_dir, metavar="DIR",
                         help="folder for checkpoints, results (JSON) and figures (PNG)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--device", default="auto",
+    parser.add_argument("--device", default="auto", type=device_option,
                         help="torch device: 'auto' (CUDA when available, else CPU), 'cpu', "
                              "'cuda', 'cuda:1', ...")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out-dir if there is one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--smoke-test", action="store_true",
-                        help="a tiny configuration end to end in seconds (run by the tests)")
+                        help="a tiny configuration end to end in seconds (run by the tests); "
+                             "options given explicitly keep their values")
     return parser
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The destinations (``args`` attribute names) of the options given on the command line
+    ``argv`` (``None``: ``sys.argv[1:]``), as opposed to those left at their defaults."""
+    actions = parser._actions  # noqa: SLF001 - argparse has no public way to list them
+    saved = [a.default for a in actions]
+    try:
+        for a in actions:
+            a.default = argparse.SUPPRESS
+        given = parser.parse_args(argv)
+    finally:
+        for a, d in zip(actions, saved, strict=True):
+            a.default = d
+    return set(vars(given))
+
+
+def apply_smoke(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                argv: Sequence[str] | None, smoke: Mapping[str, Any]) -> argparse.Namespace:
+    """With ``--smoke-test``, set every option of ``smoke`` the user did not give explicitly
+    (an explicit ``--epochs 5 --smoke-test`` trains 5 epochs). Returns ``args``."""
+    if args.smoke_test:
+        given = explicit_options(parser, argv)
+        for name, value in smoke.items():
+            if name not in given:
+                setattr(args, name, value)
+    return args
+
+
+#: Options that may differ between a run and its resumption: where things are, how fast and how
+#: verbosely it runs, and how long it trains.
+RESUMABLE = frozenset({"resume", "data_dir", "out_dir", "device", "threads", "no_progress",
+                       "smoke_test"})
+
+
+def run_options(args: argparse.Namespace, may_change: Iterable[str] = ()) -> dict[str, Any]:
+    """The options of ``args`` that a resumed run must share with the run it continues: all but
+    :data:`RESUMABLE` and ``may_change`` (e.g. the number of steps or epochs)."""
+    skip = RESUMABLE | set(may_change)
+    return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+
+
+def check_resume_options(saved: Mapping[str, Any] | None, current: Mapping[str, Any],
+                         path: str | os.PathLike[str]) -> None:
+    """Refuse to resume the checkpoint ``path`` with other options than it was written with.
+
+    :param saved: :func:`run_options` of the run that wrote the checkpoint (``None``: a
+        checkpoint from before options were recorded; nothing to compare).
+    :raises ExampleError: naming each changed option, its old and its new value.
+    """
+    if saved is None:
+        return
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {current.get(k)!r}"
+               for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if changed:
+        raise ExampleError(
+            f"the checkpoint {str(path)!r} was written with other options ({'; '.join(changed)});"
+            " resume with the same options, or choose another --out-dir for a new run")
+
+
+def resume_command(prog: str, argv: Sequence[str] | None = None) -> str:
+    """The shell command that continues this run: ``prog`` (``"python -m examples.music"``), the
+    arguments ``argv`` (``None``: ``sys.argv[1:]``) and ``--resume``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return " ".join([prog] + [shlex.quote(a) for a in args])
+
+
+def run_cli(prog: str, main: Callable[[Sequence[str] | None], Any],
+            argv: Sequence[str] | None = None) -> None:
+    """Run ``main(argv)`` as the program ``prog`` (``"python -m examples.music"``): a user error
+    (:class:`ExampleError`, a missing or malformed data file, an unreadable or unwritable file,
+    a bad value) ends in one line on stderr, ``prog: error: ...``, and exit status 1; Ctrl-C
+    ends in one line that gives the ``--resume`` command to continue, and status 130. Checkpoints
+    are written atomically, so the last one written before the interrupt is intact."""
+    name = prog.removeprefix("python -m ")
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; the last checkpoint in --out-dir is kept. Continue with: "
+              f"{resume_command(prog, argv)}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except (ExampleError, OSError, ValueError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+@contextlib.contextmanager
+def out_dir_guard(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield ``path``; if the block fails (or is interrupted) and the folder did not exist before
+    it and holds no file now, remove it: a run that failed its input checks leaves nothing
+    behind."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield path
+    except BaseException:
+        if not existed and path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+            for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                sub.rmdir()
+            path.rmdir()
+        raise
+
+
+def print_written(prog: str, files: Mapping[str, Any]) -> None:
+    """Print, from rank 0, where the run wrote its files: ``files`` maps what (``"results"``,
+    ``"checkpoint"``, ``"figures"``...) to a path or a list of paths."""
+    name = prog.removeprefix("python -m ")
+    lines = []
+    for what, where in files.items():
+        paths = [where] if isinstance(where, str | os.PathLike) else list(where)
+        if paths:
+            lines.append(f"  {what}: {', '.join(str(p) for p in paths)}")
+    log_main(f"{name}: wrote\n" + "\n".join(lines))
 
 
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA if available, else CPU; anything else -> ``torch.device(name)``.
 
-    :raises ValueError: for a CUDA device when torch sees no GPU (the message says so).
+    :raises ExampleError: for a name torch does not know, or a CUDA device when torch sees no GPU
+        (the message says what to pass instead).
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch sees no CUDA device; use --device cpu")
+    try:
+        device = torch.device(device_option(name))
+    except argparse.ArgumentTypeError as e:
+        raise ExampleError(f"--device {e}") from None
     return device
 
 
@@ -116,7 +341,22 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
 
 
 def _atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk and rename it over
+    ``path``; on any failure (a full disk, Ctrl-C) the temporary file is removed and an existing
+    ``path`` is left as it was.
+
+    :raises OSError: with the errno of the failure and ``path`` as its file name.
+    """
     path = Path(path)
+    try:
+        _write_replace(path, data)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {str(path)!r}: {e.strerror or e}",
+                      str(path)) from e
+    return path
+
+
+def _write_replace(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -132,7 +372,6 @@ def _atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -198,6 +437,24 @@ def save_pyro_checkpoint(path: str | os.PathLike[str], optim: Any, **extra: Any)
     return atomic_save(state, path)
 
 
+def load_checkpoint(path: str | os.PathLike[str],
+                    map_location: str | torch.device | None = None) -> Any:
+    """``torch.load(path)`` of a checkpoint this project wrote.
+
+    :raises ExampleError: if the file is missing, truncated, corrupt or not a torch file; the
+        message names the file and says what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExampleError(f"no checkpoint at {str(path)!r}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ExampleError(f"cannot read the checkpoint {str(path)!r} ({type(e).__name__}: {e}); "
+                           "it is damaged: delete it to start again, or choose another "
+                           "--out-dir") from e
+
+
 def load_pyro_checkpoint(path: str | os.PathLike[str], optim: Any,
                          map_location: str | torch.device | None = None) -> dict[str, Any]:
     """Restore what :func:`save_pyro_checkpoint` saved into Pyro's parameter store, ``optim`` and
@@ -206,18 +463,16 @@ def load_pyro_checkpoint(path: str | os.PathLike[str], optim: Any,
     Modules registered with ``pyro.module`` get their parameters back from the store the next
     time the model runs, as Pyro's own ``ParamStore.load`` does.
 
-    :raises FileNotFoundError: if ``path`` does not exist.
-    :raises ValueError: if the file is not such a checkpoint (the message names the file).
+    :raises ExampleError: if ``path`` does not exist, cannot be read, or is not such a
+        checkpoint (the message names the file).
     """
     import pyro
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = load_checkpoint(path, map_location)
     if not isinstance(state, dict) or not {"params", "optim", "rng", "extra"} <= state.keys():
-        raise ValueError(f"{str(path)!r} is not a checkpoint written by save_pyro_checkpoint; "
-                         "delete it or choose another --out-dir")
+        raise ExampleError(f"{str(path)!r} is not a checkpoint written by save_pyro_checkpoint; "
+                           "delete it or choose another --out-dir")
     store = pyro.get_param_store()
     store.clear()
     store.set_state(state["params"])
@@ -237,11 +492,14 @@ def median_ms(seconds: list[float], skip: int = 2) -> float:
 def progress(iterable: Iterable[T], total: int | None = None, desc: str | None = None,
              disable: bool = False, initial: int = 0) -> Any:
     """A tqdm progress bar over ``iterable``; iterate it, and show figures with
-    ``bar.set_postfix(loss=...)``. With ``disable`` it prints nothing."""
+    ``bar.set_postfix(loss=...)``. With ``disable`` it prints nothing.
+
+    The bar is left on screen when it closes, so a log file ends with its final state
+    (``100% 3/3``, or where a run stopped), not with the last refresh before the end."""
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True,
-                leave=False, disable=disable)
+                leave=True, disable=disable)
 
 
 # -- data parallelism (torchrun) -------------------------------------------------------------------
@@ -350,14 +608,19 @@ def check_checkpoint_world(state: dict[str, Any], path: str | os.PathLike[str],
                          f"it with the same number, not {world}")
 
 
-def resume_or_refuse(resume: bool, path: str | os.PathLike[str]) -> bool:
+def resume_or_refuse(resume: bool, path: str | os.PathLike[str],
+                     others: Iterable[str | os.PathLike[str]] = ()) -> bool:
     """Whether to resume from the checkpoint ``path``: ``--resume`` and the file exists.
 
-    :raises FileExistsError: if the file exists without ``--resume`` (a new run would overwrite
-        it).
+    :param others: the other files of a run (``results.json``, other checkpoints): a new run
+        refuses to start when any of them exists either.
+    :raises RunExistsError: if ``path`` or one of ``others`` exists without ``--resume`` (a new
+        run would overwrite it).
     """
     exists = Path(path).is_file()
-    if exists and not resume:
-        raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose "
-                              "another --out-dir")
+    if not resume:
+        for p in [path, *others]:
+            if Path(p).is_file():
+                raise RunExistsError(f"{p} exists: pass --resume to continue that run, or "
+                                     "choose another --out-dir")
     return resume and exists

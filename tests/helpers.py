@@ -10,8 +10,9 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -21,19 +22,49 @@ from plated import Factor, naive
 REPO = Path(__file__).resolve().parents[1]
 
 
-def find_data(*files: str) -> Path:
-    """The data folder holding every one of ``files`` (paths relative to it): ``$PLATED_DATA``
-    (set by ``.ci/run``), else ``shared/data`` next to the repository.
+#: Set to 1 (``.ci/run`` does) to make a missing real data set a failure instead of a skip.
+REQUIRE_DATA_ENV = "PLATED_REQUIRE_DATA"
 
-    :raises AssertionError: if neither holds them. Tests that need the data fail, never skip: CI
-        always provides it.
+
+class RealData(NamedTuple):
+    """Where a test module's real data set is, and the mark for the tests that need it.
+
+    ``folder`` is the data folder (``$PLATED_DATA``) when it holds every file, else a path that
+    names the missing files (so module-level code that joins paths still runs); ``needed`` skips
+    a test when the files are absent, with a reason that names the data set and its origin.
     """
-    cands = [c for c in (os.environ.get("PLATED_DATA"), str(REPO.parent / "shared" / "data")) if c]
-    for cand in cands:
-        if all((Path(cand) / f).is_file() for f in files):
-            return Path(cand)
-    raise AssertionError(f"{', '.join(files)} not found in any of {cands}; set PLATED_DATA to the "
-                         "data folder (see ../shared/data/README.md)")
+
+    folder: Path
+    present: bool
+    needed: pytest.MarkDecorator
+
+
+def real_data(*files: str) -> RealData:
+    """The real data files ``files`` (paths relative to the data folder, e.g.
+    ``"polyphonic/JSB_Chorales.mat"``), looked up in ``$PLATED_DATA``.
+
+    Without the data a test marked ``needed`` is skipped, and the reason names the data set, where
+    it comes from and how to point the tests at it. With ``PLATED_REQUIRE_DATA=1`` (CI) a missing
+    file is an error instead: the module fails to load, naming the files.
+    """
+    from examples.data import DATA_ENV, SOURCES
+
+    env = os.environ.get(DATA_ENV)
+    folder = Path(env).expanduser() if env else None
+    missing = [f for f in files if folder is None or not (folder / f).is_file()]
+    if not missing:
+        assert folder is not None
+        return RealData(folder, True, pytest.mark.skipif(False, reason="data present"))
+    sets = sorted({f.split("/")[0] for f in missing})
+    origin = "; ".join(f"{s}/ comes from {SOURCES[s]}" if s in SOURCES else s for s in sets)
+    where = (f"{DATA_ENV} is not set" if folder is None
+             else f"{DATA_ENV}={str(folder)!r} lacks {', '.join(missing)}")
+    reason = (f"needs the real data {', '.join(missing)} ({where}); {origin}. Point the tests at "
+              f"the data with {DATA_ENV}=DIR")
+    if os.environ.get(REQUIRE_DATA_ENV) == "1":
+        raise RuntimeError(f"{REQUIRE_DATA_ENV}=1 and a test {reason}")
+    placeholder = Path(f"<missing real data: {', '.join(missing)}>")
+    return RealData(placeholder, False, pytest.mark.skipif(True, reason=reason))
 
 
 #: float64 relative tolerance for values compared with a brute-force or Pyro reference.

@@ -8,14 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import find_data
+from helpers import real_data
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-DATA = find_data("polyphonic/JSB_Chorales.mat")
+JSB = real_data("polyphonic/JSB_Chorales.mat")
+DATA = JSB.folder
 
 
+@JSB.needed
 def test_pyro_hmm_smoke() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])

@@ -1,8 +1,8 @@
 """The data loader of the examples (:mod:`examples.data`) on the real JSB chorales file.
 
-The data live outside the repository: ``$PLATED_DATA`` (set by ``.ci/run``), else the
-``shared/data`` folder next to the repository. Tests that need the file fail (they are never
-skipped) when neither holds it: CI always provides the data.
+The data live outside the repository, in ``$PLATED_DATA``. Without them the tests that need the
+file are skipped, with a reason naming it; ``.ci/run`` sets ``PLATED_REQUIRE_DATA=1``, which makes
+a missing file a failure.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import find_data
+from helpers import real_data
 
 from examples.data import (
     DATA_ENV,
@@ -25,7 +25,8 @@ from examples.data import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-DATA = find_data("polyphonic/JSB_Chorales.mat")
+JSB = real_data("polyphonic/JSB_Chorales.mat")
+DATA = JSB.folder
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def jsb_train() -> tuple[torch.Tensor, torch.Tensor]:
     return load_polyphonic("JSB_Chorales", "train", data_dir=DATA)
 
 
+@JSB.needed
 def test_jsb_train_shape_and_values(jsb_train: tuple[torch.Tensor, torch.Tensor]) -> None:
     seqs, lengths = jsb_train
     assert seqs.shape == (229, 129, 88)
@@ -50,6 +52,7 @@ def test_jsb_train_shape_and_values(jsb_train: tuple[torch.Tensor, torch.Tensor]
     assert active[torch.arange(len(lengths)), lengths - 1].all()
 
 
+@JSB.needed
 def test_env_var_and_dtype(monkeypatch: pytest.MonkeyPatch,
                            jsb_train: tuple[torch.Tensor, torch.Tensor]) -> None:
     monkeypatch.setenv(DATA_ENV, str(DATA))

@@ -93,10 +93,15 @@ def data_file(folder: str | os.PathLike[str] | None, dataset: str, name: str) ->
     return path
 
 
-def add_data_dir_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``--data-dir`` option (default: ``$PLATED_DATA``) to an argparse parser."""
+def add_data_dir_argument(parser: argparse.ArgumentParser, reads: str | None = None
+                          ) -> argparse.ArgumentParser:
+    """Add the ``--data-dir`` option (default: ``$PLATED_DATA``) to an argparse parser.
+
+    :param reads: what the program reads from the folder, e.g. ``"polyphonic/*.mat"`` (shown in
+        the help); ``None`` for a program that reads no data set unless asked.
+    """
+    what = f"; this program reads DIR/{reads}" if reads else ""
     parser.add_argument(
         "--data-dir", default=None, metavar="DIR",
-        help=f"folder holding the data sets (default: ${DATA_ENV}); e.g. polyphonic music is "
-             "read from DIR/polyphonic/*.mat")
+        help=f"folder holding the data sets (default: ${DATA_ENV}){what}")
     return parser
