@@ -175,3 +175,41 @@ class RecordOps(TorchDispatchMode):
                            ) -> Any:
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def run_example(module: str, *args: str, env: Mapping[str, str | None] | None = None,
+                timeout: float = 600, cwd: Path | None = None) -> Any:
+    """Run ``python -m module *args`` in a subprocess from the repository root and return the
+    ``subprocess.CompletedProcess`` (text output). ``env`` entries override the environment; an
+    entry of ``None`` removes the variable (e.g. ``{"PLATED_DATA": None}``)."""
+    import subprocess
+    import sys
+
+    full = dict(os.environ)
+    full["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [full.get("PYTHONPATH")] if p])
+    for key, value in (env or {}).items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=full, cwd=cwd or REPO, timeout=timeout, check=False)
+
+
+def assert_one_line_error(result: Any, module: str, *needles: str, usage: bool = False) -> str:
+    """Assert that a finished ``run_example`` failed with one line on stderr,
+    ``MODULE: error: ...``, holding every one of ``needles``, and no traceback. With ``usage``
+    it is argparse's usage error (status 2, the usage lines then the error line); else status 1
+    and nothing but the error line. Returns the error line."""
+    err = result.stderr
+    assert result.returncode == (2 if usage else 1), (result.returncode, result.stdout, err)
+    assert "Traceback" not in err and "Traceback" not in result.stdout, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(f"{module}: error: ")]
+    assert len(errors) == 1, err
+    if not usage:
+        assert lines[-1] == errors[0] and not any(
+            line.startswith(("  File", "    ")) for line in lines), err
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
