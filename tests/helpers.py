@@ -205,7 +205,8 @@ def assert_one_line_error(result: Any, module: str, *needles: str, usage: bool =
     assert result.returncode == (2 if usage else 1), (result.returncode, result.stdout, err)
     assert "Traceback" not in err and "Traceback" not in result.stdout, err
     lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith(f"{module}: error: ")]
+    prefixes = (f"{module}: error: ", f"python -m {module}: error: ")  # ours, argparse's
+    errors = [line for line in lines if line.startswith(prefixes)]
     assert len(errors) == 1, err
     if not usage:
         assert lines[-1] == errors[0] and not any(
