@@ -54,3 +54,44 @@ def test_script_help(name: str) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     for option in ("--data-dir", "--smoke-test", "--resume", "--out-dir", "--seed"):
         assert option in r.stdout, f"examples.{name} --help lacks {option}"
+
+
+#: Programs inside the example packages, beside the packages' own ``__main__``.
+SUB_PROGRAMS = ["translation.report", "video_qa.report", "video_qa.tgif"]
+
+#: Run in a subprocess: run the program with ``--help`` after making ``parse_args`` report the
+#: parser's options (their help as the formatter expands it) and the whole help text as JSON.
+_INSPECT = """
+import argparse, json, runpy, sys
+def report(self, args=None, namespace=None):
+    fmt = self._get_formatter()
+    opts = [{"flags": a.option_strings, "help": a.help,
+             "expanded": fmt._expand_help(a) if a.help else ""}
+            for a in self._actions if a.option_strings and a.dest != "help"]
+    print(json.dumps({"options": opts, "text": self.format_help()}))
+    raise SystemExit(0)
+argparse.ArgumentParser.parse_args = report
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("name", scripts() + SUB_PROGRAMS)
+def test_help_text_is_complete_and_plain(name: str) -> None:
+    import json
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    r = subprocess.run([sys.executable, "-c", _INSPECT, f"examples.{name}"], capture_output=True,
+                       text=True, env=env, cwd=REPO, timeout=120, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    for opt in got["options"]:
+        flag = "/".join(opt["flags"])
+        assert opt["help"] and opt["help"].strip(), f"examples.{name}: {flag} has no help text"
+        assert opt["expanded"].count("(default:") <= 1, f"examples.{name}: {opt['expanded']}"
+    text = got["text"]
+    for markup in ("``", ":math:", ":func:", ":class:", ":mod:", ":meth:"):
+        assert markup not in text, f"examples.{name} --help shows Sphinx markup {markup!r}"
+    if name != "music":
+        assert "polyphonic" not in text, f"examples.{name} --help speaks of polyphonic music"
