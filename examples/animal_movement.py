@@ -53,12 +53,15 @@ occupancy (the fraction of its locations in each state along the joint MAP path 
 individual's class and of the group class, and the fitted parameters in the sorted state order.
 
 **Files** (in ``--out-dir``): ``checkpoint.pt`` (atomic, every ``--checkpoint-every`` steps and at
-the end; ``--resume`` continues from it), ``results.json``, ``tracks.png`` (the tracks coloured by
-MAP state, with the step-length distributions) and ``loss.png`` (the training curve).
+the end; ``--resume`` continues from it, with the same options but for ``--steps`` and
+``--checkpoint-every``), ``results.json``, ``tracks.png`` (the tracks coloured by MAP state, with
+the step-length distributions) and ``loss.png`` (the training curve). Without ``--resume`` a run
+refuses an ``--out-dir`` that holds any of these files.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Sequence
@@ -79,17 +82,28 @@ from torch.distributions import constraints
 from plated.pyro import TVE_ELBO, markov_plate, posterior
 
 from .common import (
+    ExampleError,
+    RunExistsError,
+    apply_smoke,
+    check_resume_options,
     example_parser,
     load_pyro_checkpoint,
     median_ms,
+    out_dir_guard,
+    positive_float,
+    positive_int,
+    print_written,
     progress,
     resolve_device,
+    resume_or_refuse,
+    run_cli,
+    run_options,
     save_figure,
     save_pyro_checkpoint,
     set_seed,
     write_json,
 )
-from .data.seals import Tracks, load_nfs, load_ses
+from .data.seals import NFS_DIVES, NFS_LOCATIONS, SES_FILE, Tracks, load_nfs, load_ses
 
 __all__ = ["DATASETS", "DIVE_MODELS", "RANDOM_EFFECTS", "Config", "MovementHMM", "guide",
            "load_tracks", "main", "state_names"]
@@ -351,28 +365,18 @@ def load_tracks(dataset: str, data_dir: str | None, dtype: torch.dtype,
     return data
 
 
-def _train(hmm: MovementHMM, data: Tracks, args: Any, out_dir: Path, run_config: dict[str, Any]
-           ) -> dict[str, Any]:
-    """SVI for ``args.steps`` steps, resuming from ``out_dir/checkpoint.pt`` when asked.
+def _train(hmm: MovementHMM, data: Tracks, args: Any, optim: PyroOptim, path: Path,
+           state: dict[str, Any]) -> dict[str, Any]:
+    """SVI from ``state`` (a fresh one, or a checkpoint's already restored into Pyro's parameter
+    store, ``optim`` and the random generators) to ``args.steps`` steps, writing the checkpoint
+    ``path`` every ``args.checkpoint_every`` steps and at the end.
 
     :return: the state: ``step``, ``losses`` (negative log-likelihood per step, nats),
         ``seconds`` (wall-clock seconds of each SVI step in this and earlier processes).
+    :raises ExampleError: if a loss is not finite (the message suggests a smaller ``--lr``).
     """
-    optim = PyroOptim(torch.optim.Adam, {"lr": args.lr})  # what pyro.optim.Adam makes
     elbo = TVE_ELBO(max_plate_nesting=NESTING[True])
     svi = SVI(hmm.model, guide, optim, elbo)
-    path = out_dir / "checkpoint.pt"
-    state: dict[str, Any] = {"step": 0, "losses": [], "seconds": [], "config": run_config}
-    if args.resume and path.is_file():
-        state = load_pyro_checkpoint(path, optim, map_location=data.step.device)
-        if state.get("config") != run_config:
-            diff = {k: (state.get("config", {}).get(k), v) for k, v in run_config.items()
-                    if state.get("config", {}).get(k) != v}
-            raise ValueError(f"--resume: the checkpoint {str(path)!r} was written with other "
-                             f"options (checkpoint, now): {diff}; use another --out-dir")
-    if state["step"] > args.steps:
-        raise ValueError(f"--resume: the checkpoint {str(path)!r} is at step {state['step']}, "
-                         f"past --steps {args.steps}")
     bar = progress(range(state["step"], args.steps), total=args.steps, initial=state["step"],
                    desc=f"{args.dataset} {args.random_effects}", disable=args.no_progress)
     for step in bar:
@@ -380,13 +384,45 @@ def _train(hmm: MovementHMM, data: Tracks, args: Any, out_dir: Path, run_config:
         loss = svi.step(data, vectorized=True)
         state["seconds"].append(time.perf_counter() - t0)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"SVI step {step}: the loss is {loss}; try a smaller --lr")
+            raise ExampleError(f"SVI step {step + 1}: the loss is {loss}; try a smaller --lr "
+                               f"(now {args.lr:g})")
         state["losses"].append(loss)
         state["step"] = step + 1
         bar.set_postfix(nll=f"{loss:.2f}")
         if state["step"] % args.checkpoint_every == 0 or state["step"] == args.steps:
             save_pyro_checkpoint(path, optim, **state)
     bar.close()
+    return state
+
+
+def _resume(path: Path, optim: PyroOptim, args: Any, options: dict[str, Any],
+            run_config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Restore the checkpoint ``path`` into Pyro's parameter store, ``optim`` and the random
+    generators, after checking that it was written with the same options (:func:`run_options`;
+    ``run_config`` for an older checkpoint that did not record them) and is not past
+    ``--steps``.
+
+    :return: the checkpoint's training state (as :func:`_train` takes it).
+    :raises ExampleError: for an unreadable checkpoint, one written with other options (each
+        named), or one already past ``--steps``.
+    """
+    state = load_pyro_checkpoint(path, optim, map_location=device)
+    if not {"step", "losses", "seconds"} <= state.keys():
+        raise ExampleError(f"{str(path)!r} is not a checkpoint of this program; delete it or "
+                           "choose another --out-dir")
+    check_resume_options(state.get("options"), options, path)
+    if state.get("options") is None and state.get("config") != run_config:
+        # a checkpoint from before the options were recorded: compare the model's configuration
+        saved = state.get("config") or {}
+        diff = "; ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in run_config.items()
+                         if saved.get(k) != v)
+        raise ExampleError(f"the checkpoint {str(path)!r} was written with other options "
+                           f"({diff}); resume with the same options, or choose another "
+                           "--out-dir for a new run")
+    if state["step"] > args.steps:
+        raise ExampleError(f"the checkpoint {str(path)!r} is at step {state['step']}, past "
+                           f"--steps {args.steps}; pass --steps {state['step']} or more to "
+                           "continue it, or choose another --out-dir for a new run")
     return state
 
 
@@ -550,93 +586,128 @@ def _plots(hmm: MovementHMM, data: Tracks, report: dict[str, Any], losses: list[
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Train the movement HMM on a seal data set and write ``results.json`` and the figures.
+PROG = "python -m examples.animal_movement"
+#: What ``--smoke-test`` sets where the option is not given: 5 SVI steps on the first 40
+#: locations of 3 individuals, a checkpoint every 2 steps.
+SMOKE = {"steps": 5, "individuals": 3, "max_length": 40, "checkpoint_every": 2}
+#: The options a resumed run may change: how long it trains and how often it checkpoints.
+MAY_CHANGE = ("steps", "checkpoint_every")
 
-    :return: the results (as written to ``results.json``).
-    """
+
+def _parser() -> argparse.ArgumentParser:
     parser = example_parser(
-        "python -m examples.animal_movement",
+        PROG,
         "Fit a hierarchical HMM of behavioural states (gamma step lengths, von Mises turning "
         "angles, and hourly dives for the fur seal) with discrete individual- and group-level "
         "random effects to real seal tracks by maximum likelihood with TVE_ELBO, and report "
         "the exact log-likelihood and each individual's state occupancy.",
-        out_dir="runs/animal_movement")
+        out_dir="runs/animal_movement",
+        data_example=f"seals/{SES_FILE} (--dataset ses) or seals/{NFS_LOCATIONS} and "
+                     f"seals/{NFS_DIVES} (--dataset nfs)")
     parser.add_argument("--dataset", choices=DATASETS, default="ses",
                         help="ses: 15 southern elephant seals; nfs: a northern fur seal with "
                              "hourly dives")
-    parser.add_argument("--states", type=int, default=3, help="behavioural states K")
+    parser.add_argument("--states", type=positive_int, metavar="K", default=3,
+                        help="behavioural states K")
     parser.add_argument("--random-effects", choices=RANDOM_EFFECTS, default="both",
                         help="discrete random effects on the transition matrix")
-    parser.add_argument("--individual-classes", type=int, default=3,
+    parser.add_argument("--individual-classes", type=positive_int, default=3,
                         help="values of each individual's latent class")
-    parser.add_argument("--group-classes", type=int, default=2,
+    parser.add_argument("--group-classes", type=positive_int, default=2,
                         help="values of the group-level latent class")
     parser.add_argument("--dive-model", choices=DIVE_MODELS, default="bernoulli",
                         help="nfs: Bernoulli of 'any foraging dive in the hour', or Poisson of "
                              "the hourly count")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="SVI steps (default 1500; 5 with --smoke-test)")
-    parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
-    parser.add_argument("--checkpoint-every", type=int, default=50, help="SVI steps")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    parser.add_argument("--individuals", type=int, default=None,
-                        help="use the first N individuals (default: all; 3 with --smoke-test)")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, metavar="N", default=1500,
+                        help="SVI steps in all, counting those of the run a --resume continues "
+                             f"({SMOKE['steps']} with --smoke-test)")
+    parser.add_argument("--lr", type=positive_float, default=0.05, help="Adam learning rate")
+    parser.add_argument("--checkpoint-every", type=positive_int, metavar="N", default=50,
+                        help=f"write the checkpoint every N SVI steps (and at the end; "
+                             f"{SMOKE['checkpoint_every']} with --smoke-test)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64",
+                        help="floating-point precision of the data and the parameters")
+    parser.add_argument("--individuals", type=positive_int, metavar="N", default=None,
+                        help="use the first N individuals (default: all; "
+                             f"{SMOKE['individuals']} with --smoke-test)")
+    parser.add_argument("--max-length", type=positive_int, metavar="T", default=None,
                         help="cut each track to its first T locations (default: whole tracks; "
-                             "40 with --smoke-test)")
-    args = parser.parse_args(argv)
-    if args.smoke_test:
-        args.steps = 5 if args.steps is None else args.steps
-        args.individuals = args.individuals or 3
-        args.max_length = args.max_length or 40
-        args.checkpoint_every = min(args.checkpoint_every, 2)
-    elif args.steps is None:
-        args.steps = 1500
-    if args.steps < 1 or args.checkpoint_every < 1:
-        parser.error("--steps and --checkpoint-every must be positive")
+                             f"{SMOKE['max_length']} with --smoke-test)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train the movement HMM on a seal data set and write ``results.json`` and the figures.
+
+    :return: the results (as written to ``results.json``).
+    :raises RunExistsError: if ``--out-dir`` holds a run's files (checkpoint, results, figures)
+        and ``--resume`` was not given.
+    :raises ExampleError: for a checkpoint that cannot be resumed (unreadable, other options,
+        past ``--steps``) or a loss that is not finite; :class:`~examples.data.DataError` for
+        missing or malformed data.
+    """
+    parser = _parser()
+    args = apply_smoke(parser, parser.parse_args(argv), argv, SMOKE)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "checkpoint.pt"
+    results_path = out_dir / "results.json"
+    figure_paths = [out_dir / "tracks.png", out_dir / "loss.png"]
+    resume = resume_or_refuse(args.resume, path, others=[results_path, *figure_paths])
+    if args.resume and not resume and results_path.is_file():
+        raise RunExistsError(f"--resume: there is no checkpoint {str(path)!r} to continue, but "
+                             f"{str(results_path)!r} exists; choose another --out-dir for a new "
+                             "run")
+    options = run_options(args, may_change=MAY_CHANGE)
     set_seed(args.seed)
     pyro.clear_param_store()
-
-    data = load_tracks(args.dataset, args.data_dir, dtype, args.individuals,
-                       args.max_length).to(device)
+    optim = PyroOptim(torch.optim.Adam, {"lr": args.lr})  # what pyro.optim.Adam makes
     config = Config(args.states, args.random_effects, args.individual_classes,
                     args.group_classes, args.dive_model if args.dataset == "nfs" else None)
     run_config = {"dataset": args.dataset, "config": asdict(config), "lr": args.lr,
                   "dtype": args.dtype, "seed": args.seed, "individuals": args.individuals,
                   "max_length": args.max_length}
-    hmm = MovementHMM(config, data, torch.Generator().manual_seed(args.seed))
-    t0 = time.perf_counter()
-    state = _train(hmm, data, args, out_dir, run_config)
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    report = _report(hmm, data)
-    report_s = time.perf_counter() - t0
-    losses = state["losses"]
-    tail = losses[-max(2, len(losses) // 10):]
-    title = (f"{args.dataset}, K={config.states}, random effects: {config.random_effects}, "
-             f"log-lik {report['log_likelihood']:.1f}")
-    figures = _plots(hmm, data, report, losses, out_dir, title)
-    del report["_map_states"]
-    results: dict[str, Any] = {
-        **run_config, "steps": args.steps, "device": str(device),
-        "threads": torch.get_num_threads(), "individuals_used": data.num_individuals,
-        "files": list(data.files), **report,
-        "final_loss": losses[-1], "loss_change_last_10pct_of_steps": tail[0] - tail[-1],
-        "median_ms_per_svi_step": median_ms(state["seconds"]),
-        "train_seconds_this_process": train_s, "report_seconds": report_s,
-        "loss_history": losses, "figures": figures,
-    }
-    if not math.isfinite(results["log_likelihood"]):
-        raise FloatingPointError(f"the log-likelihood is {results['log_likelihood']}")
-    write_json(results, out_dir / "results.json")
+    with out_dir_guard(out_dir):
+        state: dict[str, Any] = {"step": 0, "losses": [], "seconds": [], "options": options,
+                                 "config": run_config}
+        if resume:  # before the data: a changed option is named before anything can clash
+            state = _resume(path, optim, args, options, run_config, device)
+        data = load_tracks(args.dataset, args.data_dir, dtype, args.individuals,
+                           args.max_length).to(device)
+        hmm = MovementHMM(config, data, torch.Generator().manual_seed(args.seed))
+        if resume:
+            print(f"resumed from {path}: step {state['step']} of {args.steps}", flush=True)
+        t0 = time.perf_counter()
+        state = _train(hmm, data, args, optim, path, state)
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report = _report(hmm, data)
+        report_s = time.perf_counter() - t0
+        losses = state["losses"]
+        tail = losses[-max(2, len(losses) // 10):]
+        title = (f"{args.dataset}, K={config.states}, random effects: {config.random_effects}, "
+                 f"log-lik {report['log_likelihood']:.1f}")
+        if not math.isfinite(report["log_likelihood"]):
+            raise ExampleError(f"the log-likelihood of the fitted model is "
+                               f"{report['log_likelihood']}; try a smaller --lr (now "
+                               f"{args.lr:g}) in another --out-dir")
+        figures = _plots(hmm, data, report, losses, out_dir, title)
+        del report["_map_states"]
+        results: dict[str, Any] = {
+            **run_config, "steps": args.steps, "device": str(device),
+            "threads": torch.get_num_threads(), "individuals_used": data.num_individuals,
+            "files": list(data.files), **report,
+            "final_loss": losses[-1], "loss_change_last_10pct_of_steps": tail[0] - tail[-1],
+            "median_ms_per_svi_step": median_ms(state["seconds"]),
+            "train_seconds_this_process": train_s, "report_seconds": report_s,
+            "loss_history": losses, "figures": figures,
+        }
+        write_json(results, results_path)
     _print_summary(results)
+    print_written(PROG, {"results": results_path, "checkpoint": path, "figures": figures})
     return results
 
 
@@ -668,4 +739,4 @@ def _print_summary(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(PROG, main)

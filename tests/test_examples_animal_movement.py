@@ -18,17 +18,21 @@ import itertools
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from helpers import find_data
+from helpers import assert_one_line_error, real_data, run_example
 from pyro.infer import TraceEnum_ELBO
 
 from examples.animal_movement import (
@@ -38,6 +42,7 @@ from examples.animal_movement import (
     guide,
     main,
 )
+from examples.common import ExampleError, run_cli
 from examples.data import DataError
 from examples.data.seals import EARTH_RADIUS_KM, Tracks, load_nfs, load_ses
 from plated.pyro import TVE_ELBO, posterior
@@ -45,7 +50,8 @@ from plated.pyro import TVE_ELBO, posterior
 REPO = Path(__file__).resolve().parents[1]
 
 
-DATA = find_data("seals/sesData.csv", "seals/nfs_locations.csv", "seals/nfs_foragedives.csv")
+SEALS = real_data("seals/sesData.csv", "seals/nfs_locations.csv", "seals/nfs_foragedives.csv")
+DATA = SEALS.folder
 
 SES_COUNTS = {"1": 550, "2": 477, "3": 593, "4": 603, "5": 349, "6": 356, "7": 586, "8": 471,
               "9": 84, "10": 414, "11": 573, "12": 576, "13": 573, "14": 584, "15": 564}
@@ -70,6 +76,7 @@ def _unit(lon: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
     return torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], -1)
 
 
+@SEALS.needed
 def test_ses_shapes_masks_and_geometry(ses: Tracks) -> None:
     assert ses.coords == "lonlat" and ses.dive is None and ses.dive_mask is None
     assert dict(zip(ses.ids, ses.lengths.tolist(), strict=True)) == SES_COUNTS
@@ -95,6 +102,7 @@ def test_ses_shapes_masks_and_geometry(ses: Tracks) -> None:
                                torch.tensor([70.6094622452686, -49.6073687463654]))
 
 
+@SEALS.needed
 def test_ses_steps_and_angles_match_3d_vector_geometry(ses: Tracks) -> None:
     """An independent computation: steps as angles between unit vectors, turning angles as the
     signed angle between the tangent vectors of the two arcs at each location."""
@@ -117,6 +125,7 @@ def test_ses_steps_and_angles_match_3d_vector_geometry(ses: Tracks) -> None:
     assert diff.abs().max() < 1e-7
 
 
+@SEALS.needed
 def test_nfs_shapes_alignment_and_masks(nfs: Tracks) -> None:
     assert nfs.ids == ("NFSF0907",) and nfs.coords == "xy"
     assert nfs.step.shape == (1, 227) and int(nfs.lengths[0]) == 227
@@ -142,6 +151,7 @@ def test_nfs_shapes_alignment_and_masks(nfs: Tracks) -> None:
                                (xy[1:] - xy[:-1]).norm(dim=-1)[nfs.step_mask[0, :-1]])
 
 
+@SEALS.needed
 def test_select_and_to(ses: Tracks) -> None:
     sub = ses.select([8, 0], max_length=100)
     assert sub.ids == ("9", "1") and sub.lengths.tolist() == [84, 100]
@@ -324,6 +334,7 @@ def _loss_and_grads(elbo: Any, hmm: MovementHMM, data: Tracks, vectorized: bool
 
 
 @pytest.mark.parametrize("dataset, dive, effects", VARIANTS)
+@SEALS.needed
 def test_forms_and_elbos_agree(ses: Tracks, nfs: Tracks, dataset: str, dive: str | None,
                                effects: str) -> None:
     data = _batch(ses, nfs, dataset)
@@ -350,6 +361,7 @@ def test_forms_and_elbos_agree(ses: Tracks, nfs: Tracks, dataset: str, dive: str
                                        msg=f"{what}: gradient of {name}")
 
 
+@SEALS.needed
 def test_vectorized_form_has_one_site_per_chain(ses: Tracks) -> None:
     data = ses.select([0, 1], max_length=50)
     hmm = _model(Config(), data)
@@ -423,6 +435,7 @@ def _brute_force(hmm: MovementHMM, data: Tracks
                                                     ("nfs", "poisson", "both"),
                                                     ("ses", None, "individual"),
                                                     ("nfs", "bernoulli", "group")])
+@SEALS.needed
 def test_exact_queries_equal_brute_force(ses: Tracks, nfs: Tracks, dataset: str,
                                          dive: str | None, effects: str) -> None:
     full = _batch(ses, nfs, dataset)
@@ -455,6 +468,7 @@ def test_exact_queries_equal_brute_force(ses: Tracks, nfs: Tracks, dataset: str,
         assert x[i, :n].tolist() == list(combo_best[i][1][1:])
 
 
+@SEALS.needed
 def test_padding_past_a_track_end_changes_nothing(ses: Tracks) -> None:
     """Past a track's end the state stays put, so padding changes neither the likelihood nor
     the MAP path. Emissions are made uninformative and the prior chosen so that free padded
@@ -484,24 +498,51 @@ def test_padding_past_a_track_end_changes_nothing(ses: Tracks) -> None:
 # ------------------------------------------------------------------------------------------------
 # the script
 
+PROG = "examples.animal_movement"
+FILES = ("checkpoint.pt", "results.json", "tracks.png", "loss.png")
+
 
 def _argv(out: Path, *extra: str) -> list[str]:
     return ["--smoke-test", "--no-progress", "--data-dir", str(DATA), "--out-dir", str(out),
             "--threads", "1", *extra]
 
 
-def test_resume_continues_exactly(tmp_path: Path) -> None:
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> SimpleNamespace:
+    """Run the program in this process as ``python -m`` runs it (:func:`run_cli`); the result
+    looks like ``run_example``'s, for ``assert_one_line_error``."""
+    capsys.readouterr()
+    try:
+        run_cli(f"python -m {PROG}", main, list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {name: ((folder / name).read_bytes(), (folder / name).stat().st_mtime_ns)
+            for name in FILES if (folder / name).is_file()}
+
+
+@SEALS.needed
+def test_resume_continues_exactly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     full = main(_argv(tmp_path / "full", "--steps", "4", "--checkpoint-every", "1"))
     main(_argv(tmp_path / "split", "--steps", "2", "--checkpoint-every", "1"))
+    capsys.readouterr()
     resumed = main(_argv(tmp_path / "split", "--steps", "4", "--resume"))
+    out = capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'split' / 'checkpoint.pt'}: step 2 of 4\n" in out
     assert len(resumed["loss_history"]) == 4
     assert resumed["loss_history"] == pytest.approx(full["loss_history"], rel=1e-12)
     assert resumed["log_likelihood"] == pytest.approx(full["log_likelihood"], rel=1e-12)
     assert full["loss_history"][-1] < full["loss_history"][0]  # it trains
-    with pytest.raises(ValueError, match="other options"):
+    with pytest.raises(ExampleError, match="other options .*--states 3 -> 2"):
         main(_argv(tmp_path / "split", "--steps", "5", "--resume", "--states", "2"))
+    assert "resumed" not in capsys.readouterr().out
 
 
+@SEALS.needed
 def test_report_on_the_fur_seal(tmp_path: Path) -> None:
     r = main(_argv(tmp_path, "--dataset", "nfs", "--random-effects", "individual",
                    "--dive-model", "poisson", "--max-length", "60"))
@@ -520,12 +561,9 @@ def test_report_on_the_fur_seal(tmp_path: Path) -> None:
     torch.testing.assert_close(trans.sum(-1), torch.ones(1, 3, 3))
 
 
+@SEALS.needed
 def test_smoke_run_subprocess(tmp_path: Path) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    r = subprocess.run([sys.executable, "-m", "examples.animal_movement", *_argv(tmp_path)],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
-                       check=False)
+    r = run_example(PROG, *_argv(tmp_path), env={}, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "exact log-likelihood" in r.stdout
     res = json.loads((tmp_path / "results.json").read_text())
@@ -537,7 +575,179 @@ def test_smoke_run_subprocess(tmp_path: Path) -> None:
     for name in ("tracks.png", "loss.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "checkpoint.pt").is_file()
-    h = subprocess.run([sys.executable, "-m", "examples.animal_movement", "--help"],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
-                       check=False)
-    assert h.returncode == 0 and "--random-effects" in h.stdout and "--dataset" in h.stdout
+    # it says where it wrote its files
+    written = r.stdout[r.stdout.index(f"{PROG}: wrote"):]
+    assert f"results: {tmp_path / 'results.json'}" in written
+    assert f"checkpoint: {tmp_path / 'checkpoint.pt'}" in written
+    assert f"figures: {tmp_path / 'tracks.png'}, {tmp_path / 'loss.png'}" in written
+
+
+@SEALS.needed
+def test_a_second_run_is_refused_and_the_first_is_untouched(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(_argv(tmp_path, "--steps", "2"))
+    before = _snapshot(tmp_path)
+    assert set(before) == set(FILES)
+    # each of the run's files alone is enough to refuse a new run (the checkpoint first)
+    for name in FILES:
+        r = _cli(capsys, *_argv(tmp_path, "--steps", "10"))
+        assert_one_line_error(r, PROG, str(tmp_path / name), "--resume", "another --out-dir")
+        assert _snapshot(tmp_path) == before  # nothing rewritten
+        (tmp_path / name).unlink()
+        before.pop(name)
+    assert not any(tmp_path.iterdir())
+
+
+@SEALS.needed
+def test_resume_without_a_checkpoint_keeps_the_results(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(_argv(tmp_path, "--steps", "2"))
+    (tmp_path / "checkpoint.pt").unlink()
+    before = _snapshot(tmp_path)
+    r = _cli(capsys, *_argv(tmp_path, "--steps", "10", "--resume"))
+    assert_one_line_error(r, PROG, "no checkpoint", str(tmp_path / "results.json"))
+    assert _snapshot(tmp_path) == before
+
+
+@SEALS.needed
+def test_smoke_test_keeps_explicit_options(tmp_path: Path) -> None:
+    r = main(_argv(tmp_path, "--steps", "4", "--checkpoint-every", "3", "--individuals", "2",
+                   "--max-length", "30"))
+    assert r["steps"] == 4 and len(r["loss_history"]) == 4
+    assert r["individuals_used"] == 2 and r["locations"] == 60
+    # a checkpoint at step 3, then the last one at step 4
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["extra"]["step"] == 4 and state["extra"]["options"]["max_length"] == 30
+    # the smoke defaults where nothing is given
+    r = main(_argv(tmp_path / "defaults"))
+    assert (r["steps"], r["individuals_used"], r["locations"]) == (5, 3, 120)
+
+
+@SEALS.needed
+def test_resume_refusals_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                      ) -> None:
+    main(_argv(tmp_path, "--steps", "3"))
+    path = str(tmp_path / "checkpoint.pt")
+    before = _snapshot(tmp_path)
+    r = _cli(capsys, *_argv(tmp_path, "--steps", "2", "--resume"))
+    assert_one_line_error(r, PROG, path, "at step 3, past --steps 2", "--steps 3 or more")
+    for extra, needle in [(("--states", "2"), "--states 3 -> 2"),
+                          (("--random-effects", "none"), "--random-effects 'both' -> 'none'"),
+                          (("--lr", "0.1"), "--lr 0.05 -> 0.1"),
+                          (("--max-length", "20"), "--max-length 40 -> 20"),
+                          (("--dataset", "nfs"), "--dataset 'ses' -> 'nfs'")]:
+        r = _cli(capsys, *_argv(tmp_path, "--steps", "5", "--resume", *extra))
+        assert_one_line_error(r, PROG, path, "other options", needle)
+    assert _snapshot(tmp_path) == before
+    # the same number of steps: nothing to train, the report again
+    r = _cli(capsys, *_argv(tmp_path, "--steps", "3", "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {path}: step 3 of 3" in r.stdout
+    # a damaged checkpoint: cut in half
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[:len(data) // 2])
+    r = _cli(capsys, *_argv(tmp_path, "--steps", "4", "--resume"))
+    assert_one_line_error(r, PROG, path, "damaged")
+
+
+def test_garbage_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint \x00\x01\x02" * 10)
+    r = _cli(capsys, *_argv(tmp_path, "--resume"))
+    assert_one_line_error(r, PROG, str(tmp_path / "checkpoint.pt"), "damaged")
+    torch.save({"params": {}}, tmp_path / "checkpoint.pt")
+    r = _cli(capsys, *_argv(tmp_path, "--resume"))
+    assert_one_line_error(r, PROG, str(tmp_path / "checkpoint.pt"), "not a checkpoint")
+
+
+@pytest.mark.parametrize("data_args, needles", [
+    ((), ("no data folder", "--data-dir", "PLATED_DATA")),
+    (("--data-dir", "/nonexistent"), ("'/nonexistent'", "does not exist", "--data-dir")),
+])
+def test_missing_data_is_one_line_and_leaves_no_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        data_args: tuple[str, ...], needles: tuple[str, ...]) -> None:
+    monkeypatch.delenv("PLATED_DATA", raising=False)
+    out = tmp_path / "new" / "run"
+    r = _cli(capsys, "--smoke-test", "--no-progress", "--out-dir", str(out), *data_args)
+    assert_one_line_error(r, PROG, *needles)
+    assert not out.exists() and not (tmp_path / "new").exists()
+
+
+def test_missing_data_subprocess(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = run_example(PROG, "--smoke-test", "--out-dir", str(out), env={"PLATED_DATA": None},
+                    timeout=120)
+    assert_one_line_error(r, PROG, "no data folder", "--data-dir")
+    assert not out.exists()
+
+
+BAD_OPTIONS = [("--steps", "-5"), ("--steps", "0"), ("--steps", "1.5"), ("--states", "0"),
+               ("--individual-classes", "0"), ("--group-classes", "-1"), ("--lr", "0"),
+               ("--lr", "-0.1"), ("--lr", "nan"), ("--checkpoint-every", "0"),
+               ("--individuals", "0"), ("--max-length", "-3"), ("--threads", "0"),
+               ("--device", "gpu")]
+if not torch.cuda.is_available():
+    BAD_OPTIONS.append(("--device", "cuda"))
+
+
+@pytest.mark.parametrize("option, value", BAD_OPTIONS)
+def test_bad_options_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      option: str, value: str) -> None:
+    r = _cli(capsys, "--smoke-test", "--out-dir", str(tmp_path / "run"), option, value)
+    assert_one_line_error(r, PROG, f"argument {option}", repr(value), usage=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    r = _cli(capsys, "--help")
+    assert r.returncode == 0
+    text = r.stdout
+    assert "``" not in text and ":math:" not in text and ":func:" not in text
+    assert "seals/sesData.csv" in text and "seals/nfs_foragedives.csv" in text
+    # one block per option: its flag line and the help lines under it
+    options = text[text.index("options:"):]
+    blocks = re.split(r"\n  (?=-)", options)[1:]
+    assert len(blocks) > 15
+    for block in blocks:
+        first, *more = block.split("\n")
+        helped = re.split(r"\s{2,}", first.strip(), maxsplit=1)[1:] + more
+        assert "".join(helped).strip(), block  # help beside the flags or below them
+        assert block.count("(default:") <= 1, block
+    assert "(default: 1500)" in text
+
+
+@SEALS.needed
+def test_ctrl_c_keeps_a_resumable_checkpoint(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    argv = _argv(tmp_path, "--steps", "100000", "--checkpoint-every", "1")
+    proc = subprocess.Popen([sys.executable, "-m", PROG, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    path = tmp_path / "checkpoint.pt"
+    try:
+        deadline = time.monotonic() + 240
+        while not path.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert path.is_file(), proc.poll()
+        time.sleep(0.5)  # in the middle of training
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith(f"{PROG}: interrupted; the last checkpoint in --out-dir is kept. "
+                           f"Continue with: python -m {PROG} ")
+    assert line.endswith("--resume") and "--steps 100000" in line
+    assert not (tmp_path / "results.json").exists()
+    step = torch.load(path, weights_only=False)["extra"]["step"]
+    assert step >= 1
+    capsys.readouterr()
+    r = main(_argv(tmp_path, "--steps", str(step + 2), "--resume"))
+    assert f"resumed from {path}: step {step} of {step + 2}" in capsys.readouterr().out
+    assert len(r["loss_history"]) == step + 2 and (tmp_path / "results.json").is_file()
