@@ -79,14 +79,16 @@ most frequent gold class and of chance. ``phrase_label`` is the sentence classif
 :math:`p(y \\mid \\text{phrase})` for each isolated phrase, on the same scales.
 
 **Files** (in ``--out-dir``): ``checkpoint.pt`` (atomic, every ``--checkpoint-every`` steps and at
-the end; ``--resume`` continues from it), ``results.json``, ``confusion.png`` (test confusion
-matrices of the sentences and of the words' classes), ``word_classes.png`` (the word-class
-posteriors of a few test sentences beside their gold word polarities) and ``training.png`` (loss
-and dev accuracy).
+the end; ``--resume`` continues from it, refusing other options than the run's), ``results.json``,
+``confusion.png`` (test confusion matrices of the sentences and of the words' classes),
+``word_classes.png`` (the word-class posteriors of a few test sentences beside their gold word
+polarities) and ``training.png`` (loss and dev accuracy). Without ``--resume``, a run refuses to
+start in a folder that holds any of these files.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Sequence
@@ -106,10 +108,23 @@ from pyro.poutine.runtime import InferDict
 from plated.pyro import TVE_ELBO, posterior
 
 from .common import (
+    ExampleError,
+    apply_smoke,
+    check_resume_options,
     example_parser,
+    load_checkpoint,
     load_pyro_checkpoint,
+    nonnegative_float,
+    nonnegative_int,
+    out_dir_guard,
+    positive_float,
+    positive_int,
+    print_written,
     progress,
     resolve_device,
+    resume_or_refuse,
+    run_cli,
+    run_options,
     save_figure,
     save_pyro_checkpoint,
     set_seed,
@@ -517,9 +532,66 @@ def _snapshot() -> dict[str, Any]:
             "constraints": dict(state["constraints"])}
 
 
-def _train(model: Sentiment, train: Split, dev: Split, args: Any, path: Path) -> dict[str, Any]:
+#: The options that may differ between a run and its resumption (besides where and how fast it
+#: runs): how long it trains, how often it checkpoints, and the prediction batch size.
+MAY_CHANGE = ("steps", "checkpoint_every", "eval_batch_size")
+#: The figures a run writes in ``--out-dir`` (beside ``checkpoint.pt`` and ``results.json``).
+FIGURES = ("confusion.png", "word_classes.png", "training.png")
+
+
+def _saved_run(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` as saved (its ``"extra"`` values hold the run's options, step
+    and model sizes, its ``"params"`` the parameter store), read without touching Pyro's
+    parameter store; ``None`` if the file is not such a checkpoint (then
+    :func:`~examples.common.load_pyro_checkpoint` says so, naming it).
+
+    :raises ExampleError: if the file cannot be read (damaged, truncated, not a torch file).
+    """
+    state = load_checkpoint(path, map_location="cpu")
+    if not isinstance(state, dict) or not isinstance(state.get("extra"), dict):
+        return None
+    return state
+
+
+def _check_config(saved: dict[str, Any] | None, config: Config, path: Path) -> None:
+    """Refuse to resume a checkpoint whose model has other sizes than ``config``, before its
+    parameters are restored: the sizes it recorded, and the shapes of its parameters (which a
+    checkpoint from before the sizes were recorded has too). Other sizes under the same options
+    come from other data in ``--data-dir`` (another vocabulary).
+
+    :raises ExampleError: naming the checkpoint, what differs and the options that set it.
+    """
+    if saved is None:
+        return
+    wrote = saved["extra"].get("config")
+    now = asdict(config)
+    changed = []
+    if isinstance(wrote, dict):
+        changed = [f"{k} {wrote.get(k)!r} -> {now.get(k)!r}"
+                   for k in sorted(set(wrote) | set(now)) if wrote.get(k) != now.get(k)]
+    store = saved.get("params")
+    params = store.get("params") if isinstance(store, dict) else None
+    if not changed and isinstance(params, dict):
+        c, v = config.sentence_classes, config.vocab_size
+        expected = {"class_logits": (c,), "word_class_logits": (c, WORD_CLASSES),
+                    "background_logits": (v,), "deviation": (2, v)}
+        changed = [f"{name} {tuple(params[name].shape)} -> {shape}"
+                   for name, shape in expected.items()
+                   if isinstance(params.get(name), torch.Tensor)
+                   and tuple(params[name].shape) != shape]
+    if changed:
+        raise ExampleError(
+            f"the checkpoint {str(path)!r} holds a model of other sizes ({'; '.join(changed)});"
+            " resume with that run's --classes-per-label, --min-count, --num-sentences and "
+            "--data-dir, or choose another --out-dir for a new run")
+
+
+def _train(model: Sentiment, train: Split, dev: Split, args: Any, path: Path, resume: bool,
+           options: dict[str, Any]) -> dict[str, Any]:
     """SVI with ``TVE_ELBO`` for ``args.steps`` steps, resuming from the checkpoint at ``path``
-    when asked; evaluates on dev every ``args.eval_every`` steps and keeps the best parameters.
+    when ``resume``; evaluates on dev every ``args.eval_every`` steps and keeps the best
+    parameters. Each checkpoint also records the run's ``options`` and the model's sizes, which
+    a resumption checks (:func:`_saved_run`, :func:`_check_config`) before it restores anything.
 
     :return: the training state: losses (per training sentence), dev history, best parameters.
     """
@@ -528,8 +600,16 @@ def _train(model: Sentiment, train: Split, dev: Split, args: Any, path: Path) ->
     state: dict[str, Any] = {"step": 0, "losses": [], "dev": [], "best": None,
                              "best_step": 0, "best_dev_five": -1.0, "since_best": 0,
                              "stopped_early": False, "train_seconds": 0.0}
-    if args.resume and path.is_file():
-        state = load_pyro_checkpoint(path, optim, map_location=model.device)
+    if resume:
+        saved = load_pyro_checkpoint(path, optim, map_location=model.device)
+        missing = sorted(state.keys() - saved.keys())
+        if missing:
+            raise ExampleError(f"the checkpoint {str(path)!r} lacks {', '.join(missing)}: it was "
+                               "not written by examples.sentiment; delete it or choose another "
+                               "--out-dir")
+        state = {k: saved[k] for k in state}
+        print(f"resumed from {path}: step {state['step']} of {args.steps}", flush=True)
+    written = {"run_options": options, "config": asdict(model.config)}
     n = train.count
     batch = min(args.batch_size, n)
     bar = progress(range(state["step"], args.steps), total=args.steps, initial=state["step"],
@@ -558,7 +638,7 @@ def _train(model: Sentiment, train: Split, dev: Split, args: Any, path: Path) ->
                     state["stopped_early"] = True
             bar.set_postfix(loss=f"{loss / n:.2f}", dev=f"{acc['five']:.3f}")
         if (state["step"] % args.checkpoint_every == 0 or last or state["stopped_early"]):
-            save_pyro_checkpoint(path, optim, **state)
+            save_pyro_checkpoint(path, optim, **state, **written)
     bar.close()
     return state
 
@@ -677,59 +757,101 @@ def _top_words(model: Sentiment, vocab: Vocab, count: int = 15, among: int = 200
             for k in (0, 2)}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = example_parser(
-        "python -m examples.sentiment",
+def _share(text: str) -> float:
+    """argparse type of ``--max-polar``: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
+    return value
+
+
+_share.__name__ = "a number in (0, 1]"
+
+PROG = "python -m examples.sentiment"
+
+#: ``--smoke-test``'s values of the options the user did not give.
+SMOKE = {"steps": 6, "num_sentences": 300, "batch_size": 64, "eval_every": 3,
+         "checkpoint_every": 3}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m examples.sentiment``."""
+    p = example_parser(
+        PROG,
         "Learn latent word-level sentiment classes from sentence labels alone on the Stanford "
         "Sentiment Treebank (a Pyro model with enumerated sentence and word classes, trained "
         "with TVE_ELBO); report sentence accuracy (5-class, binary) and the agreement of the "
         "latent word classes with the treebank's word and phrase labels.",
-        out_dir="runs/sentiment")
-    parser.add_argument("--classes-per-label", type=int, default=2,
-                        help="latent sentence classes per sentence label")
-    parser.add_argument("--min-count", type=int, default=2,
-                        help="keep training words seen at least this often (others: <unk>)")
-    parser.add_argument("--word-prior", type=float, default=0.1,
-                        help="Dirichlet concentration minus one on each class's word distribution")
-    parser.add_argument("--class-prior", type=float, default=1.0,
-                        help="Dirichlet concentration minus one on the class tables")
-    parser.add_argument("--deviation-penalty", type=float, default=1.0,
-                        help="Laplace prior (L1 penalty) on the polar classes' word logits' "
-                             "deviations from the neutral class's")
-    parser.add_argument("--max-polar", type=float, default=1.0,
-                        help="the largest share of a sentence class's words that the polar "
-                             "word classes may have (1: no cap)")
-    parser.add_argument("--steps", type=int, default=1500, help="SVI steps")
-    parser.add_argument("--batch-size", type=int, default=256, help="sentences per SVI step")
-    parser.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
-    parser.add_argument("--eval-every", type=int, default=25,
-                        help="SVI steps between dev evaluations (model selection)")
-    parser.add_argument("--patience", type=int, default=20,
-                        help="stop after this many dev evaluations without improvement "
-                             "(0: never)")
-    parser.add_argument("--eval-batch-size", type=int, default=1024,
-                        help="sentences per engine call when predicting")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="SVI steps")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--num-sentences", type=int, default=None,
-                        help="use the first N sentences of each split (default: all)")
-    args = parser.parse_args(argv)
-    if args.smoke_test:
-        args.steps = min(args.steps, 6)
-        args.num_sentences = min(args.num_sentences or 300, 300)
-        args.batch_size = min(args.batch_size, 64)
-        args.eval_every = min(args.eval_every, 3)
-        args.checkpoint_every = min(args.checkpoint_every, 3)
-    for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_batch_size",
-                 "min_count", "classes_per_label"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+        out_dir="runs/sentiment", data_example="sst/*.txt")
+    p.add_argument("--classes-per-label", type=positive_int, default=2,
+                   help="latent sentence classes per sentence label")
+    p.add_argument("--min-count", type=positive_int, default=2,
+                   help="keep training words seen at least this often (others: <unk>)")
+    p.add_argument("--word-prior", type=nonnegative_float, default=0.1,
+                   help="Dirichlet concentration minus one on each class's word distribution")
+    p.add_argument("--class-prior", type=nonnegative_float, default=1.0,
+                   help="Dirichlet concentration minus one on the class tables")
+    p.add_argument("--deviation-penalty", type=nonnegative_float, default=1.0,
+                   help="Laplace prior (L1 penalty) on the polar classes' word logits' "
+                        "deviations from the neutral class's")
+    p.add_argument("--max-polar", type=_share, default=1.0,
+                   help="the largest share, in (0, 1], of a sentence class's words that the "
+                        "polar word classes may have (1: no cap)")
+    p.add_argument("--steps", type=positive_int, default=1500,
+                   help="SVI steps (may be raised on --resume)")
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="sentences per SVI step")
+    p.add_argument("--lr", type=positive_float, default=0.02, help="Adam learning rate")
+    p.add_argument("--eval-every", type=positive_int, default=25,
+                   help="SVI steps between dev evaluations (model selection)")
+    p.add_argument("--patience", type=nonnegative_int, default=20,
+                   help="stop after this many dev evaluations without improvement (0: never)")
+    p.add_argument("--eval-batch-size", type=positive_int, default=1024,
+                   help="sentences per engine call when predicting")
+    p.add_argument("--checkpoint-every", type=positive_int, default=100,
+                   help="SVI steps between checkpoints (one is also written at the end)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="floating-point type of the parameters")
+    p.add_argument("--num-sentences", type=positive_int, default=None,
+                   help="use the first N sentences of each split (default: all)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train, evaluate and write the results (see the module docstring); returns the results.
+
+    :raises ExampleError: a run in ``--out-dir`` that ``--resume`` was not asked to continue, a
+        checkpoint that is damaged or was written with other options.
+    :raises DataError: if the treebank's files are missing or malformed.
+    """
+    p = parser()
+    args = apply_smoke(p, p.parse_args(argv), argv, SMOKE)
+    out_dir = Path(args.out_dir)
+    with out_dir_guard(out_dir):
+        return _run(args, out_dir)
+
+
+def _run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "checkpoint.pt"
+    resume = resume_or_refuse(args.resume, path, others=[
+        out_dir / name for name in ("results.json", *FIGURES)])
+    options = run_options(args, may_change=MAY_CHANGE)
+    saved = None
+    if resume:  # before anything is built: a changed option must not end in a size mismatch
+        saved = _saved_run(path)
+        extra = {} if saved is None else saved["extra"]
+        check_resume_options(extra.get("run_options"), options, path)
+        done = extra.get("step", 0)
+        if isinstance(done, int) and done > args.steps:
+            raise ExampleError(f"the checkpoint {str(path)!r} is at step {done}, past --steps "
+                               f"{args.steps}; resume with --steps {done} or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
     pyro.clear_param_store()
 
@@ -742,9 +864,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train, dev, test = splits["train"], splits["dev"], splits["test"]
     config = Config(len(vocab), args.classes_per_label, args.word_prior, args.class_prior,
                     args.deviation_penalty, args.max_polar)
+    if resume:
+        _check_config(saved, config, path)
     model = Sentiment(config, _unigram_logits(train, len(vocab), dtype), device, dtype)
 
-    state = _train(model, train, dev, args, out_dir / "checkpoint.pt")
+    state = _train(model, train, dev, args, path, resume, options)
     final_dev = state["dev"][-1] if state["dev"] else None
     # model selection: the parameters of the best dev evaluation
     pyro.get_param_store().set_state(state["best"])
@@ -810,9 +934,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results["figures"] = _figures(test, label_probs["test"], word_probs["test"], out_dir)
     results["figures"].append(_training_figure(state, out_dir))
     if not all(math.isfinite(v) for v in state["losses"]):
-        raise FloatingPointError(f"a training loss is not finite: {state['losses'][-5:]}")
+        raise ExampleError(f"a training loss is not finite (the last ones: "
+                           f"{state['losses'][-5:]}); try a smaller --lr or --dtype float64 in "
+                           "a new --out-dir")
     write_json(results, out_dir / "results.json")
     _print_summary(results)
+    print_written(PROG, {"results": out_dir / "results.json", "checkpoint": path,
+                         "figures": results["figures"]})
     return results
 
 
@@ -837,4 +965,4 @@ def _print_summary(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(PROG, main)

@@ -7,24 +7,36 @@
 - The model's loss and gradients under ``TVE_ELBO`` equal Pyro's ``TraceEnum_ELBO`` on a small
   batch of real sentences, and its exact posteriors equal brute-force enumeration.
 - ``--resume`` continues a run exactly, and the script runs end to end (smoke mode).
+- The program never loses a run and never shows a traceback: a second run into a finished
+  --out-dir is refused, a resume with other options or from a damaged checkpoint is refused in
+  one line that names the option or the file, bad option values are usage errors, a run that
+  fails its input checks leaves no folder, Ctrl-C keeps a resumable checkpoint, and a run says
+  where it resumed and where it wrote its files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro
 import pytest
 import torch
-from helpers import find_data
+from helpers import assert_one_line_error, real_data, run_example
 from pyro.infer import TraceEnum_ELBO
 
+from examples.common import ExampleError, RunExistsError, run_cli
 from examples.data import DATA_ENV, DataError
 from examples.data.sst import (
     UNK,
@@ -37,7 +49,9 @@ from examples.data.sst import (
     parse_tree,
 )
 from examples.sentiment import (
+    FIGURES,
     POLARITY,
+    PROG,
     Config,
     Sentiment,
     allowed_word_classes,
@@ -46,6 +60,7 @@ from examples.sentiment import (
     main,
     naive_bayes,
     negative_log_likelihood,
+    parser,
     sentence_accuracy,
     span_means,
 )
@@ -54,7 +69,9 @@ from plated.pyro import TVE_ELBO
 REPO = Path(__file__).resolve().parents[1]
 
 
-DATA = find_data("sst/train.txt", "sst/dev.txt", "sst/test.txt")
+SST = real_data("sst/train.txt", "sst/dev.txt", "sst/test.txt")
+DATA = SST.folder
+MODULE = "examples.sentiment"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,6 +147,7 @@ def test_missing_file_and_unknown_split(tmp_path: Path) -> None:
 # the loader on the real files
 
 
+@SST.needed
 def test_real_splits() -> None:
     sizes = {"train": 8544, "dev": 1101, "test": 2210}
     counts = {"train": [1092, 2218, 1624, 2322, 1288], "dev": [139, 289, 229, 279, 165],
@@ -152,6 +170,7 @@ def test_real_splits() -> None:
     assert int(keep.sum()) == 1821 and int(binary[keep].sum()) == 909
 
 
+@SST.needed
 def test_real_nodes_and_padding() -> None:
     test = load_sst("test", data_dir=DATA)
     assert load_sst("test", data_dir=DATA) is test  # parsed once per process
@@ -172,6 +191,7 @@ def test_real_nodes_and_padding() -> None:
     assert ids[0, :2].tolist() == vocab.encode(["effective", "BUT"])
 
 
+@SST.needed
 def test_vocabulary() -> None:
     train = load_sst("train", data_dir=DATA).sentences
     vocab = build_vocab(train, min_count=2)
@@ -228,6 +248,7 @@ def _loss_and_grads(elbo: Any, model: Sentiment, *args: Any, **kwargs: Any
                          if p.grad is not None}
 
 
+@SST.needed
 @pytest.mark.parametrize("max_polar, batch_size", [(0.5, None), (1.0, None), (0.5, 3)])
 def test_tve_elbo_equals_trace_enum_elbo(max_polar: float, batch_size: int | None) -> None:
     pyro.clear_param_store()
@@ -355,26 +376,32 @@ def _argv(out: Path, *extra: str) -> list[str]:
             "--eval-every", "2", *extra]
 
 
-def test_resume_continues_exactly(tmp_path: Path) -> None:
+@SST.needed
+def test_resume_continues_exactly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     full = main(_argv(tmp_path / "full", "--steps", "6", "--checkpoint-every", "2"))
     part = main(_argv(tmp_path / "split", "--steps", "4", "--checkpoint-every", "2"))
     assert len(part["loss_history"]) == 4
+    assert "resumed from" not in capsys.readouterr().out
     resumed = main(_argv(tmp_path / "split", "--steps", "6", "--checkpoint-every", "2",
                          "--resume"))
+    # the resume says so, counting steps as the progress bar does
+    checkpoint = tmp_path / "split" / "checkpoint.pt"
+    assert f"resumed from {checkpoint}: step 4 of 6\n" in capsys.readouterr().out
     assert resumed["steps_run"] == 6 and len(resumed["loss_history"]) == 6
     assert resumed["loss_history"] == pytest.approx(full["loss_history"], rel=1e-12)
     assert resumed["dev_history"] == full["dev_history"]
     assert resumed["best_step"] == full["best_step"]
     assert resumed["accuracy"] == full["accuracy"]
     assert resumed["nll_per_sentence"] == pytest.approx(full["nll_per_sentence"], rel=1e-12)
-    # a fresh run (no --resume) in the same folder starts over
-    again = main(_argv(tmp_path / "split", "--steps", "2", "--checkpoint-every", "2"))
-    assert again["loss_history"] == pytest.approx(full["loss_history"][:2], rel=1e-12)
-    torch.save({"x": 1}, tmp_path / "split" / "checkpoint.pt")
-    with pytest.raises(ValueError, match="not a checkpoint"):
+    # a fresh run (no --resume) in the same folder is refused: it would overwrite this one
+    with pytest.raises(RunExistsError, match="pass --resume"):
+        main(_argv(tmp_path / "split", "--steps", "2", "--checkpoint-every", "2"))
+    torch.save({"x": 1}, checkpoint)
+    with pytest.raises(ExampleError, match="not a checkpoint"):
         main(_argv(tmp_path / "split", "--steps", "6", "--resume"))
 
 
+@SST.needed
 def test_smoke_run(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -403,3 +430,251 @@ def test_smoke_run(tmp_path: Path) -> None:
         assert str(tmp_path / png) in res["figures"]
     assert (tmp_path / "checkpoint.pt").is_file()
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+    # the run ends by saying where it wrote its files
+    wrote = r.stdout[r.stdout.index("examples.sentiment: wrote\n"):]
+    assert f"  results: {tmp_path / 'results.json'}\n" in wrote
+    assert f"  checkpoint: {tmp_path / 'checkpoint.pt'}\n" in wrote
+    assert f"  figures: {', '.join(str(tmp_path / png) for png in FIGURES)}" in wrote
+
+
+# ------------------------------------------------------------------------------------------------
+# never lose a run, never show a traceback
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run the program in this process as its ``__main__`` does (:func:`run_cli`), and return
+    its exit status and output as a finished subprocess would."""
+    capsys.readouterr()
+    try:
+        run_cli(PROG, main, list(argv))
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(argv), rc, out.out, out.err)
+
+
+def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of ``folder``: its bytes and modification time."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+class Run(NamedTuple):
+    """A finished smoke run: its folder, its files, what it printed and returned."""
+
+    folder: Path
+    files: dict[str, tuple[bytes, int]]
+    stdout: str
+    results: dict[str, Any]
+
+
+def _run_argv(out: Path, *extra: str) -> list[str]:
+    return [*_argv(out, "--steps", "4", "--checkpoint-every", "2"), *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    """One finished run (4 steps, smoke mode), shared by the tests below, which copy its folder
+    before they change anything."""
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(1)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            results = main(_run_argv(folder))
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+    yield Run(folder, _files(folder), out.getvalue(), results)
+
+
+def _copy(run: Run, tmp_path: Path) -> Path:
+    folder = tmp_path / "run"
+    shutil.copytree(run.folder, folder)
+    return folder
+
+
+def test_help_names_the_data_and_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    r = _cli(capsys, "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "this program reads DIR/sst/*.txt" in text and "polyphonic" not in text
+    assert "``" not in text and ":math:" not in text and ":func:" not in text
+    actions = [a for a in parser()._actions if a.option_strings]  # noqa: SLF001
+    assert len(actions) > 20
+    for a in actions:
+        assert a.help and a.help.strip(), f"{a.option_strings} has no help text"
+    # each option's entry of --help (from its flag to the next one's) gives its default once
+    entries = r.stdout.split("\n  -")[1:]
+    assert len(entries) == len(actions)
+    for entry in entries:
+        assert entry.count("(default:") <= 1, entry
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--steps", "-5"), ("--steps", "0"), ("--batch-size", "0"), ("--batch-size", "-4"),
+    ("--classes-per-label", "0"), ("--min-count", "0"), ("--word-prior", "-1"),
+    ("--class-prior", "-0.5"), ("--deviation-penalty", "-1"), ("--max-polar", "0"),
+    ("--max-polar", "1.5"), ("--max-polar", "nan"), ("--lr", "0"), ("--lr", "x"),
+    ("--eval-every", "0"), ("--patience", "-1"), ("--eval-batch-size", "0"),
+    ("--checkpoint-every", "0"), ("--num-sentences", "0"), ("--threads", "0"),
+    ("--device", "gpu"), ("--dtype", "float16"),
+])
+def test_bad_option_values_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                            option: str, value: str) -> None:
+    r = _cli(capsys, "--out-dir", str(tmp_path / "out"), option, value)
+    assert_one_line_error(r, MODULE, option, usage=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    r = _cli(capsys, "--out-dir", str(tmp_path / "out"), "--device", "cuda")
+    assert_one_line_error(r, MODULE, "--device", "no CUDA device", "--device cpu", usage=True)
+
+
+def test_no_data_folder_is_one_line_and_leaves_no_folder(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "out"
+    r = run_example(MODULE, "--smoke-test", "--no-progress", "--out-dir", str(out),
+                    env={DATA_ENV: None}, timeout=120)
+    assert_one_line_error(r, MODULE, "no data folder", "--data-dir", "sst/train.txt")
+    assert not out.exists() and not (tmp_path / "new").exists()
+
+
+def test_wrong_data_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = _cli(capsys, "--smoke-test", "--no-progress", "--data-dir", "/nonexistent",
+             "--out-dir", str(out))
+    assert_one_line_error(r, MODULE, "'/nonexistent'", "does not exist", "--data-dir")
+    assert not out.exists()
+    # a folder without the treebank: the error names the file it looked for
+    r = _cli(capsys, "--smoke-test", "--no-progress", "--data-dir", str(tmp_path),
+             "--out-dir", str(out))
+    assert_one_line_error(r, MODULE, str(tmp_path / "sst" / "train.txt"), "Stanford")
+    assert not out.exists()
+
+
+def test_undecodable_data_file_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "sst").mkdir()
+    (tmp_path / "sst" / "dev.txt").write_bytes(b"(2 (2 a) (2 b))\n(3 (2 \xff) (3 b))\n")
+    with pytest.raises(DataError, match=r"dev\.txt', line 2: not UTF-8 text"):
+        load_sst("dev", data_dir=tmp_path)
+
+
+def test_garbage_checkpoint_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"not a checkpoint at all\x00\x01")
+    r = _cli(capsys, "--smoke-test", "--no-progress", "--out-dir", str(tmp_path), "--resume")
+    assert_one_line_error(r, MODULE, str(checkpoint), "damaged")
+    assert checkpoint.read_bytes() == b"not a checkpoint at all\x00\x01"
+
+
+@SST.needed
+def test_smoke_keeps_explicit_options(finished: Run) -> None:
+    # --smoke-test's defaults (6 steps, batches of 64, 300 sentences) give way to explicit ones
+    assert finished.results["steps_run"] == 4 and len(finished.results["loss_history"]) == 4
+    assert finished.results["args"]["batch_size"] == 32
+    assert finished.results["sentences"] == {"train": 120, "dev": 120, "test": 120}
+    # options not given take the smoke values
+    assert finished.results["args"]["checkpoint_every"] == 2
+    assert finished.results["args"]["eval_every"] == 2
+    assert "examples.sentiment: wrote\n" in finished.stdout
+
+
+@SST.needed
+def test_second_run_is_refused_and_keeps_the_first(capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path, finished: Run) -> None:
+    folder = _copy(finished, tmp_path)
+    before = _files(folder)
+    r = _cli(capsys, *_run_argv(folder))
+    assert_one_line_error(r, MODULE, str(folder / "checkpoint.pt"), "--resume", "--out-dir")
+    assert _files(folder) == before
+    # any of the run's files is enough to refuse: here the results and figures alone
+    (folder / "checkpoint.pt").unlink()
+    for name in ("results.json", *FIGURES):
+        r = _cli(capsys, *_run_argv(folder))
+        assert_one_line_error(r, MODULE, str(folder / name), "--resume")
+        (folder / name).unlink()
+
+
+@SST.needed
+def test_resume_with_other_options_is_refused(capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path, finished: Run) -> None:
+    folder = _copy(finished, tmp_path)
+    before = _files(folder)
+    checkpoint = str(folder / "checkpoint.pt")
+    r = _cli(capsys, *_run_argv(folder, "--classes-per-label", "3", "--resume"))
+    assert_one_line_error(r, MODULE, checkpoint, "--classes-per-label 2 -> 3")
+    r = _cli(capsys, *_run_argv(folder, "--lr", "0.5", "--min-count", "1", "--resume"))
+    assert_one_line_error(r, MODULE, checkpoint, "--lr 0.02 -> 0.5", "--min-count 2 -> 1")
+    # fewer steps than the checkpoint has done
+    r = _cli(capsys, *_run_argv(folder, "--resume"), "--steps", "3")
+    assert_one_line_error(r, MODULE, checkpoint, "step 4", "--steps 4 or more")
+    assert _files(folder) == before
+    # other data (here: another vocabulary) under the same options
+    data = tmp_path / "data" / "sst"
+    data.mkdir(parents=True)
+    for split in ("dev", "test"):
+        shutil.copy(DATA / "sst" / f"{split}.txt", data)
+    lines = (DATA / "sst" / "train.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    (data / "train.txt").write_text("".join(lines[1:]), encoding="utf-8")
+    r = _cli(capsys, *_run_argv(folder, "--resume", "--data-dir", str(data.parent)))
+    assert_one_line_error(r, MODULE, checkpoint, "vocab_size", "--data-dir")
+    assert _files(folder) == before
+    # a checkpoint that recorded neither options nor sizes: its parameters' shapes are checked
+    state = torch.load(checkpoint, weights_only=False)
+    del state["extra"]["run_options"], state["extra"]["config"]
+    torch.save(state, checkpoint)
+    r = _cli(capsys, *_run_argv(folder, "--classes-per-label", "3", "--resume"))
+    assert_one_line_error(r, MODULE, checkpoint, "class_logits (10,) -> (15,)",
+                          "--classes-per-label")
+
+
+@SST.needed
+def test_truncated_checkpoint_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                       finished: Run) -> None:
+    folder = _copy(finished, tmp_path)
+    checkpoint = folder / "checkpoint.pt"
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[:len(data) // 2])
+    r = _cli(capsys, *_run_argv(folder, "--resume"))
+    assert_one_line_error(r, MODULE, str(checkpoint), "damaged")
+    assert checkpoint.read_bytes() == data[:len(data) // 2]
+
+
+@SST.needed
+def test_interrupt_keeps_a_resumable_checkpoint(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "run"
+    checkpoint = folder / "checkpoint.pt"
+    argv = [*_argv(folder, "--checkpoint-every", "2", "--patience", "0"), "--steps", "100000"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.Popen([sys.executable, "-m", MODULE, "--threads", "1", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=REPO)
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpoint.is_file(), proc.poll()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("examples.sentiment: interrupted; the last checkpoint in --out-dir "
+                           "is kept. Continue with: python -m examples.sentiment "), err
+    assert last.endswith(" --resume") and "--steps 100000" in last
+    # the checkpoint is whole, and the run continues from it
+    step = torch.load(checkpoint, weights_only=False)["extra"]["step"]
+    assert step >= 2 and step % 2 == 0
+    capsys.readouterr()
+    resumed = main([*argv[:-2], "--steps", str(step + 2), "--resume"])
+    assert f"resumed from {checkpoint}: step {step} of {step + 2}\n" in capsys.readouterr().out
+    assert resumed["steps_run"] == step + 2 and len(resumed["loss_history"]) == step + 2

@@ -21,6 +21,7 @@ Splits (the standard ones): train 8,544, dev 1,101, test 2,210 sentences.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import re
 from collections import Counter
@@ -218,13 +219,21 @@ def load_sst(split: str = "train", data_dir: str | os.PathLike[str] | None = Non
 def _read(path: str, mtime_ns: int, size: int) -> Treebank:
     """Parse a file (cached by path, modification time and size: a :class:`Treebank` is
     immutable, and parsing the training split takes about a second)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path!r}, line {line}: not UTF-8 text ({e.reason}); expected the "
+                        "treebank's trees/ files") from None
     trees = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                trees.append(parse_tree(line))
-            except TreeSyntaxError as e:
-                raise DataError(f"{path!r}, line {number}: malformed tree: {e}") from None
+    # line breaks as open() reads text: \n, \r or \r\n (not str.splitlines' other breaks)
+    for number, line_text in enumerate(io.StringIO(text, newline=None), start=1):
+        try:
+            trees.append(parse_tree(line_text))
+        except TreeSyntaxError as e:
+            raise DataError(f"{path!r}, line {number}: malformed tree: {e}") from None
     return Treebank(tuple(trees), Path(path))
 
 
