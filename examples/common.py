@@ -600,11 +600,11 @@ def check_checkpoint_world(state: dict[str, Any], path: str | os.PathLike[str],
     """Refuse to resume a checkpoint written by another number of processes (the batch order
     and the per-process state depend on it).
 
-    :raises ValueError: naming the checkpoint and both numbers.
+    :raises ExampleError: naming the checkpoint and both numbers.
     """
     wrote = state.get("world", 1)
     if wrote != world:
-        raise ValueError(f"the checkpoint {str(path)!r} was written by {wrote} processes; resume "
+        raise ExampleError(f"the checkpoint {str(path)!r} was written by {wrote} processes; resume "
                          f"it with the same number, not {world}")
 
 

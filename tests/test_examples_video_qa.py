@@ -9,19 +9,24 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_line_error, real_data, run_example
 from scipy import ndimage
 from torch import Tensor
 
 import examples.video_qa.data as vqdata
 import examples.video_qa.train as vqtrain
+from examples.common import ExampleError, RunExistsError
 from examples.data import DataError, decode_gif, load_tgif_qa
 from examples.video_qa.data import (
     _RGB,
@@ -44,10 +49,12 @@ from examples.video_qa.data import (
 )
 from examples.video_qa.model import MODES, ModelConfig, VideoQA, two_level_graph
 from examples.video_qa.train import main
-from tests.helpers import find_data
 
 REPO = Path(__file__).resolve().parents[1]
 TGIF = ("tgif-qa/qa.json", "tgif-qa/1.gif", "tgif-qa/2.gif", "tgif-qa/3.gif", "tgif-qa/4.gif")
+#: The four TGIF-QA GIFs and their questions: only the GIF tests need them; the generated data
+#: and the real-feature folders of the other tests are made by the tests themselves.
+TGIF_DATA = real_data(*TGIF)
 #: Options of every run: CPU, one thread, no progress bars, and half the smoke test's 40 videos
 #: (16 for training with 4 questions each, 2 a batch: 8 steps an epoch; 8 validation and 8 test
 #: questions).
@@ -418,8 +425,9 @@ def test_smoke_run_on_real_features(tmp_path: Path) -> None:
 # -- GIFs ------------------------------------------------------------------------------------------
 
 
+@TGIF_DATA.needed
 def test_decode_the_tgif_qa_gifs() -> None:
-    folder = find_data(*TGIF) / "tgif-qa"
+    folder = TGIF_DATA.folder / "tgif-qa"
     full = {}
     for name, n in (("1.gif", 45), ("2.gif", 76), ("3.gif", 42), ("4.gif", 27)):
         x = decode_gif(folder / name)
@@ -462,8 +470,9 @@ def test_decode_gif_of_known_colours_and_errors(tmp_path: Path) -> None:
         decode_gif(tmp_path / "text.gif")
 
 
+@TGIF_DATA.needed
 def test_load_tgif_qa_matches_qa_json() -> None:
-    folder = find_data(*TGIF)
+    folder = TGIF_DATA.folder
     entries = json.loads((folder / "tgif-qa" / "qa.json").read_text())
     got = load_tgif_qa(folder)
     assert len(got) == len(entries) == 4
@@ -619,10 +628,16 @@ def _best_entry(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.usefixtures("float32_default")
-def test_smoke_run_of_every_mode(mode: str, tmp_path: Path) -> None:
+def test_smoke_run_of_every_mode(mode: str, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m examples.video_qa --smoke-test --mode MODE``, in process."""
     out = tmp_path / "run"
     res = main(["--mode", mode, "--smoke-test", "--out-dir", str(out)] + QUIET)
+    # the run ends by saying where its files are
+    assert capsys.readouterr().out.endswith(
+        f"examples.video_qa: wrote\n  results: {out / 'results.json'}\n"
+        f"  checkpoint: {out / 'checkpoint.pt'}\n  best model: {out / 'best.pt'}\n"
+        f"  figures: {out / 'alignments.png'}\n")
     assert res["mode"] == mode and res["epochs"] == 2 and res["steps"] == 16
     assert res["config"]["dim"] == 32 and res["train_questions"] == 64
     assert len(res["history"]) == 2 and all(h["complete"] for h in res["history"])
@@ -685,8 +700,8 @@ def _same_run(a: dict[str, Any], b: dict[str, Any], dir_a: Path, dir_b: Path) ->
 
 
 @pytest.mark.usefixtures("float32_default")
-def test_interrupted_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                         ) -> None:
+def test_interrupted_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     """A run killed in its second epoch (the last checkpoint 2 steps before) and resumed ends
     with the uninterrupted run's parameters; REINFORCE samples make every step random."""
     base = ["--mode", "hard-sample", "--smoke-test", "--cache-dir", str(tmp_path / "cache")]
@@ -707,38 +722,81 @@ def test_interrupted_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Mon
     assert (st["epoch"], st["step_in_epoch"], st["steps"]) == (1, 1, 9)
     with pytest.raises(FileExistsError, match="pass --resume"):
         main(base + ["--out-dir", str(tmp_path / "resumed")])
+    capsys.readouterr()
     resumed = main(base + ["--out-dir", str(tmp_path / "resumed"), "--resume"])
+    # the log calls the first epoch "epoch 1", and so does the resume message: the second epoch,
+    # one of its steps done
+    out = capsys.readouterr().out
+    ckpt = tmp_path / "resumed" / "checkpoint.pt"
+    assert f"resumed from {ckpt}: epoch 2 of 2, 1 of its 8 steps done (9 steps in all)\n" in out
+    assert "epoch 2: train loss" in out and "epoch 1: train loss" not in out
     # the resumed epoch's train loss averages only the steps taken after the resume
     _same_run(straight, resumed, tmp_path / "straight", tmp_path / "resumed")
 
 
 @pytest.mark.usefixtures("float32_default")
-def test_more_epochs_after_a_finished_run(tmp_path: Path) -> None:
+def test_more_epochs_after_a_finished_run(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     """``--epochs 1`` then ``--epochs 2 --resume`` trains the second epoch exactly as a straight
     ``--epochs 2`` run (``--smoke-test`` keeps an explicit ``--epochs``)."""
     base = ["--mode", "soft", "--smoke-test", "--cache-dir", str(tmp_path / "cache")] + QUIET
     straight = main(base + ["--out-dir", str(tmp_path / "straight"), "--epochs", "2"])
+    capsys.readouterr()
     one = main(base + ["--out-dir", str(tmp_path / "resumed"), "--epochs", "1"])
     assert (one["epochs"], one["steps"]) == (1, 8)
+    assert "epoch 1: train loss" in capsys.readouterr().out
+    ckpt = tmp_path / "resumed" / "checkpoint.pt"
+    again = main(base + ["--out-dir", str(tmp_path / "resumed"), "--epochs", "1", "--resume"])
+    assert f"resumed from {ckpt}: all 1 epochs done (8 steps in all); evaluating" in \
+        capsys.readouterr().out
+    assert again["test"] == one["test"] and again["steps"] == 8
     resumed = main(base + ["--out-dir", str(tmp_path / "resumed"), "--epochs", "2", "--resume"])
+    assert f"resumed from {ckpt}: epoch 2 of 2, 0 of its 8 steps done (8 steps in all)\n" in \
+        capsys.readouterr().out
     _same_run(straight, resumed, tmp_path / "straight", tmp_path / "resumed")
+
+
+def _cli(capsys: pytest.CaptureFixture[str], cli: Any, argv: list[str]
+         ) -> subprocess.CompletedProcess[str]:
+    """``cli(argv)`` in process, as the command line runs it: its exit status and output."""
+    capsys.readouterr()
+    code: Any = 0
+    try:
+        cli(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 @pytest.mark.usefixtures("float32_default")
 def test_resume_with_other_options_is_refused(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A resume with another option than the checkpoint's is refused before any tensor is
+    loaded, naming the option: the mode, a size, and the learning rate (which fits any shape)."""
     out = tmp_path / "run"
     base = ["--smoke-test", "--epochs", "1", "--out-dir", str(out)] + QUIET
     main(base + ["--mode", "marginal"])
-    ckpt = re.escape(str(out / "checkpoint.pt"))
-    with pytest.raises(ValueError, match=f"checkpoint '{ckpt}' was written for .*'marginal'"):
+    ckpt = out / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    ckpt_re = re.escape(str(ckpt))
+    with pytest.raises(ExampleError, match=f"checkpoint '{ckpt_re}' was written with other "
+                                           "options \\(--mode 'marginal' -> 'soft'\\)"):
         main(base + ["--mode", "soft", "--resume"])
-    with pytest.raises(ValueError, match=f"checkpoint '{ckpt}' was written for .*'dim': 32"):
+    with pytest.raises(ExampleError, match=f"'{ckpt_re}' .*\\(--dim 32 -> 16\\)"):
         main(base + ["--mode", "marginal", "--dim", "16", "--resume"])
+    with pytest.raises(ExampleError, match=f"'{ckpt_re}' .*\\(--lr 0.002 -> 0.01\\)"):
+        main(base + ["--mode", "marginal", "--lr", "0.01", "--resume"])
+    # more epochs, a new cache folder or checkpoint interval are no other run
+    res = main(base + ["--mode", "marginal", "--epochs", "2", "--checkpoint-every", "5",
+                       "--cache-dir", str(tmp_path / "cache2"), "--resume"])
+    assert res["epochs"] == 2 and ckpt.read_bytes() != before
     # the command line turns the refusals into one-line errors
-    monkeypatch.setattr(sys, "argv", ["video_qa"] + base + ["--mode", "marginal"])
-    with pytest.raises(SystemExit, match=r"examples\.video_qa: error: .*pass --resume"):
-        vqtrain.cli()
+    r = _cli(capsys, vqtrain.cli, base + ["--mode", "marginal", "--lr", "0.01", "--resume"])
+    assert_one_line_error(r, "examples.video_qa", str(ckpt), "--lr 0.002 -> 0.01",
+                          "resume with the same options")
+    r = _cli(capsys, vqtrain.cli, base + ["--mode", "marginal"])
+    assert_one_line_error(r, "examples.video_qa", "pass --resume", "another --out-dir")
 
 
 def test_two_process_gloo_data_parallel_smoke_run(tmp_path: Path) -> None:
@@ -852,18 +910,20 @@ def test_report_table_and_figure(two_runs: Path, tmp_path: Path) -> None:
         assert cells[5] == ("" if mode == "soft" else f"{100 * t['ground_q']:.1f}")
         assert cells[7] == " / ".join(f"{100 * t[f'near_{k}']:.1f}" if f"near_{k}" in t
                                       else "–" for k in ("prior", "posterior", "q"))
-    with pytest.raises(ValueError, match="neither a run folder"):
+    with pytest.raises(ExampleError, match="neither a run folder"):
         report.main([str(tmp_path / "missing")])
 
 
+@TGIF_DATA.needed
 @pytest.mark.usefixtures("float32_default")
-def test_tgif_demo_on_real_gifs(two_runs: Path, tmp_path: Path) -> None:
+def test_tgif_demo_on_real_gifs(two_runs: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m examples.video_qa.tgif``: untrained models of every mode (--smoke-test), and
     trained runs, on the four real GIFs; each prior is a distribution over the kept frames."""
     from examples.video_qa import tgif
 
-    find_data(*TGIF)
-    rep = tgif.main(["--smoke-test", "--out-dir", str(tmp_path / "smoke"), "--max-frames", "12"])
+    rep = tgif.main(["--smoke-test", "--out-dir", str(tmp_path / "smoke"), "--max-frames", "12",
+                     "--no-progress"])
     assert [e["gif"] for e in rep["questions"]] == ["1.gif", "2.gif", "3.gif", "4.gif"]
     for e in rep["questions"]:
         assert e["frames"] == 12
@@ -872,11 +932,228 @@ def test_tgif_demo_on_real_gifs(two_runs: Path, tmp_path: Path) -> None:
             assert len(v["prior"]) == 12 and sum(v["prior"]) == pytest.approx(1.0, abs=1e-3)
     assert (tmp_path / "smoke" / "tgif_alignments.png").stat().st_size > 1000
     runs = [str(two_runs / "soft"), str(two_runs / "variational-enum")]
+    capsys.readouterr()
     rep = tgif.main(["--runs", *runs, "--out-dir", str(tmp_path / "runs")])
+    out, err = capsys.readouterr()
+    # a progress bar over the four GIFs (stderr), then where the files are
+    assert "GIFs: 100%" in err and "4/4" in err
+    assert f"examples.video_qa.tgif: wrote\n  results: {tmp_path / 'runs' / 'tgif.json'}\n" \
+        f"  figures: {tmp_path / 'runs' / 'tgif_alignments.png'}" in out
     e = rep["questions"][3]  # 4.gif: 27 frames, all kept
     assert e["frames"] == 27 and set(e["modes"]) == {"soft", "variational-enum"}
     # the generated data's vocabulary knows "what", "is", "the", "of" but not "bulldog"
     assert "bulldog" not in e["modes"]["soft"]["known_words"]
     assert "what" in e["modes"]["soft"]["known_words"]
-    with pytest.raises(ValueError, match="--runs"):
+    with pytest.raises(SystemExit) as exit_:  # a usage error, before any data is read
         tgif.main(["--out-dir", str(tmp_path / "none")])
+    assert exit_.value.code == 2 and "give --runs RUN_DIR" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+# -- the command line: refusals, one-line errors, option checks, Ctrl-C --------------------------
+
+
+def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of ``folder``: its bytes and its modification time."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())
+            if p.is_file()}
+
+
+@pytest.mark.usefixtures("float32_default")
+def test_a_second_run_into_a_run_folder_is_refused(two_runs: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --resume, a run never overwrites another's checkpoint, best model, results or
+    figure: any one of them is enough to refuse, and the files are left as they were."""
+    run = tmp_path / "soft"
+    shutil.copytree(two_runs / "soft", run)
+    before = _files(run)
+    assert {"checkpoint.pt", "best.pt", "results.json", "alignments.png"} <= set(before)
+    def argv(out: Path) -> list[str]:
+        return ["--mode", "soft", "--smoke-test", "--out-dir", str(out), "--cache-dir",
+                str(two_runs / "cache")] + QUIET
+
+    with pytest.raises(RunExistsError, match=re.escape(f"{run / 'checkpoint.pt'} exists: pass "
+                                                       "--resume")):
+        main(argv(run))
+    r = _cli(capsys, vqtrain.cli, argv(run))
+    assert_one_line_error(r, "examples.video_qa", str(run / "checkpoint.pt"), "pass --resume",
+                          "choose another --out-dir")
+    assert _files(run) == before
+    for name in ("best.pt", "results.json", "alignments.png"):
+        alone = tmp_path / f"only-{name}"
+        alone.mkdir()
+        shutil.copy2(run / name, alone / name)
+        with pytest.raises(RunExistsError, match=re.escape(f"{alone / name} exists")):
+            main(argv(alone))
+        assert [p.name for p in alone.iterdir()] == [name]
+
+
+@pytest.mark.usefixtures("float32_default")
+def test_damaged_files_are_named(two_runs: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A garbage or truncated checkpoint, best model or results file: a one-line error that
+    names the file, from the trainer's --resume and from the report."""
+    from examples.video_qa import report
+
+    run = tmp_path / "soft"
+    shutil.copytree(two_runs / "soft", run)
+    argv = ["--mode", "soft", "--smoke-test", "--out-dir", str(run), "--cache-dir",
+            str(two_runs / "cache"), "--resume"] + QUIET
+    ckpt = run / "checkpoint.pt"
+    whole = ckpt.read_bytes()
+    for damaged in (b"not a checkpoint at all", whole[:len(whole) // 2]):
+        ckpt.write_bytes(damaged)
+        r = _cli(capsys, vqtrain.cli, argv)
+        assert_one_line_error(r, "examples.video_qa", f"checkpoint {str(ckpt)!r}", "damaged",
+                              "delete it")
+    # another program's torch file
+    torch.save({"step": 3}, ckpt)
+    r = _cli(capsys, vqtrain.cli, argv)
+    assert_one_line_error(r, "examples.video_qa", str(ckpt), "not a checkpoint of "
+                          "examples.video_qa")
+    best = run / "best.pt"
+    best.write_bytes(best.read_bytes()[:100])
+    r = _cli(capsys, lambda a: report_cli(report, a),
+             [str(run), "--figure", str(tmp_path / "f.png"), "--cache-dir",
+              str(two_runs / "cache")])
+    assert_one_line_error(r, "examples.video_qa.report", str(best), "damaged")
+    assert not (tmp_path / "f.png").exists()
+    (run / "results.json").write_text('{"mode": "soft", "te')
+    r = _cli(capsys, lambda a: report_cli(report, a), [str(run)])
+    assert_one_line_error(r, "examples.video_qa.report", str(run / "results.json"), "not JSON")
+    (run / "results.json").write_text('{"mode": "soft"}')
+    r = _cli(capsys, lambda a: report_cli(report, a), [str(run)])
+    assert_one_line_error(r, "examples.video_qa.report", str(run / "results.json"),
+                          "not a results file")
+    r = _cli(capsys, lambda a: report_cli(report, a), [str(tmp_path / "missing")])
+    assert_one_line_error(r, "examples.video_qa.report", str(tmp_path / "missing"),
+                          "neither a run folder")
+
+
+def report_cli(report: Any, argv: list[str]) -> None:
+    from examples.common import run_cli
+
+    run_cli(report.PROG, report.main, argv)
+
+
+def test_input_errors_are_one_line_and_leave_no_folder(tmp_path: Path) -> None:
+    """The processes themselves: a missing feature folder, no data folder or a wrong one for the
+    TGIF demo, and an unknown or absent device each end in one line; no --out-dir is made."""
+    new = tmp_path / "new" / "run"
+    r = run_example("examples.video_qa", "--features", str(tmp_path / "nonexistent"),
+                    "--out-dir", str(new), *QUIET, "--smoke-test")
+    assert_one_line_error(r, "examples.video_qa", str(tmp_path / "nonexistent" / "qa.jsonl"),
+                          "not found", "features/ID.npz")
+    assert not (tmp_path / "new").exists()
+    r = run_example("examples.video_qa", "--device", "gpu", "--out-dir", str(new))
+    assert_one_line_error(r, "examples.video_qa", "--device", "'gpu'", "use auto, cpu",
+                          usage=True)
+    if not torch.cuda.is_available():
+        r = run_example("examples.video_qa", "--device", "cuda", "--out-dir", str(new))
+        assert_one_line_error(r, "examples.video_qa", "--device", "no CUDA device",
+                              "--device cpu", usage=True)
+    tgif_out = tmp_path / "tgif"
+    r = run_example("examples.video_qa.tgif", "--smoke-test", "--out-dir", str(tgif_out),
+                    env={"PLATED_DATA": None})
+    assert_one_line_error(r, "examples.video_qa.tgif", "no data folder", "--data-dir",
+                          "PLATED_DATA")
+    r = run_example("examples.video_qa.tgif", "--smoke-test", "--out-dir", str(tgif_out),
+                    "--data-dir", str(tmp_path / "nonexistent"))
+    assert_one_line_error(r, "examples.video_qa.tgif", str(tmp_path / "nonexistent"),
+                          "does not exist")
+    r = run_example("examples.video_qa.tgif", "--smoke-test", "--device", "gpu")
+    assert_one_line_error(r, "examples.video_qa.tgif", "--device", "'gpu'", usage=True)
+    assert not new.exists() and not tgif_out.exists()
+
+
+#: Values each numeric option refuses (argparse usage errors, exit status 2).
+BAD_OPTIONS = [("--epochs", "-1"), ("--epochs", "0"), ("--batch-size", "0"),
+               ("--batch-size", "-4"), ("--videos", "0"), ("--frames", "4"), ("--size", "10"),
+               ("--questions-per-video", "0"), ("--dim", "0"), ("--embed", "-1"),
+               ("--samples", "1"), ("--segment-len", "0"), ("--lr", "0"), ("--lr", "-0.1"),
+               ("--clip", "0"), ("--patience", "0"), ("--max-minutes", "0"),
+               ("--checkpoint-every", "0"), ("--eval-batch-size", "0"),
+               ("--figure-questions", "0"), ("--threads", "0"), ("--epochs", "two"),
+               ("--lr", "nan")]
+
+
+def test_numeric_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                     ) -> None:
+    from examples.video_qa import report, tgif
+
+    out = tmp_path / "run"
+    for option, value in BAD_OPTIONS:
+        r = _cli(capsys, main, ["--smoke-test", "--out-dir", str(out), option, value])
+        assert_one_line_error(r, "examples.video_qa", f"argument {option}", repr(value),
+                              usage=True)
+    r = _cli(capsys, tgif.main, ["--smoke-test", "--max-frames", "0"])
+    assert_one_line_error(r, "examples.video_qa.tgif", "--max-frames", usage=True)
+    r = _cli(capsys, report.main, [str(tmp_path), "--per-type", "0"])
+    assert_one_line_error(r, "examples.video_qa.report", "--per-type", usage=True)
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("float32_default")
+def test_smoke_test_keeps_explicit_options(tmp_path: Path) -> None:
+    """--smoke-test sets only the options not given: an explicit --batch-size 4 makes 16 steps
+    an epoch, and an explicit --embed 64 stays 64 although it is the default."""
+    res = main(["--smoke-test", "--epochs", "1", "--batch-size", "4", "--embed", "64",
+                "--out-dir", str(tmp_path / "run")] + QUIET)
+    assert (res["epochs"], res["steps"], res["batch_size"]) == (1, 16, 4)
+    assert res["config"]["embed"] == 64 and res["config"]["dim"] == 32  # dim: the smoke value
+
+
+@pytest.mark.usefixtures("float32_default")
+def test_ctrl_c_keeps_a_resumable_checkpoint(tmp_path: Path) -> None:
+    """A real SIGINT to a generated-data smoke run: run_cli's one line with the --resume
+    command, status 130, and the checkpoint written before it resumes to the end."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["--smoke-test", "--epochs", "200", "--checkpoint-every", "1", "--out-dir", str(out),
+            "--cache-dir", str(cache)] + QUIET
+    env = _env()
+    env.pop("PLATED_DATA", None)
+    proc = subprocess.Popen([sys.executable, "-m", "examples.video_qa", *argv], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = out / "checkpoint.pt"
+    try:
+        deadline = time.monotonic() + 300
+        while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few more steps and checkpoints
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == ["examples.video_qa: interrupted; the last checkpoint in --out-dir is kept. "
+                     "Continue with: python -m examples.video_qa " + " ".join(argv) + " --resume"]
+    st = torch.load(ckpt, weights_only=False)
+    assert st["steps"] >= 1 and not (out / "results.json").exists()
+    # resume it (in process) to the end of the epoch it was in
+    epochs = st["epoch"] + 1
+    res = main(argv[:2] + [str(epochs)] + argv[3:] + ["--resume"])
+    assert res["epochs"] == epochs and res["steps"] == 8 * epochs
+    assert (out / "results.json").is_file()
+
+
+def test_help_is_plain_text_with_every_option_explained() -> None:
+    """--help of the trainer, the report and the TGIF demo: a help text for every option, a
+    default named at most once, no Sphinx markup; the demo's --data-dir says what it reads."""
+    from examples.video_qa import report, tgif
+
+    for parser in (vqtrain.make_parser(), report.make_parser(), tgif.make_parser()):
+        text = parser.format_help()
+        assert "``" not in text and ":math:" not in text and ":func:" not in text, text
+        formatter = parser.formatter_class(prog=parser.prog)
+        for action in parser._actions:
+            assert action.help, (parser.prog, action.option_strings or action.dest)
+            # the help as --help shows it, "(default: ...)" added where the text has none
+            shown = (formatter._get_help_string(action) or "").replace("%(default)s", "X")
+            assert shown.count("default") <= 1, (parser.prog, shown)
+    data_dir = tgif.make_parser().format_help()
+    assert "DIR/tgif-qa/qa.json" in " ".join(data_dir.split())

@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..common import atomic_write_text, resolve_device
+from ..common import (
+    ExampleError,
+    HelpFormatter,
+    atomic_write_text,
+    device_option,
+    plain_text,
+    positive_int,
+    print_written,
+    resolve_device,
+    run_cli,
+)
 from .data import VideoQAData, load_features, load_or_generate
 from .train import alignment_figure, load_run
 
-__all__ = ["figure", "main", "table", "type_table"]
+__all__ = ["figure", "main", "make_parser", "read_results", "table", "type_table"]
+
+PROG = "python -m examples.video_qa.report"
 
 
 def _runs(paths: list[str]) -> list[Path]:
@@ -31,11 +44,31 @@ def _runs(paths: list[str]) -> list[Path]:
         elif p.is_dir():
             out += sorted(q.parent for q in p.glob("*/results.json"))
         else:
-            raise ValueError(f"{str(p)!r} is neither a run folder (with results.json) nor a "
-                             "folder of runs")
+            raise ExampleError(f"{str(p)!r} is neither a run folder (with results.json) nor a "
+                               "folder of runs: give the --out-dir of python -m "
+                               "examples.video_qa, or its parent")
     if not out:
-        raise ValueError(f"no results.json in {paths}")
+        raise ExampleError(f"no results.json in {', '.join(map(repr, paths))} or its sub-folders: "
+                           "give the --out-dir of finished runs of python -m examples.video_qa")
     return out
+
+
+def read_results(run: Path, split: str) -> dict[str, Any]:
+    """``RUN/results.json``, checked to be a finished run's results with the ``split``.
+
+    :raises ExampleError: naming the file if it is not JSON or not such results.
+    """
+    path = run / "results.json"
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExampleError(f"{str(path)!r} is not JSON ({e}); run the training again") from e
+    need = ("mode", "epochs", "train_seconds", split)
+    if not isinstance(results, dict) or not all(k in results for k in need) or not all(
+            k in results[split] for k in ("accuracy", "nll", "accuracy_by_type")):
+        raise ExampleError(f"{str(path)!r} is not a results file of python -m examples.video_qa "
+                           f"(it needs {', '.join(need)}, and the {split} accuracies)")
+    return dict(results)
 
 
 def _pct(x: float | None) -> str:
@@ -104,7 +137,8 @@ def figure(runs: list[Path], path: Path, cache_dir: str | None, device: torch.de
             raise ValueError(f"{str(run)!r} was trained on other data than {str(runs[0])!r}; "
                              "a figure compares runs on the same questions")
         models[res.get("mode", run.name)] = model
-    assert first is not None and vocab is not None
+    if first is None or vocab is None:
+        raise ExampleError("no runs to draw")
     data = _data(first, cache_dir)
     chosen: list = []
     seen: dict[str, int] = {}
@@ -115,29 +149,48 @@ def figure(runs: list[Path], path: Path, cache_dir: str | None, device: torch.de
     alignment_figure(models, data, chosen, vocab, device, path)
 
 
-def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m examples.video_qa.report",
-                                description=__doc__.split("\n\n")[1] if __doc__ else None)
-    p.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
-    p.add_argument("--table", default=None, help="also write the table to this file")
-    p.add_argument("--figure", default=None, help="write the alignment figure to this PNG")
-    p.add_argument("--cache-dir", default=None, help="the generated-data cache of the runs")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--split", default="test", choices=("valid", "test"))
-    args = p.parse_args(argv)
+def make_parser() -> argparse.ArgumentParser:
+    doc = (__doc__ or "").split("\n\n", 1)[-1]
+    p = argparse.ArgumentParser(prog=PROG, description=plain_text(doc),
+                                formatter_class=HelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folders (the --out-dir of python -m examples.video_qa), or folders "
+                        "of run folders")
+    p.add_argument("--table", default=None, metavar="FILE",
+                   help="also write the table to this file")
+    p.add_argument("--figure", default=None, metavar="FILE",
+                   help="write the alignment figure to this PNG")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="the generated-data cache of the runs (their --cache-dir; default: "
+                        "generate the data again)")
+    p.add_argument("--per-type", type=positive_int, default=1,
+                   help="test questions of each question type in the figure")
+    p.add_argument("--device", default="cpu", type=device_option,
+                   help="torch device of the figure's models: 'auto', 'cpu', 'cuda', ...")
+    p.add_argument("--split", default="test", choices=("valid", "test"),
+                   help="the split whose results the tables show")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """``python -m examples.video_qa.report``: print (and write) the tables, draw the figure;
+    returns the tables' text."""
+    args = make_parser().parse_args(argv)
     runs = _runs(args.runs)
-    results = [json.loads((r / "results.json").read_text()) for r in runs]
+    results = [read_results(r, args.split) for r in runs]
     text = table(results, args.split) + "\n" + type_table(results, args.split)
     print(text, end="")
+    written: dict[str, Any] = {"table": [], "figures": []}
     if args.table:
-        atomic_write_text(text, args.table)
+        written["table"].append(atomic_write_text(text, args.table))
     if args.figure:
-        figure(runs, Path(args.figure), args.cache_dir, resolve_device(args.device))
+        figure(runs, Path(args.figure), args.cache_dir, resolve_device(args.device),
+               args.per_type)
+        written["figures"].append(Path(args.figure))
+    if args.table or args.figure:
+        print_written(PROG, written)
     return text
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"examples.video_qa.report: error: {e}") from e
+    run_cli(PROG, main)

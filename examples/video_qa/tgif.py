@@ -15,19 +15,33 @@ where the answer is. ``--smoke-test`` runs the pipeline with untrained models of
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..common import resolve_device, save_figure, write_json
-from ..data import DataError, GifQuestion, add_data_dir_argument, decode_gif, load_tgif_qa
+from ..common import (
+    HelpFormatter,
+    device_option,
+    plain_text,
+    positive_int,
+    print_written,
+    progress,
+    resolve_device,
+    run_cli,
+    save_figure,
+    write_json,
+)
+from ..data import GifQuestion, add_data_dir_argument, decode_gif, load_tgif_qa
 from .data import Batch, Vocab, tokenize
 from .model import MODES, ModelConfig, VideoQA
 from .train import load_run
 
-__all__ = ["gif_batch", "main"]
+__all__ = ["gif_batch", "main", "make_parser"]
+
+PROG = "python -m examples.video_qa.tgif"
 
 
 def gif_batch(frames: np.ndarray, question: str, vocab: Vocab) -> Batch:
@@ -51,20 +65,38 @@ def _untrained(questions: list[GifQuestion], seed: int) -> tuple[dict[str, Video
     return models, vocab
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m examples.video_qa.tgif",
-                                description=__doc__.split("\n\n")[1] if __doc__ else None)
-    add_data_dir_argument(p)
-    p.add_argument("--runs", nargs="*", default=[], help="run folders of python -m "
-                   "examples.video_qa (each with best.pt); one panel row per run")
-    p.add_argument("--out-dir", default="runs/video_qa/tgif")
-    p.add_argument("--max-frames", type=int, default=32,
+#: ``--help``'s text: the module docstring after its title, as plain text.
+_DESCRIPTION = plain_text((__doc__ or "").split("\n\n", 1)[-1]).replace("\\mid", "|")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=_DESCRIPTION,
+                                formatter_class=HelpFormatter)
+    add_data_dir_argument(p, "tgif-qa/qa.json and the GIFs it names")
+    p.add_argument("--runs", nargs="*", default=[], metavar="RUN_DIR",
+                   help="run folders of python -m examples.video_qa (each with best.pt); one "
+                        "panel row per run")
+    p.add_argument("--out-dir", default="runs/video_qa/tgif", metavar="DIR",
+                   help="folder for tgif_alignments.png and tgif.json")
+    p.add_argument("--max-frames", type=positive_int, default=32,
                    help="evenly spaced frames kept per GIF")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_option,
+                   help="torch device: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', "
+                        "'cuda:1', ...")
     p.add_argument("--seed", type=int, default=0, help="seed of the untrained smoke-test models")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--smoke-test", action="store_true",
                    help="use untrained models of every mode (no --runs needed)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m examples.video_qa.tgif``: draw and return the alignments (``tgif.json``)."""
+    p = make_parser()
     args = p.parse_args(argv)
+    if not args.runs and not args.smoke_test:
+        p.error("give --runs RUN_DIR... (trained by python -m examples.video_qa), or "
+                "--smoke-test for untrained models")
     device = resolve_device(args.device)
     questions = load_tgif_qa(args.data_dir)
     if args.runs:
@@ -76,14 +108,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "demo needs a model trained on pixels")
             name = res.get("mode", Path(run).name)
             models[name], vocabs[name] = model, vocab
-    elif args.smoke_test:
-        models, vocab = _untrained(questions, args.seed)
-        vocabs = dict.fromkeys(models, vocab)
     else:
-        raise ValueError("give --runs RUN_DIR... (trained by python -m examples.video_qa), or "
-                         "--smoke-test for untrained models")
+        models, vocab = _untrained(questions, args.seed)
+        models = {name: m.to(device) for name, m in models.items()}
+        vocabs = dict.fromkeys(models, vocab)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     import matplotlib
 
@@ -94,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fig, axes = plt.subplots(len(questions) * rows, 1, squeeze=False,
                              figsize=(12, 1.0 * len(questions) * rows + 0.5))
     report: dict[str, Any] = {"questions": []}
-    for i, q in enumerate(questions):
+    bar = progress(questions, desc="GIFs", disable=args.no_progress)
+    for i, q in enumerate(bar):
         thumbs = decode_gif(q.gif, size=48, max_frames=args.max_frames)
         t = thumbs.shape[0]
         ax = axes[i * rows, 0]
@@ -124,16 +154,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                     "argmax_frame": int(prior.argmax()), "known_words": known}
         report["questions"].append(entry)
     fig.tight_layout()
-    save_figure(fig, out_dir / "tgif_alignments.png")
-    write_json(report, out_dir / "tgif.json")
+    bar.close()
+    figure = save_figure(fig, out_dir / "tgif_alignments.png")
+    numbers = write_json(report, out_dir / "tgif.json")
     for e in report["questions"]:
         looks = ", ".join(f"{m}: frame {v['argmax_frame']}" for m, v in e["modes"].items())
         print(f"{e['gif']} ({e['frames']} frames) {e['question']!r}: {looks}")
+    print_written(PROG, {"results": numbers, "figures": [figure]})
     return report
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, ValueError) as e:
-        raise SystemExit(f"examples.video_qa.tgif: error: {e}") from e
+    run_cli(PROG, main)

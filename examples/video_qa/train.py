@@ -14,18 +14,28 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..common import (
+    ExampleError,
     all_reduce_sum,
+    apply_smoke,
     atomic_save,
     check_checkpoint_world,
+    check_resume_options,
     data_parallel,
     example_parser,
     is_main,
+    load_checkpoint,
     log_main,
+    out_dir_guard,
+    positive_float,
+    positive_int,
+    print_written,
     progress,
     replicas_identical,
     resume_or_refuse,
     rng_state,
+    run_cli,
     run_distributed,
+    run_options,
     save_figure,
     set_rng_state,
     shard,
@@ -33,6 +43,7 @@ from ..common import (
 )
 from ..data import DataError
 from .data import (
+    OBJECT,
     Batch,
     Question,
     VideoQAData,
@@ -58,44 +69,80 @@ exact NLL and grounding accuracy (the argmax of the prior, of the exact posterio
 an evidence frame) on the held-out test split; writes results.json, checkpoints and an alignment
 figure. Data parallel with torchrun (gloo on CPU, NCCL on GPUs)."""
 
+PROG = "python -m examples.video_qa"
+
+#: The ``--smoke-test`` settings of the options the user did not give.
 SMOKE = dict(videos=40, batch_size=8, epochs=2, dim=32, embed=16, checkpoint_every=3,
              eval_batch_size=16, figure_questions=2)
 
+#: Options a resumed run may change: how long it trains, how often it checkpoints, how it
+#: evaluates and where the generated data are cached. Every other option must be the one the
+#: checkpoint was written with.
+MAY_CHANGE = ("epochs", "patience", "max_minutes", "checkpoint_every", "eval_batch_size",
+              "figure_questions", "cache_dir")
+
+
+def at_least(low: int) -> Any:
+    """An argparse type: a whole number ``>= low`` (else a usage error saying so)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is less than {low}")
+        return value
+
+    parse.__name__ = f"a whole number >= {low}"
+    return parse
+
 
 def make_parser() -> argparse.ArgumentParser:
-    p = example_parser("python -m examples.video_qa", DESCRIPTION, "runs/video_qa")
+    p = example_parser(PROG, DESCRIPTION, "runs/video_qa")
     p.add_argument("--mode", choices=MODES, default="soft", help="attention mode")
     g = p.add_argument_group("data")
-    g.add_argument("--videos", type=int, default=4000, help="generated videos (80/10/10 split)")
-    g.add_argument("--frames", type=int, default=16, help="frames per generated video")
-    g.add_argument("--size", type=int, default=32, help="side of a generated frame in pixels")
-    g.add_argument("--questions-per-video", type=int, default=4)
+    g.add_argument("--videos", type=positive_int, default=4000,
+                   help="generated videos (80/10/10 split)")
+    g.add_argument("--frames", type=at_least(8), default=16,
+                   help="frames per generated video (at least 8)")
+    g.add_argument("--size", type=at_least(3 * OBJECT + 3), default=32,
+                   help=f"side of a generated frame in pixels (at least {3 * OBJECT + 3})")
+    g.add_argument("--questions-per-video", type=positive_int, default=4,
+                   help="questions drawn per generated video")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the generated data set")
-    g.add_argument("--cache-dir", default=None,
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where generated data sets are cached (default: OUT_DIR/../cache)")
     g.add_argument("--features", default=None, metavar="DIR",
                    help="train on real precomputed features instead: DIR/qa.jsonl and "
                         "DIR/features/ID.npz|.pt (format: examples/video_qa/data.py)")
     g = p.add_argument_group("model")
-    g.add_argument("--dim", type=int, default=128, help="frame, question and hidden size")
-    g.add_argument("--embed", type=int, default=64, help="word and answer embedding size")
-    g.add_argument("--samples", type=int, default=4,
-                   help="REINFORCE samples per question (leave-one-out baseline)")
-    g.add_argument("--segment-len", type=int, default=4, help="frames per two-level segment")
+    g.add_argument("--dim", type=positive_int, default=128,
+                   help="frame, question and hidden size")
+    g.add_argument("--embed", type=positive_int, default=64,
+                   help="word and answer embedding size")
+    g.add_argument("--samples", type=at_least(2), default=4,
+                   help="REINFORCE samples per question (leave-one-out baseline: at least 2)")
+    g.add_argument("--segment-len", type=positive_int, default=4,
+                   help="frames per two-level segment")
     g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=64,
+    g.add_argument("--batch-size", type=positive_int, default=64,
                    help="questions per step (per process under torchrun)")
-    g.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
-    g.add_argument("--clip", type=float, default=5.0, help="gradient-norm clipping")
-    g.add_argument("--epochs", type=int, default=30, help="most epochs")
-    g.add_argument("--patience", type=int, default=8,
+    g.add_argument("--lr", type=positive_float, default=2e-3, help="Adam learning rate")
+    g.add_argument("--clip", type=positive_float, default=5.0,
+                   help="gradient-norm clipping")
+    g.add_argument("--epochs", type=positive_int, default=30,
+                   help="most epochs (a resumed run may raise it)")
+    g.add_argument("--patience", type=positive_int, default=8,
                    help="early stopping: epochs without a better validation accuracy")
-    g.add_argument("--max-minutes", type=float, default=None,
-                   help="stop training after this much training time (then evaluate)")
-    g.add_argument("--checkpoint-every", type=int, default=200,
+    g.add_argument("--max-minutes", type=positive_float, default=None,
+                   help="stop training after this much training time, then evaluate "
+                        "(default: no limit)")
+    g.add_argument("--checkpoint-every", type=positive_int, default=200,
                    help="write the checkpoint every N steps (and after every epoch)")
-    g.add_argument("--eval-batch-size", type=int, default=256)
-    g.add_argument("--figure-questions", type=int, default=6,
+    g.add_argument("--eval-batch-size", type=positive_int, default=256,
+                   help="questions per evaluation batch")
+    g.add_argument("--figure-questions", type=positive_int, default=6,
                    help="test questions in the alignment figure")
     return p
 
@@ -156,19 +203,23 @@ class Trainer:
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "steps": self.steps,
                 "best": self.best, "bad_epochs": self.bad_epochs, "history": self.history,
                 "train_seconds": self.train_seconds, "stopped_early": self.stopped_early,
-                "partial": self.partial,
+                "partial": self.partial, "options": run_options(self.args, MAY_CHANGE),
                 "rng": rng_state(), "world": self.world}
 
     def save(self, path: Path) -> None:
         if is_main():
             atomic_save(self.state(), path)
 
-    def load(self, path: Path) -> None:
-        st = _read_checkpoint(path, self.device)
+    def load(self, path: Path, st: dict[str, Any] | None = None) -> None:
+        """Restore the state saved in ``path`` (``st``: its contents, already read)."""
+        if st is None:
+            st = _read_checkpoint(path, self.device)
+        check_resume_options(st.get("options"), run_options(self.args, MAY_CHANGE), path)
         if st["config"] != self.model.config.as_dict() or st["vocab"] != self.vocab.as_dict():
-            raise ValueError(f"the checkpoint {str(path)!r} was written for {st['config']} and "
-                             f"another data set or options, not {self.model.config.as_dict()}; "
-                             "use the same options, or another --out-dir")
+            raise ExampleError(f"the checkpoint {str(path)!r} was written for {st['config']} "
+                               "and another data set or options, not "
+                               f"{self.model.config.as_dict()}; use the same options, or "
+                               "another --out-dir")
         check_checkpoint_world(st, path, self.world)
         self.model.load_state_dict(st["model"])
         self.optim.load_state_dict(st["optim"])
@@ -182,14 +233,14 @@ class Trainer:
 
 
 def _read_checkpoint(path: Path, device: torch.device | str) -> dict[str, Any]:
-    try:
-        st = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise ValueError(f"cannot read the checkpoint {str(path)!r} ({e}); delete it or choose "
-                         "another --out-dir") from e
+    """The contents of a checkpoint of this program (``checkpoint.pt`` or ``best.pt``).
+
+    :raises ExampleError: naming the file if it is missing, unreadable or another program's.
+    """
+    st = load_checkpoint(path, map_location=device)
     if not isinstance(st, dict) or "model" not in st or "config" not in st or "vocab" not in st:
-        raise ValueError(f"{str(path)!r} is not a checkpoint of examples.video_qa; delete it or "
-                         "choose another --out-dir")
+        raise ExampleError(f"{str(path)!r} is not a checkpoint of examples.video_qa; delete it "
+                           "or choose another --out-dir")
     return st
 
 
@@ -202,14 +253,22 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu"
     run = Path(run_dir)
     path = run / "best.pt"
     if not path.is_file():
-        raise ValueError(f"{str(path)!r} not found: {str(run)!r} is not a finished run of "
-                         "examples.video_qa (train one with python -m examples.video_qa)")
+        raise ExampleError(f"{str(path)!r} not found: {str(run)!r} is not a finished run of "
+                           "examples.video_qa (train one with python -m examples.video_qa)")
     st = _read_checkpoint(path, device)
     model = VideoQA(ModelConfig(**st["config"])).to(device)
     model.load_state_dict(st["model"])
     model.eval()
     res = run / "results.json"
-    results = json.loads(res.read_text()) if res.is_file() else {}
+    results: dict[str, Any] = {}
+    if res.is_file():
+        try:
+            results = json.loads(res.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ExampleError(f"{str(res)!r} is not a results file of examples.video_qa ({e}); "
+                               "run the training again into another --out-dir") from e
+        if not isinstance(results, dict):
+            raise ExampleError(f"{str(res)!r} is not a results file of examples.video_qa")
     return model, Vocab.from_dict(st["vocab"]), results
 
 
@@ -335,14 +394,13 @@ def _thumbnails(frames: Any, evidence: set[int]) -> Any:
     return np.concatenate(out, 1)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m examples.video_qa``: train, evaluate and write the run's files; returns the
+    contents of ``results.json`` (empty on the processes other than rank 0)."""
     parser = make_parser()
-    args = parser.parse_args(argv)
-    if args.smoke_test:  # small settings for the options left at their defaults
-        for k, v in SMOKE.items():
-            if getattr(args, k) == parser.get_default(k):
-                setattr(args, k, v)
-    out: dict[str, Any] = run_distributed(args, _run)
+    args = apply_smoke(parser, parser.parse_args(argv), argv, SMOKE)
+    with out_dir_guard(args.out_dir):
+        out: dict[str, Any] = run_distributed(args, _run)
     return out
 
 
@@ -350,7 +408,13 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
+    results_path, figure_path = out_dir / "results.json", out_dir / "alignments.png"
+    # refuse to overwrite another run, and a resume with other options, before any work
+    saved = None
+    if resume_or_refuse(args.resume, ckpt, [best_path, results_path, figure_path]):
+        saved = _read_checkpoint(ckpt, device)
+        check_resume_options(saved.get("options"), run_options(args, MAY_CHANGE), ckpt)
     # rank 0 generates and caches the data set first; the others then read the cache
     if rank == 0:
         data = load_data(args, out_dir)
@@ -374,11 +438,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         embed=args.embed, samples=args.samples, segment_len=args.segment_len)
     model = VideoQA(config).to(device)
     trainer = Trainer(args, model, data, train, vocab, device, world, rank)
-    ckpt, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
-    if resume_or_refuse(args.resume, ckpt):
-        trainer.load(ckpt)
-        log_main(f"resumed from {ckpt}: epoch {trainer.epoch}, step {trainer.step_in_epoch} of "
-                 f"it, {trainer.steps} steps in all")
+    if saved is not None:
+        trainer.load(ckpt, saved)
+        log_main(_resumed(trainer, ckpt))
     log_main(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.mode}")
     _train(args, trainer, valid, ckpt, best_path)
 
@@ -407,13 +469,31 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         "test": evaluate(model, data, test, vocab, args.eval_batch_size, device),
     }
     alignment_figure({args.mode: model}, data, test[:args.figure_questions], vocab, device,
-                     out_dir / "alignments.png")
-    write_json(results, out_dir / "results.json")
+                     figure_path)
+    write_json(results, results_path)
     t = results["test"]
     ground = ", ".join(f"{k[7:]} {v:.3f}" for k, v in t.items() if k.startswith("ground_"))
     log_main(f"test: accuracy {t['accuracy']:.3f}, NLL {t['nll']:.3f}, grounding ({ground}); "
              f"training {trainer.train_seconds:.0f} s")
+    print_written(PROG, {"results": results_path, "checkpoint": ckpt,
+                         "best model": [best_path] if best_path.is_file() else [],
+                         "figures": [figure_path]})
     return results
+
+
+def _resumed(trainer: Trainer, path: Path) -> str:
+    """The resume message, counting epochs from 1 as the log and the progress bars do."""
+    args = trainer.args
+    done = f"{trainer.steps} steps in all"
+    if trainer.stopped_early:
+        return (f"resumed from {path}: stopped early after epoch {trainer.epoch} ({done}); "
+                "evaluating")
+    if trainer.epoch >= args.epochs:
+        return (f"resumed from {path}: all {args.epochs} epochs done ({done}); evaluating "
+                "(raise --epochs to train more)")
+    batches = len(trainer.epoch_batches(trainer.epoch))
+    return (f"resumed from {path}: epoch {trainer.epoch + 1} of {args.epochs}, "
+            f"{trainer.step_in_epoch} of its {batches} steps done ({done})")
 
 
 def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Question], ckpt: Path,
@@ -483,8 +563,11 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Question]
     trainer.save(ckpt)
 
 
-def cli() -> None:
-    try:
-        main()
-    except (DataError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"examples.video_qa: error: {e}") from e
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line: :func:`main` with one-line errors and a Ctrl-C that says how to
+    resume."""
+    run_cli(PROG, main, argv)
+
+
+if __name__ == "__main__":
+    cli()
