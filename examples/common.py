@@ -605,7 +605,7 @@ def check_checkpoint_world(state: dict[str, Any], path: str | os.PathLike[str],
     wrote = state.get("world", 1)
     if wrote != world:
         raise ExampleError(f"the checkpoint {str(path)!r} was written by {wrote} processes; resume "
-                         f"it with the same number, not {world}")
+                           f"it with the same number, not {world}")
 
 
 def resume_or_refuse(resume: bool, path: str | os.PathLike[str],
