@@ -50,14 +50,18 @@ likelihood). ``--compare-pyro`` trains the same model from the same initial valu
 ``TraceEnum_ELBO`` on the loop form in the same process, and reports its numbers and the speed
 ratio beside ours.
 
-**Files** (in ``--out-dir``): ``checkpoint.pt`` (atomic, every ``--checkpoint-every`` steps;
-``--resume`` continues from it), ``results.json``, ``map_states.png`` (the MAP hidden-state
-sequence over a test piano roll) and ``marginals.png`` (the posterior marginals of the hidden
-state of that piece).
+**Files** (in ``--out-dir``): ``checkpoint_tve.pt`` (and ``checkpoint_pyro.pt`` with
+``--compare-pyro``; atomic, every ``--checkpoint-every`` steps; ``--resume`` continues from them,
+with the same options but for the number of steps, the checkpoint interval, the evaluation batch
+size, the timing repeats, ``--validate`` and ``--compare-pyro``), ``results.json``,
+``map_states.png`` (the MAP hidden-state sequence over a test piano roll) and ``marginals.png``
+(the posterior marginals of the hidden state of that piece). A new run refuses to start over any
+of them.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import time
@@ -80,11 +84,22 @@ from torch import nn
 from plated.pyro import TVE_ELBO, markov_plate, posterior
 
 from .common import (
+    ExampleError,
+    apply_smoke,
+    check_resume_options,
     example_parser,
+    load_checkpoint,
     load_pyro_checkpoint,
     median_ms,
+    out_dir_guard,
+    positive_float,
+    positive_int,
+    print_written,
     progress,
     resolve_device,
+    resume_or_refuse,
+    run_cli,
+    run_options,
     save_figure,
     save_pyro_checkpoint,
     set_seed,
@@ -93,6 +108,9 @@ from .common import (
 from .data import POLYPHONIC, load_polyphonic
 
 __all__ = ["MODELS", "Config", "Music", "main", "negative_log_likelihood"]
+
+#: The program's name in its messages.
+PROG = "python -m examples.music"
 
 ENUM: InferDict = {"enumerate": "parallel"}
 #: The models, in the order of the module docstring.
@@ -104,6 +122,14 @@ FACTORIAL = ("fhmm", "pfhmm")
 #: ``K**2``; the log-depth scan multiplies ``K**2 x K**2`` matrices, ``K**6`` work per step pair,
 #: so on a CPU they get ``K = 6`` (36 joint states).
 DEFAULT_HIDDEN = {"hmm": 16, "arhmm": 16, "fhmm": 6, "pfhmm": 6, "nnhmm": 16, "hmm2": 6}
+#: ``--smoke-test``'s values of the options the user did not give.
+SMOKE = {"steps": 3, "num_sequences": 6, "hidden": 3, "checkpoint_every": 2, "time_repeats": 2}
+#: Options a resumed run may change: how long it trains and how it checkpoints, evaluates and
+#: times; every other option must be the one the checkpoint was written with.
+MAY_CHANGE = ("steps", "checkpoint_every", "eval_batch_size", "time_repeats", "validate",
+              "compare_pyro")
+#: The files of a run in ``--out-dir`` besides the checkpoints.
+RUN_FILES = ("results.json", "map_states.png", "marginals.png")
 
 
 @dataclass(frozen=True)
@@ -353,22 +379,49 @@ def negative_log_likelihood(music: Music, seqs: torch.Tensor, lengths: Sequence[
 # training
 
 
+def _checkpoint_path(out_dir: Path, tag: str) -> Path:
+    return out_dir / f"checkpoint_{tag}.pt"
+
+
+def _check_checkpoint(path: Path, options: dict[str, Any], steps: int) -> int:
+    """Read the checkpoint ``path`` and refuse to resume it with other options than it was
+    written with, or with fewer ``--steps`` than it has done, before anything is built from it.
+
+    :return: the number of steps it has done.
+    :raises ExampleError: naming the file and what differs.
+    """
+    state = load_checkpoint(path, map_location="cpu")
+    extra = state.get("extra") if isinstance(state, dict) else None
+    if not isinstance(extra, dict) or not isinstance(extra.get("step"), int):
+        raise ExampleError(f"{str(path)!r} is not a checkpoint written by examples.music; "
+                           "delete it or choose another --out-dir")
+    check_resume_options(extra.get("run_options"), options, path)
+    done = int(extra["step"])
+    if done > steps:
+        raise ExampleError(f"the checkpoint {str(path)!r} has done {done} steps, more than "
+                           f"--steps {steps}; resume with --steps {done} or more")
+    return done
+
+
 def _train(music: Music, elbo: Any, data: tuple[torch.Tensor, list[int]], args: Any,
-           out_dir: Path, tag: str, vectorized: bool) -> dict[str, Any]:
-    """SVI for ``args.steps`` steps (resuming from ``out_dir/checkpoint_{tag}.pt`` when asked).
+           path: Path, tag: str, vectorized: bool, resume: bool) -> dict[str, Any]:
+    """SVI for ``args.steps`` steps, resuming from the checkpoint ``path`` if ``resume`` (its
+    options already checked by :func:`_check_checkpoint`).
 
     :return: the loss history and the seconds of each step.
     """
     seqs, lengths = data
     optim = Adam({"lr": args.lr})
     svi = SVI(music.model, music.guide, optim, elbo)
-    path = out_dir / f"checkpoint_{tag}.pt"
-    state: dict[str, Any] = {"step": 0, "losses": [], "seconds": [], "epoch_batches": []}
-    if args.resume and path.is_file():
+    state: dict[str, Any] = {"step": 0, "losses": [], "seconds": [], "epoch_batches": [],
+                             "run_options": run_options(args, MAY_CHANGE)}
+    if resume:
         # one traced call registers the guide's and network's parameters before their values
         # are restored
         svi.evaluate_loss(seqs[:1, :lengths[0]], lengths[:1], vectorized=vectorized)
         state = load_pyro_checkpoint(path, optim, map_location=music.device)
+        state["run_options"] = run_options(args, MAY_CHANGE)
+        print(f"resumed from {path}: step {state['step']} of {args.steps}", flush=True)
     gen = torch.Generator().manual_seed(args.seed)
     gen_state = state.get("batch_generator")
     if gen_state is not None:
@@ -411,6 +464,7 @@ def _plots(music: Music, seqs: torch.Tensor, lengths: list[int], out_dir: Path) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     c = music.config
     i = max(range(len(lengths)), key=lambda j: (min(lengths[j], 120), -j))
@@ -434,6 +488,7 @@ def _plots(music: Music, seqs: torch.Tensor, lengths: list[int], out_dir: Path) 
         ax2.step(range(t), w.cpu().numpy(), where="mid", label="w")
     ax2.step(range(t), x.cpu().numpy(), where="mid", label="x")
     ax2.set_ylabel("MAP state")
+    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))  # the states are whole numbers
     ax2.set_xlabel("time step")
     ax2.legend(loc="upper right")
     paths = [str(save_figure(fig, out_dir / "map_states.png"))]
@@ -495,24 +550,28 @@ def side_by_side(music: Music, data: tuple[torch.Tensor, list[int]], batch_size:
             "repeats": repeats, "sequences": len(idx), "padded_steps": max(lens)}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def _parser() -> argparse.ArgumentParser:
     parser = example_parser(
-        "python -m examples.music",
+        PROG,
         "Train the HMM family of the TVE paper on a polyphonic-music data set with TVE_ELBO and "
         "report the exact negative log-likelihood per time step (optionally beside Pyro's "
-        "TraceEnum_ELBO).", out_dir="runs/music")
-    parser.add_argument("--model", choices=MODELS, default="hmm")
-    parser.add_argument("--dataset", choices=list(POLYPHONIC), default="JSB_Chorales")
-    parser.add_argument("--hidden", type=int, default=None,
+        "TraceEnum_ELBO).", out_dir="runs/music", data_example="polyphonic/*.mat")
+    parser.add_argument("--model", choices=MODELS, default="hmm",
+                        help="which hidden Markov model (see the module docstring)")
+    parser.add_argument("--dataset", choices=list(POLYPHONIC), default="JSB_Chorales",
+                        help="which polyphonic-music data set")
+    parser.add_argument("--hidden", type=positive_int, default=None,
                         help="hidden states per chain (default: 16; 6 for fhmm, pfhmm, hmm2)")
-    parser.add_argument("--steps", type=int, default=300, help="SVI steps")
-    parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=256,
+    parser.add_argument("--steps", type=positive_int, default=300, help="SVI steps")
+    parser.add_argument("--lr", type=positive_float, default=0.05, help="Adam learning rate")
+    parser.add_argument("--batch-size", type=positive_int, default=256,
                         help="sequences per SVI step (minibatches of similar lengths)")
-    parser.add_argument("--eval-batch-size", type=int, default=64,
+    parser.add_argument("--eval-batch-size", type=positive_int, default=64,
                         help="sequences per engine call when evaluating")
-    parser.add_argument("--checkpoint-every", type=int, default=25, help="SVI steps")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=25,
+                        help="SVI steps between checkpoints")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="floating dtype of the data and the parameters")
     parser.add_argument("--loop", action="store_true",
                         help="train the pyro.markov loop form instead of the markov_plate form")
     parser.add_argument("--compare-pyro", action="store_true",
@@ -522,28 +581,46 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="keep Pyro's and torch's distribution validation on (off by default: "
                              "it costs time, and in float32 a long run's simplex rows drift past "
                              "its 1e-6 tolerance)")
-    parser.add_argument("--time-repeats", type=int, default=5,
+    parser.add_argument("--time-repeats", type=positive_int, default=5,
                         help="with --compare-pyro: alternating timed loss_and_grads calls of "
                              "each ELBO after training")
-    parser.add_argument("--num-sequences", type=int, default=None,
+    parser.add_argument("--num-sequences", type=positive_int, default=None,
                         help="use the first N sequences of each split (default: all)")
-    args = parser.parse_args(argv)
-    if args.smoke_test:
-        args.steps = min(args.steps, 3)
-        args.num_sequences = min(args.num_sequences or 6, 6)
-        args.hidden = args.hidden or 3
-        args.checkpoint_every = min(args.checkpoint_every, 2)
-        args.time_repeats = min(args.time_repeats, 2)
-    if args.time_repeats < 1:
-        parser.error("--time-repeats must be at least 1")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the program with the command-line arguments ``argv`` (``None``: ``sys.argv[1:]``).
+
+    :return: what it writes to ``results.json``.
+    :raises ExampleError: for a run that would overwrite another (``RunExistsError``) or a
+        checkpoint that cannot be resumed with these options; :class:`DataError` for missing or
+        damaged data (both named in one line by :func:`run_cli`).
+    """
+    parser = _parser()
+    args = apply_smoke(parser, parser.parse_args(argv), argv, SMOKE)
+    args.hidden = args.hidden or DEFAULT_HIDDEN[args.model]  # a resume compares the real value
     if args.threads:
         torch.set_num_threads(args.threads)
     pyro.enable_validation(args.validate)
     device = resolve_device(args.device)
-    dtype = getattr(torch, args.dtype)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with out_dir_guard(args.out_dir) as out_dir:
+        return _run(args, out_dir, device)
 
+
+def _run(args: argparse.Namespace, out_dir: Path, device: torch.device) -> dict[str, Any]:
+    tags = ["tve", "pyro"] if args.compare_pyro else ["tve"]
+    # refuse to overwrite another run, and check every checkpoint before any data are read
+    checkpoints = {tag: _checkpoint_path(out_dir, tag) for tag in tags}
+    others = [_checkpoint_path(out_dir, "pyro"), *(out_dir / f for f in RUN_FILES)]
+    resume_or_refuse(args.resume, checkpoints["tve"], others)
+    options = run_options(args, MAY_CHANGE)
+    resume = {tag: args.resume and path.is_file() for tag, path in checkpoints.items()}
+    for tag, path in checkpoints.items():
+        if resume[tag]:
+            _check_checkpoint(path, options, args.steps)
+
+    dtype = getattr(torch, args.dtype)
     splits: dict[str, tuple[torch.Tensor, list[int]]] = {}
     for split in ("train", "valid", "test"):
         s, lens = load_polyphonic(args.dataset, split, data_dir=args.data_dir, dtype=dtype)
@@ -551,8 +628,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             s, lens = s[:args.num_sequences], lens[:args.num_sequences]
         splits[split] = (s.to(device), lens.tolist())
     steps_total = {k: sum(v[1]) for k, v in splits.items()}
-    config = Config(args.model, args.hidden or DEFAULT_HIDDEN[args.model], splits["train"][0]
-                    .shape[-1])
+    config = Config(args.model, args.hidden, splits["train"][0].shape[-1])
 
     runs: list[tuple[str, Any, bool]] = [("tve", TVE_ELBO(max_plate_nesting=2), not args.loop)]
     if args.compare_pyro:
@@ -568,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         set_seed(args.seed)  # the same initial values for every run
         music = Music(config, device)
         t0 = time.perf_counter()
-        state = _train(music, elbo, splits["train"], args, out_dir, tag, vectorized)
+        state = _train(music, elbo, splits["train"], args, checkpoints[tag], tag, vectorized,
+                       resume[tag])
         train_s = time.perf_counter() - t0
         nll = _evaluate(music, splits, args.eval_batch_size)
         results["runs"][tag] = {
@@ -592,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         TVE_ELBO(max_plate_nesting=2))
         probe_s, probe_l = splits["train"]
         svi_probe.evaluate_loss(probe_s[:1, :probe_l[0]], probe_l[:1])
-        load_pyro_checkpoint(out_dir / "checkpoint_tve.pt", None, map_location=device)
+        load_pyro_checkpoint(checkpoints["tve"], None, map_location=device)
         results["side_by_side"] = side_by_side(music, splits["train"], args.batch_size,
                                                args.time_repeats)
         sbs = results["side_by_side"]
@@ -605,10 +682,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results["figures"] = _plots(music, test_s, test_l, out_dir)
     if not all(math.isfinite(v) for r in results["runs"].values()
                for v in r["nll_per_step"].values()):
-        raise FloatingPointError(f"a negative log-likelihood is not finite: {results['runs']}")
-    write_json(results, out_dir / "results.json")
+        nll = {tag: r["nll_per_step"] for tag, r in results["runs"].items()}
+        raise ExampleError(f"a negative log-likelihood is not finite ({nll}); train with "
+                           "--dtype float64 or a smaller --lr, in another --out-dir")
+    results_path = write_json(results, out_dir / "results.json")
+    print_written(PROG, {"results": results_path,
+                         "checkpoints": [checkpoints[tag] for tag in tags],
+                         "figures": results["figures"]})
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(PROG, main)

@@ -7,31 +7,42 @@
 - The exact negative log-likelihood equals a hand-written forward algorithm, also on Piano-midi's
   longest piece (3,857 steps), which the engine eliminates as a sequential plate.
 - ``--resume`` continues a run exactly, and the script runs end to end (smoke mode).
+
+The program's behaviour as a command (refusing to overwrite a run, one-line errors, validated
+options, smoke defaults that keep explicit options, the resume message, Ctrl-C, the files it
+names, its help) is tested on a small synthetic data file of the same format, so those tests run
+without the real data.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pyro
 import pytest
 import torch
-from helpers import find_data
+from helpers import REPO, assert_one_line_error, real_data, run_example
 from pyro.infer import TraceEnum_ELBO
 
-from examples.data import POLYPHONIC, load_polyphonic
-from examples.music import MODELS, Config, Music, batches, main, negative_log_likelihood
+import examples.music
+from examples.common import ExampleError, load_checkpoint, run_cli
+from examples.data import POLYPHONIC, DataError, load_polyphonic
+from examples.music import MODELS, PROG, Config, Music, batches, main, negative_log_likelihood
 from plated.pyro import TVE_ELBO, posterior
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-DATA = find_data(*(f"polyphonic/{f}" for f in POLYPHONIC.values()))
+POLY = real_data(*(f"polyphonic/{f}" for f in POLYPHONIC.values()))
+DATA = POLY.folder
 
 SPLIT_SIZES = {"JSB_Chorales": (229, 76, 77), "Nottingham": (694, 173, 170),
                "MuseData": (524, 135, 124), "Piano_midi": (87, 12, 25)}
@@ -40,6 +51,7 @@ LONGEST = {"JSB_Chorales": (129, 144, 160), "Nottingham": (1788, 1473, 1793),
            "MuseData": (3457, 3723, 4273), "Piano_midi": (3857, 1637, 2645)}
 
 
+@POLY.needed
 @pytest.mark.parametrize("name", list(SPLIT_SIZES))
 def test_polyphonic_splits(name: str) -> None:
     for split, size, longest in zip(("train", "valid", "test"), SPLIT_SIZES[name], LONGEST[name],
@@ -71,6 +83,7 @@ def _loss_and_grads(elbo: Any, music: Music, seqs: torch.Tensor, lens: list[int]
     return float(loss), grads
 
 
+@POLY.needed
 @pytest.mark.parametrize("model", MODELS)
 def test_forms_and_elbos_agree(model: str) -> None:
     pyro.clear_param_store()
@@ -119,6 +132,7 @@ def _map_values(music: Music, seqs: torch.Tensor, lens: list[int]) -> dict[str, 
     return {k: v.detach() for k, v in music.guide.median().items()}
 
 
+@POLY.needed
 def test_nll_equals_forward_algorithm_on_jsb() -> None:
     pyro.clear_param_store()
     seqs, lengths = load_polyphonic("JSB_Chorales", "valid", data_dir=DATA, dtype=torch.float64)
@@ -130,6 +144,7 @@ def test_nll_equals_forward_algorithm_on_jsb() -> None:
     assert ours == pytest.approx(ref, rel=1e-10)
 
 
+@POLY.needed
 def test_longest_piano_midi_piece_runs_as_a_sequential_plate() -> None:
     pyro.clear_param_store()
     seqs, lengths = load_polyphonic("Piano_midi", "train", data_dir=DATA, dtype=torch.float64)
@@ -160,11 +175,12 @@ def test_batches_cover_every_sequence_once() -> None:
     assert sorted(map(sorted, shuffled)) == sorted(map(sorted, out))
 
 
-def _argv(out: Path, *extra: str) -> list[str]:
-    return ["--smoke-test", "--no-progress", "--data-dir", str(DATA), "--out-dir", str(out),
+def _argv(out: Path, *extra: str, data: Path = DATA) -> list[str]:
+    return ["--smoke-test", "--no-progress", "--data-dir", str(data), "--out-dir", str(out),
             "--batch-size", "4", "--dtype", "float64", *extra]
 
 
+@POLY.needed
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     full = main(_argv(tmp_path / "full", "--steps", "3", "--checkpoint-every", "1"))
     main(_argv(tmp_path / "split", "--steps", "2", "--checkpoint-every", "1"))
@@ -174,12 +190,13 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert len(b["loss_history"]) == 3
     assert b["loss_history"] == pytest.approx(a["loss_history"], rel=1e-12)
     assert b["nll_per_step"] == pytest.approx(a["nll_per_step"], rel=1e-12)
-    with pytest.raises(ValueError, match="not a checkpoint"):
+    with pytest.raises(ExampleError, match="not a checkpoint"):
         (tmp_path / "split" / "checkpoint_tve.pt").write_bytes(b"")
         torch.save({"x": 1}, tmp_path / "split" / "checkpoint_tve.pt")
         main(_argv(tmp_path / "split", "--steps", "3", "--resume"))
 
 
+@POLY.needed
 def test_smoke_run_with_pyro_comparison(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -212,6 +229,7 @@ def test_unknown_model_is_rejected() -> None:
         Config("hmm3")
 
 
+@POLY.needed
 def test_padding_changes_no_map_state() -> None:
     """A short piece decodes the same alone and in a batch padded to a longer piece: past its
     end the chain stays put instead of moving freely. With uninformative emissions and these
@@ -242,3 +260,291 @@ def test_padding_changes_no_map_state() -> None:
                        torch.cat([short, torch.zeros(1, t_long - 10, 88)], dim=1)])
     padded = decode(batch, [t_long, 10])[1, :10]
     assert torch.equal(padded, alone)
+
+
+# ----------------------------------------------------------------------------------------------
+# the program as a command, on a synthetic data file of the real format
+
+
+def _write_fake_data(folder: Path, seed: int = 0) -> Path:
+    """``folder/polyphonic/JSB_Chorales.mat`` with six random piano rolls of 4 to 9 steps per
+    split, as MATLAB cell arrays like the real file; returns ``folder``."""
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    mat = {}
+    for var in ("traindata", "validdata", "testdata"):
+        cells = np.empty((1, 6), dtype=object)
+        for i in range(6):
+            cells[0, i] = (rng.random((int(rng.integers(4, 10)), 88)) < 0.1).astype(np.float64)
+        mat[var] = cells
+    (folder / "polyphonic").mkdir(parents=True)
+    scipy.io.savemat(str(folder / "polyphonic" / "JSB_Chorales.mat"), mat)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_fake_data(tmp_path_factory.mktemp("fake_data"))
+
+
+def _fake_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--smoke-test", "--no-progress", "--threads", "1", "--data-dir", str(data),
+            "--out-dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(fake_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The --out-dir of one finished smoke run (3 steps) on the synthetic data; tests copy it
+    before they change anything."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    main(_fake_argv(fake_data, out))
+    return out
+
+
+def _copy_run(finished_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> SimpleNamespace:
+    """Run the program in this process as ``python -m examples.music`` would (through
+    ``run_cli``): its exit status and output, shaped like a finished ``run_example``."""
+    capsys.readouterr()
+    code = 0
+    try:
+        run_cli(PROG, main, list(argv))
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_truncated_mat_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a synthetic file, so that this runs without the real data; the real file is below
+    data = _write_fake_data(tmp_path / "data")
+    path = data / "polyphonic" / "JSB_Chorales.mat"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=re.escape(str(path)) + ".*truncated or damaged"):
+        load_polyphonic("JSB_Chorales", "train", data_dir=data)
+    r = _cli(capsys, *_fake_argv(data, tmp_path / "out"))
+    assert_one_line_error(r, "examples.music", str(path), "truncated")
+    assert not (tmp_path / "out").exists()
+
+
+@POLY.needed
+def test_truncated_real_mat_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "polyphonic").mkdir()
+    real = (DATA / "polyphonic" / "JSB_Chorales.mat").read_bytes()
+    path = tmp_path / "polyphonic" / "JSB_Chorales.mat"
+    for size in (100, len(real) // 2, len(real) - 10):
+        path.write_bytes(real[:size])
+        with pytest.raises(DataError, match=re.escape(str(path)) + ".*truncated or damaged"):
+            load_polyphonic("JSB_Chorales", "valid", data_dir=tmp_path)
+
+
+def test_second_run_is_refused_and_keeps_the_first(finished_run: Path, fake_data: Path,
+                                                   tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = _copy_run(finished_run, tmp_path)
+    assert {p.name for p in out.iterdir()} == {"checkpoint_tve.pt", "results.json",
+                                               "map_states.png", "marginals.png"}
+    before = _snapshot(out)
+    r = _cli(capsys, *_fake_argv(fake_data, out))
+    assert_one_line_error(r, "examples.music", str(out / "checkpoint_tve.pt"), "--resume")
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("name", ["checkpoint_pyro.pt", "results.json", "map_states.png",
+                                  "marginals.png"])
+def test_any_file_of_a_run_is_refused(name: str, fake_data: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_bytes(b"an earlier run's file")
+    r = _cli(capsys, *_fake_argv(fake_data, out, "--compare-pyro"))
+    assert_one_line_error(r, "examples.music", str(out / name), "--resume")
+    assert [p.name for p in out.iterdir()] == [name]
+    assert (out / name).read_bytes() == b"an earlier run's file"
+
+
+def test_no_data_folder_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "run"
+    r = run_example("examples.music", "--smoke-test", "--out-dir", str(out),
+                    env={"PLATED_DATA": None}, timeout=300)
+    assert_one_line_error(r, "examples.music", "PLATED_DATA", "--data-dir")
+    assert not (tmp_path / "new").exists()
+
+
+def test_wrong_data_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    out = tmp_path / "run"
+    r = _cli(capsys, *_fake_argv(Path("/nonexistent"), out))
+    assert_one_line_error(r, "examples.music", "/nonexistent")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("device", ["cuda", "gpu"])
+def test_unusable_device_is_a_usage_error(device: str, tmp_path: Path, fake_data: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine
+    out = tmp_path / "run"
+    r = _cli(capsys, *_fake_argv(fake_data, out, "--device", device))
+    assert_one_line_error(r, "examples.music", "--device", repr(device), "cpu", usage=True)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--batch-size", "0"), ("--batch-size", "-4"), ("--steps", "-5"), ("--steps", "0"),
+    ("--hidden", "0"), ("--lr", "0"), ("--lr", "-0.1"), ("--eval-batch-size", "0"),
+    ("--checkpoint-every", "0"), ("--time-repeats", "0"), ("--num-sequences", "0"),
+    ("--threads", "0"), ("--steps", "many")])
+def test_bad_numbers_are_usage_errors(option: str, value: str, tmp_path: Path, fake_data: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    r = _cli(capsys, *_fake_argv(fake_data, tmp_path / "run", option, value))
+    assert_one_line_error(r, "examples.music", option, repr(value), usage=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_smoke_test_keeps_explicit_options_and_names_its_files(
+        fake_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    figures: dict[str, Any] = {}
+    real_save = examples.music.save_figure
+
+    def capture(fig: Any, path: Any, *args: Any, **kwargs: Any) -> Path:
+        figures[Path(path).name] = fig
+        return real_save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(examples.music, "save_figure", capture)
+    out = tmp_path / "run"
+    r = _cli(capsys, *_fake_argv(fake_data, out, "--steps", "4", "--num-sequences", "5",
+                                 "--hidden", "4", "--model", "fhmm"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]["tve"]["loss_history"]) == 4 and res["steps"] == 4
+    assert res["num_sequences"] == {"train": 5, "valid": 5, "test": 5}
+    assert res["config"]["hidden"] == 4
+    assert load_checkpoint(out / "checkpoint_tve.pt")["extra"]["step"] == 4
+    written = r.stdout[r.stdout.index("examples.music: wrote"):]
+    for path in ("results.json", "checkpoint_tve.pt", "map_states.png", "marginals.png"):
+        assert str(out / path) in written
+    # the MAP states are whole numbers: so are the ticks of their axis
+    ax2 = figures["map_states.png"].axes[1]
+    assert ax2.get_ylabel() == "MAP state"
+    ticks = list(ax2.get_yticks())
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_map_state_axis_has_whole_number_ticks(fake_data: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With transitions 0 -> 1 -> 2 -> 1 -> 2 ... and uninformative keys the MAP states of a
+    piece alternate between 1 and 2, where matplotlib's default ticks would be 1.0, 1.2, ..."""
+    figures: dict[str, Any] = {}
+    monkeypatch.setattr(examples.music, "save_figure",
+                        lambda fig, path, *a, **k: figures.setdefault(Path(path).name, fig))
+    pyro.clear_param_store()
+    seqs, lengths = load_polyphonic("JSB_Chorales", "test", data_dir=fake_data,
+                                    dtype=torch.float64)
+    lens = lengths.tolist()
+    music = Music(Config("hmm", hidden=3))
+    TVE_ELBO(max_plate_nesting=2).loss(music.model, music.guide, seqs[:1], lens[:1])
+    store = pyro.get_param_store()
+    eps = 1e-4
+    store["AutoDelta.probs_x"] = torch.tensor([[eps, 1 - 2 * eps, eps], [eps, eps, 1 - 2 * eps],
+                                               [eps, 1 - 2 * eps, eps]])
+    store["AutoDelta.probs_y"] = torch.full((3, 88), 0.3)
+    examples.music._plots(music, seqs, lens, tmp_path)  # noqa: SLF001
+    ax2 = figures["map_states.png"].axes[1]
+    states = ax2.get_lines()[0].get_ydata()
+    assert set(states.tolist()) == {1, 2}
+    ticks = list(ax2.get_yticks())
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_resume_says_where_and_refuses_changed_options(
+        finished_run: Path, fake_data: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = _copy_run(finished_run, tmp_path)
+    ckpt = out / "checkpoint_tve.pt"
+    before = _snapshot(out)
+    for changed, needle in ((["--model", "arhmm"], "--model 'hmm' -> 'arhmm'"),
+                            (["--hidden", "5"], "--hidden 3 -> 5"),
+                            (["--lr", "0.1"], "--lr"), (["--dtype", "float64"], "--dtype"),
+                            (["--num-sequences", "4"], "--num-sequences"),
+                            (["--steps", "2"], "--steps 3 or more")):
+        r = _cli(capsys, *_fake_argv(fake_data, out, "--resume", *changed))
+        assert_one_line_error(r, "examples.music", str(ckpt), needle)
+        assert _snapshot(out) == before
+    r = _cli(capsys, *_fake_argv(fake_data, out, "--resume", "--steps", "5",
+                                 "--checkpoint-every", "1", "--eval-batch-size", "2"))
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {ckpt}: step 3 of 5" in r.stdout.splitlines()
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]["tve"]["loss_history"]) == 5
+
+
+def test_damaged_checkpoint_is_named(finished_run: Path, fake_data: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = _copy_run(finished_run, tmp_path)
+    ckpt = out / "checkpoint_tve.pt"
+    real = ckpt.read_bytes()
+    for damaged in (b"garbage, not a checkpoint", real[: len(real) // 2]):
+        ckpt.write_bytes(damaged)
+        r = _cli(capsys, *_fake_argv(fake_data, out, "--resume"))
+        assert_one_line_error(r, "examples.music", str(ckpt), "delete it")
+        assert ckpt.read_bytes() == damaged
+
+
+def test_ctrl_c_keeps_a_resumable_checkpoint(fake_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint_tve.pt"
+    argv = _fake_argv(fake_data, out, "--steps", "100000", "--checkpoint-every", "1")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.Popen([sys.executable, "-m", "examples.music", *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ckpt.is_file() and proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("examples.music: interrupted; the last checkpoint in --out-dir "
+                                "is kept. Continue with: python -m examples.music "), stderr
+    assert lines[-1].endswith(" --resume") and str(out) in lines[-1]
+    done = load_checkpoint(ckpt)["extra"]["step"]
+    assert done >= 1
+    res = main(_fake_argv(fake_data, out, "--steps", str(done + 1), "--resume"))
+    assert len(res["runs"]["tve"]["loss_history"]) == done + 1
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    actions = examples.music._parser()._actions  # noqa: SLF001 - argparse lists them nowhere else
+    assert len(actions) >= 20
+    for action in actions:
+        assert action.help and action.help.strip(), action.option_strings
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":math:" not in text and ":class:" not in text
+    assert "DIR/polyphonic/*.mat" in " ".join(text.split())
+    blocks = re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]
+    assert len(blocks) == len(actions)
+    for block in blocks:
+        assert block.count("(default:") <= 1, block

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 
@@ -51,7 +52,8 @@ def load_polyphonic(name: str = "JSB_Chorales", split: str = "train",
         holding 0/1 (1 = key down), zero past each sequence's end; ``lengths`` a long tensor of
         shape ``(num_sequences,)``.
     :raises DataError: for an unknown name or split (the message lists the valid ones), or a
-        missing folder or file (the message names the path and where the data come from).
+        missing, truncated or malformed folder or file (the message names the path and where the
+        data come from).
     """
     if name not in POLYPHONIC:
         raise DataError(f"unknown polyphonic data set {name!r}; valid names: "
@@ -60,10 +62,19 @@ def load_polyphonic(name: str = "JSB_Chorales", split: str = "train",
         raise DataError(f"unknown split {split!r} of {name}; valid splits: {', '.join(SPLITS)}")
     path = data_file(data_dir, "polyphonic", POLYPHONIC[name])
     import scipy.io  # an optional dependency (the "examples" extra): imported only when needed
+    from scipy.io.matlab import MatReadError
 
     try:
-        rolls = scipy.io.loadmat(str(path))[SPLITS[split]][0]
-    except (KeyError, ValueError, IndexError) as e:
+        mat = scipy.io.loadmat(str(path))
+    except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, MatReadError,
+            zlib.error) as e:
+        # scipy names no file: a truncated download ends in "OSError: could not read bytes"
+        raise DataError(f"cannot read the data file {str(path)!r}: it is truncated or damaged "
+                        f"({type(e).__name__}: {e}); download it again from "
+                        f"{POLYPHONIC_SOURCE}") from e
+    try:
+        rolls = mat[SPLITS[split]][0]
+    except (KeyError, ValueError, IndexError, TypeError) as e:
         raise DataError(f"{str(path)!r} is not a polyphonic-music .mat file with variable "
                         f"{SPLITS[split]!r} ({type(e).__name__}: {e})") from e
     lengths = torch.tensor([r.shape[0] for r in rolls], dtype=torch.long)
