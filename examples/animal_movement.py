@@ -83,7 +83,6 @@ from plated.pyro import TVE_ELBO, markov_plate, posterior
 
 from .common import (
     ExampleError,
-    RunExistsError,
     apply_smoke,
     check_resume_options,
     example_parser,
@@ -657,10 +656,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results_path = out_dir / "results.json"
     figure_paths = [out_dir / "tracks.png", out_dir / "loss.png"]
     resume = resume_or_refuse(args.resume, path, others=[results_path, *figure_paths])
-    if args.resume and not resume and results_path.is_file():
-        raise RunExistsError(f"--resume: there is no checkpoint {str(path)!r} to continue, but "
-                             f"{str(results_path)!r} exists; choose another --out-dir for a new "
-                             "run")
     options = run_options(args, may_change=MAY_CHANGE)
     set_seed(args.seed)
     pyro.clear_param_store()

@@ -614,8 +614,9 @@ def resume_or_refuse(resume: bool, path: str | os.PathLike[str],
 
     :param others: the other files of a run (``results.json``, other checkpoints): a new run
         refuses to start when any of them exists either.
-    :raises RunExistsError: if ``path`` or one of ``others`` exists without ``--resume`` (a new
-        run would overwrite it).
+    :raises RunExistsError: if ``path`` or one of ``others`` exists without ``--resume``, or one
+        of ``others`` exists with ``--resume`` but ``path`` does not (either way a new run would
+        overwrite it).
     """
     exists = Path(path).is_file()
     if not resume:
@@ -623,4 +624,10 @@ def resume_or_refuse(resume: bool, path: str | os.PathLike[str],
             if Path(p).is_file():
                 raise RunExistsError(f"{p} exists: pass --resume to continue that run, or "
                                      "choose another --out-dir")
+    elif not exists:
+        for p in others:
+            if Path(p).is_file():
+                raise RunExistsError(f"{p} exists but there is no checkpoint {path} to resume "
+                                     "from, so a run would overwrite it; choose another "
+                                     "--out-dir")
     return resume and exists

@@ -135,6 +135,8 @@ def test_resume_or_refuse(tmp_path: Path) -> None:
     write_json({"done": True}, results)
     with pytest.raises(RunExistsError, match=r"results\.json exists: pass --resume"):
         resume_or_refuse(False, ckpt, [results])
+    with pytest.raises(RunExistsError, match=r"results\.json exists but there is no checkpoint"):
+        resume_or_refuse(True, ckpt, [results])
     atomic_save({"step": 1}, ckpt)
     with pytest.raises(FileExistsError, match=r"checkpoint\.pt exists"):
         resume_or_refuse(False, ckpt, [results])
