@@ -10,13 +10,17 @@ import itertools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, assert_one_line_error, real_data, run_example
 
+from examples.common import ExampleError
 from examples.data import DataError, load_multi30k
 from examples.translation import report
 from examples.translation.data import (
@@ -29,11 +33,12 @@ from examples.translation.data import (
     shard,
 )
 from examples.translation.model import MODES, ModelConfig, Seq2Seq, greedy_decode
-from examples.translation.train import Trainer, main, make_parser
-from tests.helpers import find_data
+from examples.translation.train import Trainer, cli, main, make_parser, read_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = find_data("multi30k/train.de.gz")
+MULTI30K = real_data(*(f"multi30k/{split}.{lang}.gz" for split in
+                       ("train", "val", "test_2016_flickr") for lang in ("de", "en")))
+DATA = MULTI30K.folder
+PROG = "examples.translation"
 
 
 def _env() -> dict[str, str]:
@@ -46,6 +51,7 @@ def _env() -> dict[str, str]:
 # -- data ------------------------------------------------------------------------------------------
 
 
+@MULTI30K.needed
 def test_multi30k_splits_have_their_sizes_and_aligned_lines() -> None:
     sizes = {"train": 29000, "val": 1014, "test_2016_flickr": 1000}
     for split, n in sizes.items():
@@ -90,14 +96,75 @@ def test_multi30k_errors_name_the_files(tmp_path: Path) -> None:
 
 
 def test_the_cli_without_data_says_where_it_comes_from(tmp_path: Path) -> None:
-    env = _env()
-    env.pop("PLATED_DATA")
-    r = subprocess.run([sys.executable, "-m", "examples.translation", "--smoke-test",
-                        "--out-dir", str(tmp_path)], capture_output=True, text=True, env=env,
-                       cwd=REPO, timeout=120, check=False)
-    assert r.returncode != 0
-    assert "PLATED_DATA is not set" in r.stderr and "multi30k/dataset" in r.stderr
-    assert "Traceback" not in r.stderr
+    """No data folder, or a wrong one: one line that says where the data comes from, and the new
+    --out-dir is not left behind (nor the tokenizer cache beside it)."""
+    out = tmp_path / "new" / "run"
+    r = run_example(PROG, "--smoke-test", "--out-dir", str(out), env={"PLATED_DATA": None},
+                    timeout=300)
+    assert_one_line_error(r, PROG, "PLATED_DATA is not set", "multi30k/dataset", "--data-dir")
+    r = run_example(PROG, "--smoke-test", "--out-dir", str(out), "--data-dir", "/nonexistent",
+                    timeout=300)
+    assert_one_line_error(r, PROG, "'/nonexistent'", "does not exist")
+    (tmp_path / "empty").mkdir()
+    r = run_example(PROG, "--smoke-test", "--out-dir", str(out), "--data-dir",
+                    str(tmp_path / "empty"), timeout=300)
+    assert_one_line_error(r, PROG, str(tmp_path / "empty" / "multi30k" / "train.de.gz"))
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "empty"]
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda"])
+def test_an_unusable_device_is_a_usage_error(device: str, tmp_path: Path) -> None:
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
+    r = run_example(PROG, "--smoke-test", "--device", device, "--out-dir", str(tmp_path / "r"),
+                    timeout=300)
+    assert_one_line_error(r, PROG, "--device", repr(device), "cpu", usage=True)
+    assert not (tmp_path / "r").exists()
+
+
+BAD_OPTIONS = [("--epochs", "-1"), ("--epochs", "0"), ("--batch-size", "0"),
+               ("--batch-size", "-4"), ("--hidden", "0"), ("--hidden", "15"), ("--embed", "0"),
+               ("--layers", "0"), ("--vocab-size", "8"), ("--vocab-size", "x"), ("--beam", "0"),
+               ("--lr", "0"), ("--lr", "-1e-3"), ("--lr-decay", "0"), ("--clip", "-5"),
+               ("--patience", "0"), ("--dropout", "1"), ("--dropout", "-0.1"),
+               ("--max-minutes", "0"), ("--max-minutes", "nan"), ("--checkpoint-every", "0"),
+               ("--k-max", "0"), ("--eval-k-max", "-1"), ("--max-jump", "0"),
+               ("--decay-after", "-1"), ("--max-train-len", "0"), ("--length-penalty", "-1"),
+               ("--max-decode-len", "0"), ("--eval-batch-size", "0"), ("--heatmaps", "0"),
+               ("--max-bytes", "0"), ("--train-pairs", "0"), ("--eval-pairs", "-3"),
+               ("--threads", "0"), ("--test-split", "train")]
+
+
+@pytest.mark.parametrize(("option", "value"), BAD_OPTIONS)
+def test_bad_numbers_are_usage_errors(option: str, value: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--smoke-test", f"{option}={value}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {option}" in err and repr(value) in err, err
+
+
+def test_bad_options_are_one_usage_line_from_the_command() -> None:
+    r = run_example(PROG, "--epochs", "-1", timeout=300)
+    assert_one_line_error(r, PROG, "--epochs", "'-1'", "positive", usage=True)
+    r = run_example(PROG, "--attention", "soft", "--k-max", "3", timeout=300)
+    assert_one_line_error(r, PROG, "--k-max", "--attention soft", usage=True)
+
+
+def test_help_has_text_for_every_option() -> None:
+    text = make_parser().format_help()
+    assert "``" not in text and ":math:" not in text
+    assert "multi30k/{train,val,test_2016_flickr}.{de,en}.gz" in text
+    for action in make_parser()._actions:  # noqa: SLF001 - every option argparse knows
+        assert action.help, action.option_strings
+        assert action.help.count("default") + ("%(default)" in action.help) <= 1
+    # the options a resume may change are named (epilog)
+    assert "--epochs, --max-minutes, --patience" in " ".join(text.split())
+    for line in report.make_parser().format_help().splitlines():
+        assert "``" not in line
+    r = run_example("examples.translation.report", "--help", timeout=300)
+    assert r.returncode == 0 and "RUN_DIR" in r.stdout
 
 
 # -- tokenizer and batches -------------------------------------------------------------------------
@@ -113,6 +180,7 @@ def _tok_texts() -> list[str]:
     return train.src[:3000] + train.tgt[:3000]
 
 
+@MULTI30K.needed
 def test_tokenizer_round_trip_on_unseen_sentences(tok: Tokenizer) -> None:
     val = load_multi30k("val", DATA)
     alphabet = set("".join(_tok_texts())) | {" "}
@@ -351,16 +419,27 @@ def test_resume_reproduces_the_next_steps_loss(mode: str, tmp_path: Path) -> Non
 def test_checkpoint_of_another_configuration_is_refused(tmp_path: Path) -> None:
     a = _trainer("soft")
     a.save(tmp_path / "ckpt.pt")
-    with pytest.raises(ValueError, match="was written for .*'mode': 'soft'.*another --out-dir"):
+    with pytest.raises(ExampleError, match="was written for .*'mode': 'soft'.*another --out-dir"):
         _trainer("marginal").load(tmp_path / "ckpt.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match=r"cannot read the checkpoint .*junk\.pt"):
+    with pytest.raises(ExampleError, match=r"cannot read the checkpoint .*junk\.pt.*damaged"):
         a.load(tmp_path / "junk.pt")
+    data = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ExampleError, match=r"cannot read the checkpoint .*cut\.pt"):
+        a.load(tmp_path / "cut.pt")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ExampleError, match=r"other\.pt.* not a checkpoint of examples.translat"):
+        a.load(tmp_path / "other.pt")
+    b = _trainer("soft")
+    b.load(tmp_path / "ckpt.pt")  # the checkpoint itself is fine
+    assert b.steps == 0
 
 
 # -- end to end ------------------------------------------------------------------------------------
 
 
+@MULTI30K.needed
 @pytest.mark.parametrize("mode", MODES)
 def test_smoke_run_of_every_mode(mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                  ) -> None:
@@ -385,31 +464,137 @@ def test_smoke_run_of_every_mode(mode: str, tmp_path: Path, monkeypatch: pytest.
                                                 rel=1e-9)
 
 
-def test_smoke_cli_resume_and_refusal(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "examples.translation", "--smoke-test", "--attention",
-           "marginal", "--out-dir", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300,
-                       check=False)
+def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+@MULTI30K.needed
+def test_smoke_cli_resume_and_refusal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    args = ["--smoke-test", "--attention", "marginal", "--out-dir", str(run), "--no-progress",
+            "--device", "cpu"]
+    r = run_example(PROG, *args, env={"PLATED_DATA": str(DATA)}, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "test_2016_flickr: PPL" in r.stdout
-    res = json.loads((tmp_path / "run" / "results.json").read_text())
-    rows = report.main([str(tmp_path / "run")]).splitlines()
+    # where it wrote its files
+    wrote = r.stdout[r.stdout.index("examples.translation: wrote"):]
+    for name in ("results.json", "test_2016_flickr.hyp.en", "val.hyp.en",
+                 "test_2016_flickr.kmax2.hyp.en", "alignments.png", "checkpoint.pt", "best.pt"):
+        assert str(run / name) in wrote and (run / name).is_file()
+    res = json.loads((run / "results.json").read_text())
+    rows = report.main([str(run)]).splitlines()
     assert rows[0].startswith("| mode | test PPL | test BLEU | prior entropy | PPL, K-max 2 |")
     t = res["test"]
     assert rows[2].startswith(f"| marginal | {t['ppl']:.2f} | {t['bleu']:.2f} |")
     assert report.main([str(tmp_path)]).splitlines() == rows  # the folder of run folders
+    before = _files(run)
+
+    # a second run into the same folder is refused and leaves the first run's files as they were
+    r = run_example(PROG, *args, env={"PLATED_DATA": str(DATA)}, timeout=600)
+    assert_one_line_error(r, PROG, str(run / "checkpoint.pt"), "pass --resume",
+                          "another --out-dir")
+    # so is a resume with a changed option, named
+    r = run_example(PROG, *args, "--resume", "--lr", "0.01", env={"PLATED_DATA": str(DATA)},
+                    timeout=600)
+    assert_one_line_error(r, PROG, str(run / "checkpoint.pt"), "--lr 0.001 -> 0.01")
+    with pytest.raises(SystemExit) as e:  # the model's options too, before any shape mismatch
+        cli([*args, "--resume", "--hidden", "32"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--hidden 16 -> 32" in err[0], err
+    assert _files(run) == before
+
+    # a damaged checkpoint is named (garbage, and a truncated real one)
+    for what, data in (("garbage", b"\x00garbage"), ("cut", before["checkpoint.pt"][0][:5000])):
+        bad = tmp_path / what
+        bad.mkdir()
+        (bad / "checkpoint.pt").write_bytes(data)
+        with pytest.raises(SystemExit) as e:
+            cli([*args[:3], "--out-dir", str(bad), "--no-progress", "--device", "cpu", "--resume"])
+        assert e.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("examples.translation: error: ") \
+            and str(bad / "checkpoint.pt") in err[0] and "damaged" in err[0], err
+    # report: a folder without results, and a damaged results.json, in one line
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no .*results.json"):
+    with pytest.raises(ExampleError, match="no .*results.json"):
         report.main([str(tmp_path / "empty")])
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300,
-                       check=False)
-    assert r.returncode != 0 and "pass --resume" in r.stderr
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=_env(), cwd=REPO,
-                       timeout=300, check=False)
+    (tmp_path / "garbage" / "results.json").write_text("{not json")
+    r = run_example("examples.translation.report", str(tmp_path / "garbage"), timeout=300)
+    assert_one_line_error(r, "examples.translation.report",
+                          str(tmp_path / "garbage" / "results.json"))
+    (tmp_path / "cut" / "results.json").write_text('{"mode": "soft", "test": {}}')
+    r = run_example("examples.translation.report", str(tmp_path / "cut"), timeout=300)
+    assert_one_line_error(r, "examples.translation.report", "lacks valid", "test.ppl")
+
+    # resuming the finished run trains nothing more and says where it stood
+    r = run_example(PROG, *args, "--resume", env={"PLATED_DATA": str(DATA)}, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "resumed from" in r.stdout and "epoch 1:" not in r.stdout  # nothing left to train
+    assert f"resumed from {run / 'checkpoint.pt'}: training finished after 2 complete epoch(s) " \
+        "of 2, 12 steps in all" in r.stdout
+    assert "epoch 1:" not in r.stdout and "epoch 2:" not in r.stdout
+    assert json.loads((run / "results.json").read_text())["steps"] == 12
 
 
+@MULTI30K.needed
+def test_smoke_test_keeps_explicit_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """--smoke-test --epochs 1 trains one epoch (the smoke configuration has two); the explicit
+    --beam, --eval-k-max and --batch-size are kept too."""
+    monkeypatch.setenv("PLATED_DATA", str(DATA))
+    res = main(["--smoke-test", "--epochs", "1", "--batch-size", "32", "--beam", "1",
+                "--eval-k-max", "0", "--attention", "hard-enum", "--out-dir",
+                str(tmp_path / "run"), "--no-progress", "--device", "cpu"])
+    assert res["epochs"] == 1 and len(res["history"]) == 1
+    assert res["batch_size"] == 32 and res["beam"] == 1 and res["steps"] == 3  # 95 pairs / 32
+    assert not any(k.startswith("test_kmax") for k in res)
+    assert res["config"]["hidden"] == 16  # the smoke value where nothing was given
+    assert "examples.translation: wrote" in capsys.readouterr().out
+
+
+@MULTI30K.needed
+def test_ctrl_c_keeps_a_resumable_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A real SIGINT mid-training: one line with the --resume command, status 130, and the
+    checkpoint written before it continues the run (with a raised --epochs, which may change)."""
+    run = tmp_path / "run"
+    args = ["--smoke-test", "--attention", "soft", "--out-dir", str(run), "--no-progress",
+            "--device", "cpu", "--checkpoint-every", "1", "--epochs", "20"]
+    env = _env()
+    proc = subprocess.Popen([sys.executable, "-m", PROG, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 400
+        while not (run / "checkpoint.pt").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"examples.translation: interrupted; the last checkpoint in --out-dir is "
+                     f"kept. Continue with: python -m {PROG} {' '.join(args)} --resume"], err
+    st = read_checkpoint(run / "checkpoint.pt", torch.device("cpu"))
+    steps = st["steps"]
+    assert 1 <= steps == 6 * st["epoch"] + st["step_in_epoch"]
+    assert not (run / "results.json").exists()
+    # resume: the same options but fewer epochs; it says where it stands, counted as the log
+    epochs = st["epoch"] + 1
+    monkeypatch.setenv("PLATED_DATA", str(DATA))
+    res = main([*args[:-1], str(epochs), "--resume"])
+    text = capsys.readouterr().out
+    assert f"resumed from {run / 'checkpoint.pt'}: epoch {epochs} of {epochs}, step " \
+        f"{st['step_in_epoch']} of 6 of it, {steps} steps in all" in text
+    assert res["steps"] == 6 * epochs and res["epochs"] == epochs
+    assert f"epoch {epochs}:" in text and (run / "results.json").is_file()
+
+
+@MULTI30K.needed
 def test_two_process_gloo_data_parallel_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -433,6 +618,7 @@ def test_help_lists_the_modes() -> None:
     assert isinstance(make_parser().parse_args([]), argparse.Namespace)
 
 
+@MULTI30K.needed
 def test_learning_rate_schedule_and_time_budget(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PLATED_DATA", str(DATA))

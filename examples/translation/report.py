@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "table"]
+from ..common import ExampleError, HelpFormatter, plain_text, run_cli
+
+__all__ = ["main", "make_parser", "read_results", "table"]
 
 #: Row order: the paper's, then the Markov prior.
 ORDER = ("soft", "marginal", "hard-enum", "hard-sample", "variational-enum", "variational-sample",
@@ -50,25 +52,60 @@ def table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m examples.translation.report",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+",
+PROG = "python -m examples.translation.report"
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """One run's ``results.json``.
+
+    :raises ExampleError: if it cannot be parsed or lacks the figures of the table (the message
+        names the file).
+    """
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExampleError(f"cannot read {str(path)!r} ({e}); it is damaged: run that training "
+                           "again, or leave its folder out") from None
+    need = {"mode": (), "test": ("ppl", "bleu", "prior_entropy"), "valid": ("ppl", "bleu"),
+            "epochs": (), "train_seconds": ()}
+    if not isinstance(r, dict):
+        r = {}
+    missing = [k for k in need if k not in r or (need[k] and not isinstance(r[k], dict))]
+    missing += [f"{k}.{sub}" for k, subs in need.items() if isinstance(r.get(k), dict)
+                for sub in subs if sub not in r[k]]
+    if missing:
+        raise ExampleError(f"{str(path)!r} lacks {', '.join(missing)}: it is not a results.json "
+                           "of python -m examples.translation")
+    return dict(r)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=plain_text(__doc__.split("\n\n")[0]),
+                                formatter_class=HelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders (each holding a results.json), or folders of run folders")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Print (and return) the table of the runs ``argv`` names.
+
+    :raises ExampleError: if a folder holds no results.json (nor its sub-folders), or one cannot
+        be read.
+    """
+    args = make_parser().parse_args(argv)
     results = []
     for d in args.runs:
         path = Path(d) / "results.json"
         found = [path] if path.is_file() else sorted(Path(d).glob("*/results.json"))
         if not found:
-            raise SystemExit(f"examples.translation.report: error: no {path} (nor in its "
-                             f"sub-folders); is {d!r} a finished run of python -m "
-                             "examples.translation?")
-        results += [json.loads(f.read_text()) for f in found]
+            raise ExampleError(f"no {path} (nor in its sub-folders); is {d!r} a finished run of "
+                               "python -m examples.translation?")
+        results += [read_results(f) for f in found]
     out = table(results)
     print(out)
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(PROG, main)

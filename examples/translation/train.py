@@ -14,28 +14,41 @@ import torch
 import torch.distributed as dist
 
 from ..common import (
+    ExampleError,
     all_reduce_sum,
+    apply_smoke,
     atomic_save,
     atomic_write_text,
     check_checkpoint_world,
+    check_resume_options,
     data_parallel,
     example_parser,
     is_main,
+    load_checkpoint,
     log_main,
+    nonnegative_float,
+    nonnegative_int,
+    out_dir_guard,
+    positive_float,
+    positive_int,
+    print_written,
+    probability,
     progress,
     replicas_identical,
     resume_or_refuse,
     rng_state,
+    run_cli,
     run_distributed,
+    run_options,
     save_figure,
     set_rng_state,
     write_json,
 )
-from ..data import DataError, load_multi30k
+from ..data import MULTI30K_SPLITS, load_multi30k
 from .data import Batch, Tokenizer, collate, encode_pairs, length_batches, shard
 from .model import MODES, ModelConfig, Seq2Seq, greedy_decode
 
-__all__ = ["Trainer", "main", "make_parser"]
+__all__ = ["Trainer", "cli", "main", "make_parser", "parse_args"]
 
 DESCRIPTION = """\
 Translation with latent alignments (Deng et al., 2018) on Multi30k German->English: a
@@ -48,62 +61,125 @@ exact perplexity and detokenised cased BLEU (sacrebleu) of beam search under the
 the translations, an alignment heatmap and results.json. Data parallel with torchrun (gloo on CPU,
 NCCL on GPUs)."""
 
+PROG = "python -m examples.translation"
+
 SMOKE = dict(vocab_size=200, embed=16, hidden=16, layers=1, batch_size=16, epochs=2,
-             train_pairs=96, eval_pairs=24, beam=2, checkpoint_every=3)
+             train_pairs=96, eval_pairs=24, beam=2, checkpoint_every=3, eval_k_max=2)
+
+#: Options a resumed run may change: when to stop training, how often to checkpoint, and how the
+#: final model is evaluated and decoded (see --resume in the epilog of ``--help``).
+MAY_CHANGE = ("epochs", "max_minutes", "patience", "checkpoint_every", "cache_dir",
+              "eval_batch_size", "eval_k_max", "beam", "length_penalty", "max_decode_len",
+              "test_split", "heatmaps")
+
+EPILOG = ("--resume continues the run in --out-dir with the options it was started with; only "
+          + ", ".join("--" + k.replace("_", "-") for k in MAY_CHANGE)
+          + " may differ (raise --epochs to train on; a run stopped early or by --max-minutes "
+            "stays stopped). Any other change is refused, naming the option.")
+
+
+def vocab_size(text: str) -> int:
+    """argparse type of ``--vocab-size``: a whole number of at least 16 (the special pieces and
+    the single characters need room)."""
+    value = positive_int(text)
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small a vocabulary; use at least 16")
+    return int(value)
+
+
+def even_int(text: str) -> int:
+    """argparse type of ``--hidden``: a positive even number (two encoder directions)."""
+    value = positive_int(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is odd; the LSTM state size must be even (two encoder directions)")
+    return int(value)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = example_parser("python -m examples.translation", DESCRIPTION, "runs/translation")
+    p = example_parser(PROG, DESCRIPTION, "runs/translation",
+                       data_example="multi30k/{train,val,test_2016_flickr}.{de,en}.gz")
+    p.epilog = EPILOG
     p.add_argument("--attention", choices=MODES, default="soft", help="attention mode")
-    p.add_argument("--k-max", type=int, default=None,
-                   help="train with K-max: only the K best positions under the prior")
-    p.add_argument("--eval-k-max", type=int, default=5,
+    p.add_argument("--k-max", type=positive_int, default=None,
+                   help="train with K-max: only the K best positions under the prior "
+                        "(independent alignments only; default: all positions)")
+    p.add_argument("--eval-k-max", type=nonnegative_int, default=5,
                    help="also evaluate (PPL, BLEU) with K-max at this K (0: no)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary")
-    p.add_argument("--cache-dir", default=None,
+    p.add_argument("--vocab-size", type=vocab_size, default=8000,
+                   help="joint BPE vocabulary (at least 16)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where the BPE model is cached (default: OUT_DIR/../cache)")
-    p.add_argument("--embed", type=int, default=256, help="word embedding size")
-    p.add_argument("--hidden", type=int, default=512, help="LSTM state size")
-    p.add_argument("--layers", type=int, default=2, help="LSTM layers (encoder and decoder)")
-    p.add_argument("--dropout", type=float, default=0.3)
-    p.add_argument("--max-jump", type=int, default=4, help="Markov prior: jump-bias range")
-    p.add_argument("--batch-size", type=int, default=64, help="sentence pairs per step "
+    p.add_argument("--embed", type=positive_int, default=256, help="word embedding size")
+    p.add_argument("--hidden", type=even_int, default=512, help="LSTM state size (even)")
+    p.add_argument("--layers", type=positive_int, default=2,
+                   help="LSTM layers (encoder and decoder)")
+    p.add_argument("--dropout", type=probability, default=0.3,
+                   help="dropout probability of the embeddings and LSTM outputs, in [0, 1)")
+    p.add_argument("--max-jump", type=positive_int, default=4,
+                   help="Markov prior: jump-bias range")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="sentence pairs per step "
                    "(per process under torchrun)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--lr-decay", type=float, default=0.5,
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr-decay", type=positive_float, default=0.5,
                    help="learning-rate factor after an epoch that does not improve validation")
-    p.add_argument("--decay-after", type=int, default=None, metavar="N",
+    p.add_argument("--decay-after", type=nonnegative_int, default=None, metavar="N",
                    help="also multiply the learning rate by --lr-decay at the start of every "
-                        "epoch after the first N (a fixed schedule for short budgets)")
-    p.add_argument("--clip", type=float, default=5.0, help="gradient-norm clipping")
-    p.add_argument("--epochs", type=int, default=20, help="most epochs")
-    p.add_argument("--patience", type=int, default=3,
+                        "epoch after the first N (a fixed schedule for short budgets; default: "
+                        "no fixed schedule)")
+    p.add_argument("--clip", type=positive_float, default=5.0, help="gradient-norm clipping")
+    p.add_argument("--epochs", type=positive_int, default=20, help="most epochs")
+    p.add_argument("--patience", type=positive_int, default=3,
                    help="early stopping: epochs without a better validation perplexity")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop training after this much training time (then evaluate)")
-    p.add_argument("--max-train-len", type=int, default=80,
+    p.add_argument("--max-minutes", type=positive_float, default=None,
+                   help="stop training after this much training time (then evaluate; "
+                        "default: no limit)")
+    p.add_argument("--max-train-len", type=positive_int, default=80,
                    help="leave out training pairs longer than this many subwords")
-    p.add_argument("--checkpoint-every", type=int, default=200,
+    p.add_argument("--checkpoint-every", type=positive_int, default=200, metavar="N",
                    help="write the checkpoint every N steps (and after every epoch)")
-    p.add_argument("--beam", type=int, default=5, help="beam size at test time")
-    p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty")
-    p.add_argument("--max-decode-len", type=int, default=100)
-    p.add_argument("--eval-batch-size", type=int, default=100)
-    p.add_argument("--test-split", default="test_2016_flickr")
-    p.add_argument("--heatmaps", type=int, default=3,
+    p.add_argument("--beam", type=positive_int, default=5,
+                   help="beam size at test time (1: greedy decoding)")
+    p.add_argument("--length-penalty", type=nonnegative_float, default=0.0,
+                   help="GNMT length penalty (0: none)")
+    p.add_argument("--max-decode-len", type=positive_int, default=100,
+                   help="most subwords of a translation")
+    p.add_argument("--eval-batch-size", type=positive_int, default=100,
+                   help="sentence pairs per batch when evaluating and decoding")
+    p.add_argument("--test-split", default="test_2016_flickr",
+                   choices=[s for s in MULTI30K_SPLITS if s != "train"],
+                   help="the Multi30k split the test figures are measured on")
+    p.add_argument("--heatmaps", type=positive_int, default=3,
                    help="validation sentences in the alignment figure")
-    p.add_argument("--max-bytes", type=int, default=256,
+    p.add_argument("--max-bytes", type=positive_int, default=256,
                    help="MiB cap of the per-alignment output layer's chunks")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms (slower; CUDA needs "
                         "CUBLAS_WORKSPACE_CONFIG=:4096:8)")
     p.add_argument("--no-tf32", action="store_true",
-                   help="full float32 matrix products on GPUs (default: TF32)")
-    p.add_argument("--train-pairs", type=int, default=None,
-                   help="use only the first N training pairs (debugging)")
-    p.add_argument("--eval-pairs", type=int, default=None,
-                   help="use only the first N validation and test pairs (debugging)")
+                   help="full float32 matrix products on GPUs (without it: TF32)")
+    p.add_argument("--train-pairs", type=positive_int, default=None, metavar="N",
+                   help="use only the first N training pairs (debugging; default: all)")
+    p.add_argument("--eval-pairs", type=positive_int, default=None, metavar="N",
+                   help="use only the first N validation and test pairs (debugging; "
+                        "default: all)")
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of ``argv``, with the smoke configuration filled in where not given, checked
+    together (usage errors, exit status 2)."""
+    parser = make_parser()
+    args = apply_smoke(parser, parser.parse_args(argv), argv, SMOKE)
+    if args.k_max is not None and args.attention in ("soft", "markov", "variational-markov"):
+        parser.error(f"--k-max restricts an independent latent alignment; it does not apply to "
+                     f"--attention {args.attention}")
+    return args
+
+
+#: What :meth:`Trainer.state` saves (``options`` too, since run options were recorded).
+CHECKPOINT_KEYS = ("model", "optim", "config", "epoch", "step_in_epoch", "steps", "best_ppl",
+                   "bad_epochs", "history", "train_seconds", "done", "rng")
 
 
 class Trainer:
@@ -151,25 +227,27 @@ class Trainer:
                 "step_in_epoch": self.step_in_epoch, "steps": self.steps,
                 "best_ppl": self.best_ppl, "bad_epochs": self.bad_epochs,
                 "history": self.history, "train_seconds": self.train_seconds,
-                "done": self.done, "rng": rng_state(), "world": self.world}
+                "done": self.done, "rng": rng_state(), "world": self.world,
+                "options": run_options(self.args, MAY_CHANGE)}
 
     def save(self, path: Path) -> None:
         if is_main():
             atomic_save(self.state(), path)
 
     def load(self, path: Path) -> None:
-        try:
-            st = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise ValueError(f"cannot read the checkpoint {str(path)!r} ({e}); delete it or "
-                             "choose another --out-dir") from e
-        if not isinstance(st, dict) or "model" not in st or "config" not in st:
-            raise ValueError(f"{str(path)!r} is not a checkpoint of examples.translation; delete "
-                             "it or choose another --out-dir")
+        """Restore the state saved in the checkpoint ``path``.
+
+        :raises ExampleError: if the file cannot be read, is not a checkpoint of this program, or
+            was written for another model configuration (the message names the file).
+        """
+        self.restore(read_checkpoint(path, self.device), path)
+
+    def restore(self, st: dict[str, Any], path: Path) -> None:
+        """Restore the state ``st`` read from the checkpoint ``path`` (see :meth:`load`)."""
         if st["config"] != self.model.config.as_dict():
-            raise ValueError(f"the checkpoint {str(path)!r} was written for {st['config']}, not "
-                             f"{self.model.config.as_dict()}; use the same options, or another "
-                             "--out-dir")
+            raise ExampleError(f"the checkpoint {str(path)!r} was written for {st['config']}, not "
+                               f"{self.model.config.as_dict()}; use the same options, or another "
+                               "--out-dir")
         check_checkpoint_world(st, path, self.world)
         self.model.load_state_dict(st["model"])
         self.optim.load_state_dict(st["optim"])
@@ -177,6 +255,21 @@ class Trainer:
                   "train_seconds", "done"):
             setattr(self, k, st[k])
         set_rng_state(st["rng"])
+
+
+def read_checkpoint(path: Path, device: torch.device, keys: Sequence[str] = CHECKPOINT_KEYS
+                    ) -> dict[str, Any]:
+    """The checkpoint ``path`` (``checkpoint.pt``, or ``best.pt`` with ``keys=("model",
+    "config")``) as a dict.
+
+    :raises ExampleError: if the file is missing, damaged or not a checkpoint of this program
+        (the message names the file).
+    """
+    st = load_checkpoint(path, map_location=device)
+    if not isinstance(st, dict) or not set(keys) <= st.keys():
+        raise ExampleError(f"{str(path)!r} is not a checkpoint of examples.translation; delete "
+                           "it or choose another --out-dir")
+    return st
 
 
 def evaluate(model: Seq2Seq, pairs: Sequence[Any], batch_size: int, device: torch.device,
@@ -259,13 +352,16 @@ def alignment_figure(model: Seq2Seq, tok: Tokenizer, pairs: Sequence[Any], n: in
     save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = make_parser().parse_args(argv)
-    if args.smoke_test:
-        for k, v in SMOKE.items():
-            setattr(args, k, v)
-        args.eval_k_max = min(args.eval_k_max, 2) if args.eval_k_max else 0
-    out: dict[str, Any] = run_distributed(args, _run)
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate as the command line ``argv`` (``None``: ``sys.argv[1:]``) says; returns
+    the results (``{}`` on the processes other than rank 0 of a data-parallel run).
+
+    :raises ExampleError: for a missing or unreadable data set or checkpoint, another run's files
+        in ``--out-dir`` without ``--resume``, or a resume with changed options.
+    """
+    args = parse_args(argv)
+    with out_dir_guard(args.out_dir):
+        out: dict[str, Any] = run_distributed(args, _run)
     return out
 
 
@@ -278,8 +374,14 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir.parent / "cache"
+    ckpt, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
+    # refuse a second run into the same folder, and a resume with other options, before any work
+    saved: dict[str, Any] | None = None
+    if resume_or_refuse(args.resume, ckpt, others=[best_path, out_dir / "results.json"]):
+        saved = read_checkpoint(ckpt, device)
+        check_resume_options(saved.get("options"), run_options(args, MAY_CHANGE), ckpt)
+        check_checkpoint_world(saved, ckpt, world)
 
     train_raw = load_multi30k("train", args.data_dir)
     valid_raw = load_multi30k("val", args.data_dir)
@@ -303,8 +405,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     valid = encode_pairs(tok, valid_raw.src, valid_raw.tgt)
     test = encode_pairs(tok, test_raw.src, test_raw.tgt)
     log_main(f"Multi30k de->en: {len(train)} training pairs (of {len(train_all)}), {len(valid)} "
-         f"valid, {len(test)} {args.test_split}; {tok.vocab_size} joint BPE subwords; "
-         f"{world} process(es) on {device}")
+             f"valid, {len(test)} {args.test_split}; {tok.vocab_size} joint BPE subwords; "
+             f"{world} process(es) on {device}")
 
     config = ModelConfig(vocab_size=tok.vocab_size, mode=args.attention, embed=args.embed,
                          hidden=args.hidden, layers=args.layers, dropout=args.dropout,
@@ -312,11 +414,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
                          max_bytes=args.max_bytes * 2**20)
     model = Seq2Seq(config).to(device)
     trainer = Trainer(args, model, train, device, world, rank)
-    ckpt, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
-    if resume_or_refuse(args.resume, ckpt):
-        trainer.load(ckpt)
-        log_main(f"resumed from {ckpt}: epoch {trainer.epoch}, step {trainer.step_in_epoch} of it, "
-             f"{trainer.steps} steps in all")
+    if saved is not None:
+        trainer.restore(saved, ckpt)
+        log_main(f"resumed from {ckpt}: {resume_position(trainer)}")
     log_main(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.attention}")
 
     _train(args, trainer, valid, device, ckpt, best_path)
@@ -325,10 +425,36 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     if rank != 0:
         return {}
     if best_path.is_file():
-        model.load_state_dict(torch.load(best_path, map_location=device,
-                                         weights_only=True)["model"])
-    return _final(args, model, tok, trainer, valid, test, valid_raw, test_raw, device, out_dir,
-                  identical)
+        model.load_state_dict(read_checkpoint(best_path, device, ("model", "config"))["model"])
+    results = _final(args, model, tok, trainer, valid, test, valid_raw, test_raw, device,
+                     out_dir, identical)
+    print_written(PROG, {"results": out_dir / "results.json",
+                         "translations": translation_files(args, out_dir, results),
+                         "figures": [out_dir / "alignments.png"],
+                         "checkpoints": [ckpt, best_path]})
+    return results
+
+
+def translation_files(args: argparse.Namespace, out_dir: Path, results: dict[str, Any]
+                      ) -> list[Path]:
+    """The translation files :func:`_final` wrote."""
+    files = [out_dir / f"{args.test_split}.hyp.en", out_dir / "val.hyp.en"]
+    if f"test_kmax{args.eval_k_max}" in results:
+        files.append(out_dir / f"{args.test_split}.kmax{args.eval_k_max}.hyp.en")
+    return files
+
+
+def resume_position(trainer: Trainer) -> str:
+    """Where a resumed run stands, counted as the log counts: epochs from 1, and the steps of the
+    epoch being trained already taken (as its progress bar starts)."""
+    epochs, done = trainer.args.epochs, trainer.steps
+    if trainer.done or trainer.epoch >= epochs:
+        why = "stopped early" if trainer.done and trainer.epoch < epochs else "finished"
+        return (f"training {why} after {trainer.epoch} complete epoch(s) of {epochs}, {done} "
+                "steps in all; evaluating")
+    per_epoch = len(trainer.epoch_batches(trainer.epoch))
+    return (f"epoch {trainer.epoch + 1} of {epochs}, step {trainer.step_in_epoch} of "
+            f"{per_epoch} of it, {done} steps in all")
 
 
 def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Any],
@@ -395,7 +521,6 @@ def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Any],
             log_main(f"training-time budget of {args.max_minutes} min reached")
             trainer.done = True
         trainer.save(ckpt)
-    trainer.done = True
     trainer.save(ckpt)
 
 
@@ -448,8 +573,6 @@ def _final(args: argparse.Namespace, model: Seq2Seq, tok: Tokenizer, trainer: Tr
     return results
 
 
-def cli() -> None:
-    try:
-        main()
-    except (DataError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"examples.translation: error: {e}") from e
+def cli(argv: Sequence[str] | None = None) -> None:
+    """``python -m examples.translation``: :func:`main` with one-line errors (:func:`run_cli`)."""
+    run_cli(PROG, main, argv)
