@@ -73,15 +73,15 @@ def test_number_error_message(capsys: pytest.CaptureFixture[str]) -> None:
     assert "argument --epochs: '-1' is not a positive whole number" in err
 
 
-def test_device_option() -> None:
+def test_device_option(monkeypatch: pytest.MonkeyPatch) -> None:
     assert device_option("auto") == "auto" and device_option("cpu") == "cpu"
     with pytest.raises(argparse.ArgumentTypeError, match="'gpu' is not a torch device; use auto"):
         device_option("gpu")
     with pytest.raises(ExampleError, match="--device 'gpu' is not a torch device"):
         resolve_device("gpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(argparse.ArgumentTypeError, match="sees no CUDA device.*--device cpu"):
-            device_option("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    with pytest.raises(argparse.ArgumentTypeError, match="sees no CUDA device.*--device cpu"):
+        device_option("cuda:1")
     assert resolve_device("cpu") == torch.device("cpu")
 
 

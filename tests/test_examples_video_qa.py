@@ -1048,10 +1048,10 @@ def test_input_errors_are_one_line_and_leave_no_folder(tmp_path: Path) -> None:
     r = run_example("examples.video_qa", "--device", "gpu", "--out-dir", str(new))
     assert_one_line_error(r, "examples.video_qa", "--device", "'gpu'", "use auto, cpu",
                           usage=True)
-    if not torch.cuda.is_available():
-        r = run_example("examples.video_qa", "--device", "cuda", "--out-dir", str(new))
-        assert_one_line_error(r, "examples.video_qa", "--device", "no CUDA device",
-                              "--device cpu", usage=True)
+    r = run_example("examples.video_qa", "--device", "cuda", "--out-dir", str(new),
+                    env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU visible, also on a GPU machine
+    assert_one_line_error(r, "examples.video_qa", "--device", "no CUDA device",
+                          "--device cpu", usage=True)
     tgif_out = tmp_path / "tgif"
     r = run_example("examples.video_qa.tgif", "--smoke-test", "--out-dir", str(tgif_out),
                     env={"PLATED_DATA": None})
