@@ -57,13 +57,22 @@ def _all_sources() -> str:
     return "; ".join(f"{k}/: {v}" for k, v in SOURCES.items())
 
 
-def data_dir(arg: str | os.PathLike[str] | None = None) -> Path:
+def data_dir(arg: str | os.PathLike[str] | None = None, dataset: str | None = None,
+             example: str | None = None) -> Path:
     """The data folder: ``arg`` (the ``--data-dir`` option) if given, else ``$PLATED_DATA``.
 
+    :param dataset: the data set wanted (a key of :data:`SOURCES`), so that an error says where
+        that one comes from (default: every data set's origin).
+    :param example: a file the folder should hold, for the error's advice (e.g.
+        ``"multi30k/train.de.gz"``).
     :raises DataError: if neither is set, or the folder does not exist; the message names the path
-        looked at, where each data set comes from and how to point at them.
+        looked at, where the data come from and how to point at them.
     """
-    point = how_to_point("polyphonic/JSB_Chorales.mat, seals/sesData.csv, sst/train.txt etc.")
+    point = how_to_point(example or "polyphonic/JSB_Chorales.mat, seals/sesData.csv, "
+                                    "sst/train.txt and the other data sets")
+    point = point[0].upper() + point[1:]
+    origin = (f"The data set {dataset}/ comes from {SOURCES[dataset]}" if dataset in SOURCES
+              else f"The data sets come from: {_all_sources()}")
     if arg is not None and str(arg) != "":
         path, source = Path(arg).expanduser(), "--data-dir"
     else:
@@ -71,12 +80,12 @@ def data_dir(arg: str | os.PathLike[str] | None = None) -> Path:
         if not env:
             raise DataError(
                 f"no data folder: --data-dir was not given and {DATA_ENV} is not set. {point}. "
-                f"The data sets come from: {_all_sources()}")
+                f"{origin}")
         path, source = Path(env).expanduser(), f"${DATA_ENV}"
     if not path.is_dir():
         raise DataError(
             f"data folder {str(path)!r} (from {source}) does not exist or is not a folder. "
-            f"{point}. The data sets come from: {_all_sources()}")
+            f"{point}. {origin}")
     return path
 
 
@@ -86,7 +95,7 @@ def data_file(folder: str | os.PathLike[str] | None, dataset: str, name: str) ->
     :raises DataError: if the data folder or the file is missing; the message names the path,
         where the file comes from and how to point at it.
     """
-    path = data_dir(folder) / dataset / name
+    path = data_dir(folder, dataset, f"{dataset}/{name}") / dataset / name
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} not found. It is one of {SOURCES[dataset]}; "
                         f"{how_to_point(f'{dataset}/{name}')}")
