@@ -214,3 +214,33 @@ def assert_one_line_error(result: Any, module: str, *needles: str, usage: bool =
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
+
+
+def interrupt_run(command: Sequence[str], checkpoint: Path, env: Mapping[str, str],
+                  settle: float = 0.0, wait: float = 400) -> tuple[int, str, str]:
+    """Start ``command`` (a training program) from the repository root, wait until it has written
+    ``checkpoint``, let it run ``settle`` seconds more, then send it a real SIGINT (Ctrl-C).
+
+    :return: its exit status, stdout and stderr. It is killed if it does not end in two minutes.
+    :raises AssertionError: if it ends, or writes no checkpoint within ``wait`` seconds, first.
+    """
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(list(command), cwd=REPO, env=dict(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + wait
+        while not checkpoint.is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(settle)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err

@@ -19,10 +19,7 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +29,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from helpers import assert_one_line_error, real_data, run_example
+from helpers import assert_one_line_error, interrupt_run, real_data, run_example
 from pyro.infer import TraceEnum_ELBO
 
 from examples.animal_movement import (
@@ -723,22 +720,10 @@ def test_ctrl_c_keeps_a_resumable_checkpoint(tmp_path: Path,
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     argv = _argv(tmp_path, "--steps", "100000", "--checkpoint-every", "1")
-    proc = subprocess.Popen([sys.executable, "-m", PROG, *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     path = tmp_path / "checkpoint.pt"
-    try:
-        deadline = time.monotonic() + 240
-        while not path.is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert path.is_file(), proc.poll()
-        time.sleep(0.5)  # in the middle of training
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, (out, err)
+    code, out, err = interrupt_run([sys.executable, "-m", PROG, *argv],
+                                   path, env, settle=0.5)
+    assert code == 130, (out, err)
     assert "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.strip()]
     assert line.startswith(f"{PROG}: interrupted; the last checkpoint in --out-dir is kept. "

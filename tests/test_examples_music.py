@@ -20,10 +20,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,7 +30,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from helpers import REPO, assert_one_line_error, real_data, run_example
+from helpers import REPO, assert_one_line_error, interrupt_run, real_data, run_example
 from pyro.infer import TraceEnum_ELBO
 
 import examples.music
@@ -508,20 +506,9 @@ def test_ctrl_c_keeps_a_resumable_checkpoint(fake_data: Path, tmp_path: Path) ->
     argv = _fake_argv(fake_data, out, "--steps", "100000", "--checkpoint-every", "1")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.Popen([sys.executable, "-m", "examples.music", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert ckpt.is_file() and proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, (stdout, stderr)
+    code, stdout, stderr = interrupt_run([sys.executable, "-m", "examples.music", *argv],
+                                         ckpt, env, settle=0.0)
+    assert code == 130, (stdout, stderr)
     assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("examples.music: interrupted; the last checkpoint in --out-dir "

@@ -22,10 +22,8 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,7 +31,7 @@ from typing import Any, NamedTuple
 import pyro
 import pytest
 import torch
-from helpers import assert_one_line_error, real_data, run_example
+from helpers import assert_one_line_error, interrupt_run, real_data, run_example
 from pyro.infer import TraceEnum_ELBO
 
 from examples.common import ExampleError, RunExistsError, run_cli
@@ -652,21 +650,9 @@ def test_interrupt_keeps_a_resumable_checkpoint(tmp_path: Path,
     argv = [*_argv(folder, "--checkpoint-every", "2", "--patience", "0"), "--steps", "100000"]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.Popen([sys.executable, "-m", MODULE, "--threads", "1", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=REPO)
-    try:
-        deadline = time.monotonic() + 240
-        while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert checkpoint.is_file(), proc.poll()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, (out, err)
+    code, out, err = interrupt_run([sys.executable, "-m", MODULE, "--threads", "1", *argv],
+                                   checkpoint, env, settle=0.0)
+    assert code == 130, (out, err)
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("examples.sentiment: interrupted; the last checkpoint in --out-dir "

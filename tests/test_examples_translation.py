@@ -10,15 +10,13 @@ import itertools
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, assert_one_line_error, real_data, run_example
+from helpers import REPO, assert_one_line_error, interrupt_run, real_data, run_example
 
 from examples.common import ExampleError
 from examples.data import DataError, load_multi30k
@@ -560,20 +558,9 @@ def test_ctrl_c_keeps_a_resumable_checkpoint(tmp_path: Path, monkeypatch: pytest
     args = ["--smoke-test", "--attention", "soft", "--out-dir", str(run), "--no-progress",
             "--device", "cpu", "--checkpoint-every", "1", "--epochs", "20"]
     env = _env()
-    proc = subprocess.Popen([sys.executable, "-m", PROG, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 400
-        while not (run / "checkpoint.pt").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, out + err
+    code, out, err = interrupt_run([sys.executable, "-m", PROG, *args],
+                                   run / "checkpoint.pt", env, settle=0.0)
+    assert code == 130, out + err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == [f"examples.translation: interrupted; the last checkpoint in --out-dir is "

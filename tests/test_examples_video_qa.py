@@ -10,17 +10,15 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, real_data, run_example
+from helpers import assert_one_line_error, interrupt_run, real_data, run_example
 from scipy import ndimage
 from torch import Tensor
 
@@ -1112,22 +1110,10 @@ def test_ctrl_c_keeps_a_resumable_checkpoint(tmp_path: Path) -> None:
             "--cache-dir", str(cache)] + QUIET
     env = _env()
     env.pop("PLATED_DATA", None)
-    proc = subprocess.Popen([sys.executable, "-m", "examples.video_qa", *argv], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = out / "checkpoint.pt"
-    try:
-        deadline = time.monotonic() + 300
-        while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # a few more steps and checkpoints
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, (stdout, stderr)
+    code, stdout, stderr = interrupt_run([sys.executable, "-m", "examples.video_qa", *argv],
+                                         ckpt, env, settle=0.5)
+    assert code == 130, (stdout, stderr)
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines == ["examples.video_qa: interrupted; the last checkpoint in --out-dir is kept. "
