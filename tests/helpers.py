@@ -54,7 +54,8 @@ def real_data(*files: str) -> RealData:
     missing = [f for f in files if folder is None or not (folder / f).is_file()]
     if not missing:
         assert folder is not None
-        return RealData(folder, True, pytest.mark.skipif(False, reason="data present"))
+        # the data are here: the mark's condition is false, so it never skips
+        return RealData(folder, True, pytest.mark.skipif(False, reason="the data are present"))
     sets = sorted({f.split("/")[0] for f in missing})
     origin = "; ".join(f"{s}/ comes from {SOURCES[s]}" if s in SOURCES else s for s in sets)
     where = (f"{DATA_ENV} is not set" if folder is None

@@ -11,7 +11,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -53,9 +55,10 @@ from examples.common import (
     (positive_float, {"0.5": 0.5, "3": 3.0}, ["0", "-1e-3", "nan", "x"]),
     (probability, {"0": 0.0, "0.3": 0.3}, ["1", "1.5", "-0.1", "nan"]),
 ])
-def test_number_types(kind: object, good: dict[str, float], bad: list[str]) -> None:
+def test_number_types(kind: Callable[[str], Any], good: dict[str, float], bad: list[str]
+                      ) -> None:
     parser = argparse.ArgumentParser(prog="prog")
-    parser.add_argument("--n", type=kind)  # type: ignore[arg-type]
+    parser.add_argument("--n", type=kind)
     for text, value in good.items():
         assert parser.parse_args(["--n", text]).n == value
     for text in bad:
@@ -221,8 +224,8 @@ def test_out_dir_guard(tmp_path: Path) -> None:
 
 
 def test_run_cli_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    def fails(exc: BaseException) -> object:
-        def main(argv: object) -> None:
+    def fails(exc: BaseException) -> Callable[[Sequence[str] | None], None]:
+        def main(argv: Sequence[str] | None) -> None:
             raise exc
         return main
 
@@ -231,18 +234,18 @@ def test_run_cli_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
              ValueError("bad value")]
     for exc in cases:
         with pytest.raises(SystemExit) as e:
-            run_cli("python -m examples.x", fails(exc), [])  # type: ignore[arg-type]
+            run_cli("python -m examples.x", fails(exc), [])
         assert e.value.code == 1
         err = capsys.readouterr().err
         assert err == f"examples.x: error: {exc}\n"
     with pytest.raises(SystemExit) as e:
-        run_cli("python -m examples.x", fails(KeyboardInterrupt()), ["--steps", "9"])  # type: ignore[arg-type]
+        run_cli("python -m examples.x", fails(KeyboardInterrupt()), ["--steps", "9"])
     assert e.value.code == 130
     assert capsys.readouterr().err == (
         "examples.x: interrupted; the last checkpoint in --out-dir is kept. Continue with: "
         "python -m examples.x --steps 9 --resume\n")
     with pytest.raises(RuntimeError):  # a bug keeps its traceback
-        run_cli("python -m examples.x", fails(RuntimeError("bug")), [])  # type: ignore[arg-type]
+        run_cli("python -m examples.x", fails(RuntimeError("bug")), [])
 
 
 def test_print_written(capsys: pytest.CaptureFixture[str]) -> None:
