@@ -1,9 +1,13 @@
 """Exceptions raised by :mod:`plated`.
 
-Every error names the offending factor, dimension, variable or plate and says what to do.
+Every error names the offending factor, dimension, variable or plate and says what to do. Errors
+that an outer layer re-words carry their facts as attributes (see :class:`IntractableError`), so
+the outer layer re-wraps them without parsing their text.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 __all__ = ["PlatedError", "GraphError", "IntractableError", "MemoryCapError"]
 
@@ -26,7 +30,42 @@ class IntractableError(PlatedError, NotImplementedError):
 
     Raised by the planner before any tensor work. Subclasses :class:`NotImplementedError`, which is
     what :func:`pyro.ops.contract.einsum` raises in the same situation.
+
+    The message is ``problem``, then ``" Way out: "`` and the remedies joined by ``", or "``.
+
+    :ivar problem: what cannot be eliminated and why, without the remedies.
+    :ivar plates: the plates involved, sorted.
+    :ivar variables: the variables involved, sorted.
+    :ivar remedies: the ways out, each a short imperative sentence fragment.
     """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        plates: Iterable[str] = (),
+        variables: Iterable[str] = (),
+        remedies: Iterable[str] = (),
+    ) -> None:
+        self.problem = problem
+        self.plates = tuple(sorted(plates))
+        self.variables = tuple(sorted(variables))
+        self.remedies = tuple(remedies)
+        ways = ", or ".join(self.remedies)
+        super().__init__(f"{problem}. Way out: {ways}" if ways else problem)
+
+    def __reduce__(self) -> tuple[object, ...]:  # keep the fields through pickling
+        return (_rebuild_intractable, (self.problem, self.plates, self.variables, self.remedies))
+
+    def with_remedies(self, remedies: Iterable[str]) -> IntractableError:
+        """The same problem with other ways out (a front end's own remedies)."""
+        return IntractableError(self.problem, plates=self.plates, variables=self.variables,
+                                remedies=remedies)
+
+
+def _rebuild_intractable(problem: str, plates: tuple[str, ...], variables: tuple[str, ...],
+                         remedies: tuple[str, ...]) -> IntractableError:
+    return IntractableError(problem, plates=plates, variables=variables, remedies=remedies)
 
 
 class MemoryCapError(PlatedError, MemoryError):

@@ -45,6 +45,9 @@ class PlatedFactorGraph:
     :param plates: the plates, in the order in which they lay out results.
     :param keep_plates: plates not to product-reduce: :meth:`log_partition` then returns one value
         per element (every factor and variable must be inside them).
+    :param keep_vars: variables not to eliminate from :meth:`log_partition`'s result, which then
+        has one value per assignment of them (laid out as :meth:`result_dims` says), as an einsum
+        output keeps them. The other queries eliminate every variable.
     :param unroll: plates to unroll into distinct variables per element before planning: exact for
         graphs that are intractable only because of these plates, at a cost exponential in their
         size. Unrolled plates disappear from the results (their variables are named
@@ -62,6 +65,7 @@ class PlatedFactorGraph:
         plates: Iterable[Plate] = (),
         *,
         keep_plates: Sequence[str] = (),
+        keep_vars: Sequence[str] = (),
         unroll: Sequence[str] = (),
         memory_cap: int | None = None,
         validate: bool = True,
@@ -89,35 +93,50 @@ class PlatedFactorGraph:
         self.factors: tuple[Factor, ...] = tuple(factors)
         self.plates: tuple[Plate, ...] = tuple(plates)
         self.keep_plates = tuple(keep_plates)
+        self.keep_vars = tuple(keep_vars)
         self.memory_cap = memory_cap
         self.validate = validate
         self._tensors = [f.tensor for f in self.factors]
         self._labels = tuple(f.label for f in self.factors)
 
     # -- planning ----------------------------------------------------------------------------------
-    def structure(self, ring: RingName = "log") -> Structure:
-        """The hashable structure that keys this graph's plan in the plan cache."""
+    def structure(self, ring: RingName = "log", keep_vars: bool = False) -> Structure:
+        """The hashable structure that keys this graph's plan in the plan cache.
+
+        :param keep_vars: whether the plan keeps ``keep_vars`` (the plan of :meth:`log_partition`)
+            or eliminates every variable (the plan of the other queries).
+        """
         t0 = self._tensors[0]
         return Structure(
             plates=self.plates,
             inputs=tuple((f.dims, tuple(f.tensor.shape)) for f in self.factors),
             labels=self._labels,
             keep_plates=self.keep_plates,
+            keep_vars=self.keep_vars if keep_vars else (),
             ring=ring,
             itemsize=t0.element_size(),
             memory_cap=self.memory_cap,
         )
 
-    def plan(self, ring: RingName = "log") -> Plan:
-        """The (cached) elimination plan of this graph in ``ring``."""
-        return make_plan(self.structure(ring))
+    def plan(self, ring: RingName = "log", keep_vars: bool = False) -> Plan:
+        """The (cached) elimination plan of this graph in ``ring`` (see :meth:`structure`)."""
+        return make_plan(self.structure(ring, keep_vars))
 
     def cost(self, ring: RingName = "log") -> CostReport:
         """Predicted FLOPs, peak memory in bytes and the printable plan; no tensor work is done.
 
+        With ``keep_vars``, the log ring's report is that of :meth:`log_partition`.
+
         :raises IntractableError: if the graph has no polynomial-time elimination.
         """
-        return self.plan(ring).cost
+        return self.plan(ring, keep_vars=ring == "log").cost
+
+    def result_dims(self) -> tuple[str, ...]:
+        """The dims of :meth:`log_partition`'s result: the kept plates in declaration order, then
+        ``keep_vars`` in the order given."""
+        dims = self.plan("log", keep_vars=True).result_dims
+        plates = tuple(p.name for p in self.plates if p.name in dims)
+        return plates + self.keep_vars
 
     def variables(self) -> dict[str, tuple[int, tuple[str, ...]]]:
         """Each variable's domain size and plates (in declaration order)."""
@@ -140,11 +159,17 @@ class PlatedFactorGraph:
     def log_partition(self) -> torch.Tensor:
         """The log partition function :math:`\\log Z = \\log \\sum_x \\prod_f f(x)`, differentiable.
 
-        :return: a scalar, or one value per element of ``keep_plates`` (in declaration order).
+        :return: a scalar, or one value per element of ``keep_plates`` (in declaration order) and
+            per assignment of ``keep_vars``, with dims :meth:`result_dims`.
         """
-        plan, vals, _ = self._run(LOG, keep=False)
+        plan = self.plan("log", keep_vars=True)  # structural errors first, before tensor work
+        self._check()
+        vals, _ = run_plan(plan, self._tensors, LOG)
         out = vals[plan.result]
         assert out is not None
+        if self.keep_vars:
+            want = self.result_dims()
+            out = out.permute([plan.result_dims.index(d) for d in want])
         return out
 
     def map(self) -> dict[str, torch.Tensor]:
@@ -189,28 +214,37 @@ class PlatedFactorGraph:
                                  for k, (lv, ln, st) in saved.items()},
                                 LOG if generator is None else LogRing(generator), num_samples)
 
-    def marginals(self) -> dict[str, torch.Tensor]:
-        """Posterior marginal of every variable, by differentiating :math:`\\log Z`.
+    def factor_marginals(self, which: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+        """Posterior marginals over the dims of whole factors (pairwise marginals of a chain's
+        transition factor, say), by one backward pass through :math:`\\log Z`.
 
-        :math:`p(x_v = k) = \\partial \\log Z / \\partial \\log f[\\dots, k, \\dots]` summed over
-        the other dims of a factor ``f`` over ``v``; one backward pass gives all of them. The
-        result is differentiable when a factor requires grad.
+        For factor ``f`` with dims ``(d_1, ..., d_n)``, entry ``[..., k, ...]`` of its marginal is
+        :math:`\\partial \\log Z / \\partial \\log f[\\dots, k, \\dots]`: at each element of the
+        factor's plates, the posterior probability that its variables take the values ``k``. The
+        result is differentiable (``create_graph``) when a factor requires grad.
 
-        :return: for each variable, probabilities ``(*plate sizes, size)`` summing to one; all
-            zeros where :math:`\\log Z = -\\infty` (no assignment has positive weight).
+        :param which: indices of the factors wanted (default: every factor).
+        :return: for each index, a tensor shaped like the factor; summed over the factor's
+            variables it is 1 at every plate element, or 0 everywhere where
+            :math:`\\log Z = -\\infty`. With ``keep_plates`` each kept element is its own
+            posterior.
+        :raises GraphError: for an index that is not a factor's.
         """
+        grads, logz = self._factor_marginals(which)
+        return {k: torch.where(self._alive(logz, self.factors[k].dims), g, torch.zeros_like(g))
+                for k, g in grads.items()}
+
+    def _factor_marginals(self, which: Sequence[int] | None
+                          ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """The raw gradients of :meth:`factor_marginals` and the detached :math:`\\log Z`."""
         plan = self.plan("log")
         self._check()
-        # pick, per variable, a factor over it with the fewest plates
-        pick: dict[str, int] = {}
-        pick_n: dict[str, int] = {}
-        for k, f in enumerate(self.factors):
-            nplates = sum(1 for x in f.dims if x not in plan.var_sizes)
-            for d in f.dims:
-                if d in plan.var_sizes and (d not in pick or nplates < pick_n[d]):
-                    pick[d] = k
-                    pick_n[d] = nplates
-        used = sorted(set(pick.values()))
+        used = sorted(set(range(len(self.factors)) if which is None else which))
+        for k in used:
+            if not 0 <= k < len(self.factors):
+                raise GraphError(
+                    f"factor index {k} is out of range; the graph has {len(self.factors)} factors"
+                )
         create = any(t.requires_grad for t in self._tensors)
         with torch.enable_grad():
             probes = {k: torch.zeros_like(self._tensors[k], requires_grad=True) for k in used}
@@ -220,7 +254,38 @@ class PlatedFactorGraph:
             assert logz is not None
             grads = torch.autograd.grad(logz.sum(), [probes[k] for k in used],
                                         create_graph=create)
-        by_factor = dict(zip(used, grads, strict=True))
+        return dict(zip(used, grads, strict=True)), logz.detach()
+
+    def _alive(self, logz: torch.Tensor, dims: Sequence[str]) -> torch.Tensor:
+        """Where :math:`\\log Z` is finite, laid out to broadcast along ``dims``: a posterior is
+        undefined where it is ``-inf``, so queries report zeros there (documented) rather than the
+        gradient of an independent, finite part of the graph."""
+        order = [p.name for p in self.plates if p.name in self.keep_plates]  # logz's dims
+        kept = [d for d in dims if d in self.keep_plates]  # every kept plate, by construction
+        alive = torch.isfinite(logz).permute([order.index(d) for d in kept])
+        return alive.reshape(tuple(self._plate_size(d) if d in kept else 1 for d in dims))
+
+    def marginals(self) -> dict[str, torch.Tensor]:
+        """Posterior marginal of every variable, by differentiating :math:`\\log Z`.
+
+        :math:`p(x_v = k) = \\partial \\log Z / \\partial \\log f[\\dots, k, \\dots]` summed over
+        the other dims of a factor ``f`` over ``v`` (see :meth:`factor_marginals`); one backward
+        pass gives all of them. The result is differentiable when a factor requires grad.
+
+        :return: for each variable, probabilities ``(*plate sizes, size)`` summing to one; all
+            zeros where :math:`\\log Z = -\\infty` (no assignment has positive weight).
+        """
+        plan = self.plan("log")
+        # pick, per variable, a factor over it with the fewest plates
+        pick: dict[str, int] = {}
+        pick_n: dict[str, int] = {}
+        for k, f in enumerate(self.factors):
+            nplates = sum(1 for x in f.dims if x not in plan.var_sizes)
+            for d in f.dims:
+                if d in plan.var_sizes and (d not in pick or nplates < pick_n[d]):
+                    pick[d] = k
+                    pick_n[d] = nplates
+        by_factor, logz = self._factor_marginals(sorted(set(pick.values())))
         out = {}
         plate_names = {p.name for p in self.plates}
         for v, k in pick.items():
@@ -242,12 +307,7 @@ class PlatedFactorGraph:
             kept = [d for d in keep_dims if d == v or d in plate_names]
             order = list(plan.var_plates(v)) + [v]
             g = g.permute([kept.index(d) for d in order])
-            # where log Z = -inf the posterior is undefined: report zeros (documented), not the
-            # gradient of an independent, finite part of the graph
-            alive = torch.isfinite(logz.detach()).reshape(
-                tuple(self._plate_size(p)
-                      if p in self.keep_plates else 1 for p in plan.var_plates(v)) + (1,))
-            out[v] = torch.where(alive, g, torch.zeros_like(g))
+            out[v] = torch.where(self._alive(logz, order), g, torch.zeros_like(g))
         return out
 
     def _plate_size(self, name: str) -> int:
