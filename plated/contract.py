@@ -20,6 +20,7 @@ from .errors import GraphError
 from .factor import Plate
 from .markov import chain_backward, chain_forward, scan_backward, scan_forward, unravel
 from .plan import Op, Plan, Structure, make_plan
+from .plan.analysis import dim_sizes, variable_ordinals
 from .rings import PairSpec, RingName, Semiring, get_ring
 
 __all__ = ["run_plan", "run_backward", "einsum", "check_values"]
@@ -315,21 +316,12 @@ def einsum(
     """
     inputs, outputs = _parse(equation, operands, plates)
     plate_set = set(plates)
-    sizes: dict[str, int] = {}
-    for dims, x in zip(inputs, operands, strict=True):
-        for d, n in zip(dims, x.shape, strict=True):
-            if sizes.setdefault(d, int(n)) != n:
-                raise GraphError(f"dim {d!r} has two sizes: {sizes[d]} and {int(n)}")
-    plate_objs = tuple(Plate(p, sizes[p]) for p in sorted(plate_set) if p in sizes)
     labels = tuple(f"{k}:{dims}" for k, dims in enumerate(inputs))
+    sizes = dim_sizes(zip(inputs, (tuple(x.shape) for x in operands), labels, strict=True))
+    plate_objs = tuple(Plate(p, sizes[p]) for p in sorted(plate_set) if p in sizes)
     r = get_ring(ring)
     itemsize = operands[0].element_size() if operands else 8
-    ordinals: dict[str, set[str]] = {}
-    for dims in inputs:
-        ctx = set(dims) & plate_set
-        for d in dims:
-            if d not in plate_set:
-                ordinals[d] = ordinals[d] & ctx if d in ordinals else set(ctx)
+    ordinals = variable_ordinals(inputs, plate_objs)
     plans = []
     for out in outputs:
         out_vars = [d for d in out if d not in plate_set]

@@ -14,22 +14,9 @@ from collections.abc import Sequence
 
 from .errors import GraphError
 from .factor import Factor, Plate
+from .plan.analysis import variable_ordinals
 
 __all__ = ["unroll_plates"]
-
-
-def _ordinals(factors: Sequence[Factor], plates: Sequence[Plate]) -> dict[str, frozenset[str]]:
-    names = {p.name for p in plates}
-    prev_plate = {q: p.name for p in plates for _, q in p.prev}
-    ords: dict[str, frozenset[str]] = {}
-    for f in factors:
-        fp = frozenset(d for d in f.dims if d in names)
-        for d in f.dims:
-            if d in names:
-                continue
-            ctx = fp - {prev_plate[d]} if d in prev_plate else fp
-            ords[d] = ords[d] & ctx if d in ords else ctx
-    return ords
 
 
 def unroll_plates(
@@ -45,7 +32,7 @@ def unroll_plates(
         plate = next((p for p in plates if p.name == u), None)
         if plate is None:
             raise GraphError(f"cannot unroll {u!r}: it is not a declared plate")
-        ords = _ordinals(factors, plates)
+        ords = variable_ordinals((f.dims for f in factors), plates)
         prev_to_curr = {q: c for c, q in plate.prev}
         inside = {v for v, o in ords.items() if u in o}
         new: list[Factor] = []

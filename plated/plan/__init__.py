@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import opt_einsum
 
-from .errors import GraphError, IntractableError, MemoryCapError
-from .factor import Plate
-from .rings import PairSpec, RingName
+from ..errors import GraphError, IntractableError, MemoryCapError
+from ..factor import Plate
+from ..rings import PairSpec, RingName
+from .analysis import dim_sizes, plate_str, variable_ordinals
 
 __all__ = [
     "Structure",
@@ -219,22 +220,9 @@ def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]]]:
         names = [p.name for p in s.plates]
         dup = sorted({n for n in names if names.count(n) > 1})
         raise GraphError(f"plate {dup[0]!r} is declared twice; give each plate one name")
-    sizes: dict[str, int] = {}
-    where: dict[str, str] = {}
-    for (dims, shape), label in zip(s.inputs, s.labels, strict=True):
-        for d, n in zip(dims, shape, strict=True):
-            if d in plates and n != plates[d].size:
-                raise GraphError(
-                    f"factor {label} has size {n} along plate {d!r}, but the plate has size "
-                    f"{plates[d].size}; expand or slice the factor to the plate's size"
-                )
-            old = sizes.setdefault(d, n)
-            if old != n:
-                raise GraphError(
-                    f"dim {d!r} has two sizes: {old} in factor {where[d]} and {n} in factor "
-                    f"{label}; every factor must agree on a dim's size"
-                )
-            where.setdefault(d, label)
+    sizes = dim_sizes(((dims, shape, label) for (dims, shape), label
+                       in zip(s.inputs, s.labels, strict=True)),
+                      {name: p.size for name, p in plates.items()})
     var_sizes = {d: n for d, n in sizes.items() if d not in plates}
 
     chain_plate: dict[str, str] = {}  # curr -> plate
@@ -265,14 +253,7 @@ def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]]]:
             prev_plate[prev] = p.name
             var_sizes.setdefault(prev, var_sizes[curr])
 
-    ordinals: dict[str, frozenset[str]] = {}
-    for (dims, _), _label in zip(s.inputs, s.labels, strict=True):
-        fplates = frozenset(d for d in dims if d in plates)
-        for d in dims:
-            if d in plates:
-                continue
-            ctx = fplates - {prev_plate[d]} if d in prev_plate else fplates
-            ordinals[d] = ordinals[d] & ctx if d in ordinals else ctx
+    ordinals = variable_ordinals((dims for dims, _ in s.inputs), s.plates)
     for curr, t in chain_plate.items():
         prev = dict(next(p for p in s.plates if p.name == t).prev)[curr]
         if t not in ordinals[curr]:
@@ -311,10 +292,6 @@ def _analyse(s: Structure) -> tuple[dict[str, int], dict[str, frozenset[str]]]:
                     "plate must contain every factor"
                 )
     return var_sizes, ordinals
-
-
-def _plate_str(ps: frozenset[str] | set[str]) -> str:
-    return "{" + ", ".join(sorted(ps)) + "}"
 
 
 class _Builder:
@@ -622,7 +599,7 @@ class _Builder:
             if len(scan_plates) > 1:
                 raise IntractableError(
                     f"sequential plates {sorted(scan_plates)} both have chain variables in plates "
-                    f"{_plate_str(L)}: a grid of chains has no polynomial-time elimination; make "
+                    f"{plate_str(L)}: a grid of chains has no polynomial-time elimination; make "
                     "one of the plates independent, or unroll it"
                 )
             if scan_plates:
@@ -632,7 +609,7 @@ class _Builder:
                          if self.ordinals[v] == L and v in self.local_dims}
             for members, elim in self.components(slots, local | kept_here):
                 elim = elim - kept_here
-                r = self.contract(members, elim, f"in {_plate_str(L)}")
+                r = self.contract(members, elim, f"in {plate_str(L)}")
                 rest = self.vars_of(r)
                 split = rest & kept_here
                 parent = frozenset().union(
@@ -677,7 +654,7 @@ class _Builder:
         src = self.slots[r]
         red = tuple(k for k, d in enumerate(src.dims) if d in split)
         g = self.unary(r, tuple(d for d in src.dims if d not in split),
-                       f"total of kept {sorted(split)} in {_plate_str(L)}")
+                       f"total of kept {sorted(split)} in {plate_str(L)}")
         loc = self.new_slot(src.dims)
         self.ops.append(Op("normalize", (r, g), loc, dims=red, flops=src.numel,
                            temp_numel=0, note=f"conditional of kept {sorted(split)}"))
@@ -686,10 +663,10 @@ class _Builder:
         return g
 
     def intractable(self, L: frozenset[str], rest: set[str]) -> IntractableError:
-        by_plates = sorted(f"{v!r} in {_plate_str(self.eff_ord(v, L))}" for v in rest)
+        by_plates = sorted(f"{v!r} in {plate_str(self.eff_ord(v, L))}" for v in rest)
         return IntractableError(
-            f"cannot eliminate plates {_plate_str(L)} in polynomial time: after summing out the "
-            f"variables local to {_plate_str(L)}, a factor still couples {', '.join(by_plates)}, "
+            f"cannot eliminate plates {plate_str(L)} in polynomial time: after summing out the "
+            f"variables local to {plate_str(L)}, a factor still couples {', '.join(by_plates)}, "
             "whose plates are not nested (the tractability condition of Obermeyer et al. "
             "2019). Way out: unroll one of those plates (PlatedFactorGraph(..., "
             "unroll=[plate]); exact, exponential in its size), or move the coupling factor "
@@ -704,7 +681,7 @@ class _Builder:
         if bad:
             raise IntractableError(
                 f"chain variables of sequential plate {t!r} live in different plates: "
-                + ", ".join(f"{c!r} in {_plate_str(self.ordinals[c])}" for c in curr)
+                + ", ".join(f"{c!r} in {plate_str(self.ordinals[c])}" for c in curr)
                 + "; give every chain variable of a plate the same plates"
             )
         nonchain = local - set(curr)
@@ -719,7 +696,7 @@ class _Builder:
         if wrong:
             raise IntractableError(
                 f"the chain along sequential plate {t!r} is coupled to "
-                + ", ".join(f"{v!r} in {_plate_str(self.ordinals[v])}" for v in wrong)
+                + ", ".join(f"{v!r} in {plate_str(self.ordinals[v])}" for v in wrong)
                 + f", which varies along {t!r} but not with the chain {list(curr)}; such a "
                 "coupling has no polynomial-time elimination. Way out: make that variable a "
                 "chain variable of the plate, or move it out of the plate"

@@ -1,0 +1,18 @@
+"""The engine's option and kind types, in one place (as ``opt_einsum/typing.py`` keeps them).
+
+:data:`RingName` names a semiring (:func:`plated.rings.get_ring`); :data:`ChainRole` is the role
+of one input of a chain found inside a contraction (:class:`plated.plan.ir.ChainLayout`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = ["RingName", "ChainRole"]
+
+#: A semiring: ``"log"`` is sum-product (log Z, sampling, marginals), ``"max"`` max-product (MAP).
+RingName = Literal["log", "max"]
+
+#: How one input of a chain enters the scan: an ``"edge"`` between ``v_t`` and ``v_{t+1}``, a
+#: unary factor of ``v_{t+1}`` (``"next"``) or of ``v_0`` (``"start"``), or a ``"const"``.
+ChainRole = Literal["edge", "next", "start", "const"]
