@@ -19,11 +19,22 @@ import torch
 from .errors import GraphError
 from .factor import Plate
 from .markov import chain_backward, chain_forward, scan_backward, scan_forward, unravel
-from .plan import Op, Plan, Structure, make_plan
+from .plan import (
+    ChainStep,
+    NormalizeStep,
+    PairStep,
+    Plan,
+    PlateProduct,
+    ReduceStep,
+    ScanStep,
+    Structure,
+    make_plan,
+)
 from .plan.analysis import dim_sizes, variable_ordinals
-from .rings import PairSpec, RingName, Semiring, get_ring
+from .rings import Semiring, get_ring
+from .typing import RingName
 
-__all__ = ["run_plan", "run_backward", "einsum", "check_values"]
+__all__ = ["run_plan", "run_backward", "einsum", "einsum_structures", "check_values"]
 
 
 Saved = tuple[list[torch.Tensor], list[int], torch.Tensor | None]
@@ -68,32 +79,32 @@ def check_values(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None
                 )
 
 
-def _chunk_spec(spec: PairSpec, out_pos: int, union_pos: int, n: int) -> PairSpec:
-    def fix(shape: tuple[int, ...], pos: int) -> tuple[int, ...]:
-        return shape if shape[pos] == 1 else shape[:pos] + (n,) + shape[pos + 1:]
-
-    return PairSpec(spec.equation, spec.red_a, spec.red_b, fix(spec.shift_a, out_pos),
-                    fix(spec.shift_b, out_pos), fix(spec.view_a, union_pos),
-                    fix(spec.view_b, union_pos), spec.red_union)
-
-
-def _sliced_pair(ring: Semiring, plan: Plan, op: Op, a: torch.Tensor, b: torch.Tensor
+def _sliced_pair(ring: Semiring, plan: Plan, step: PairStep, a: torch.Tensor, b: torch.Tensor
                  ) -> torch.Tensor:
-    assert op.spec is not None and op.slice_dim is not None
-    out = plan.slots[op.out]
-    d = out.dims[op.slice_dim]
-    da, db = plan.slots[op.ins[0]].dims, plan.slots[op.ins[1]].dims
-    union = sorted(set(da) | set(db), key=plan.order.__getitem__)
-    union_pos = union.index(d)
-    size = out.shape[op.slice_dim]
-    per = -(-size // op.slice_chunks)
+    """Run a pairwise step in ``step.slice_chunks`` slices along its output dim ``slice_dim``."""
+    assert step.slice_dim is not None  # a sliced step's invariant (run_plan checks it)
+    out = plan.slots[step.out]
+    dim = out.dims[step.slice_dim]
+    dims_a, dims_b = plan.slots[step.ins[0]].dims, plan.slots[step.ins[1]].dims
+    union = sorted(set(dims_a) | set(dims_b), key=plan.order.__getitem__)
+    union_pos = union.index(dim)
+    size = out.shape[step.slice_dim]
+    per_slice = -(-size // step.slice_chunks)
     parts = []
-    for start in range(0, size, per):
-        n = min(per, size - start)
-        ca = a.narrow(da.index(d), start, n) if d in da else a
-        cb = b.narrow(db.index(d), start, n) if d in db else b
-        parts.append(ring.pair(ca, cb, _chunk_spec(op.spec, op.slice_dim, union_pos, n)))
-    return torch.cat(parts, dim=op.slice_dim)
+    for start in range(0, size, per_slice):  # the plan chose these slices, under its memory cap
+        n = min(per_slice, size - start)
+        part_a = a.narrow(dims_a.index(dim), start, n) if dim in dims_a else a
+        part_b = b.narrow(dims_b.index(dim), start, n) if dim in dims_b else b
+        parts.append(ring.pair(part_a, part_b,
+                               step.layout.narrowed(step.slice_dim, union_pos, n)))
+    return torch.cat(parts, dim=step.slice_dim)
+
+
+def _live(vals: list[torch.Tensor | None], slot: int) -> torch.Tensor:
+    """The value of ``slot``: every slot is written before it is read and freed after."""
+    value = vals[slot]
+    assert value is not None, f"slot {slot} read before it was written or after it was freed"
+    return value
 
 
 def run_plan(
@@ -110,39 +121,38 @@ def run_plan(
     for k, (t, perm) in enumerate(zip(tensors, plan.input_perms, strict=True)):
         vals[k] = t if perm is None else t.permute(perm)
     saved: dict[int, Saved] = {}
-    for k, op in enumerate(plan.ops):
-        x = vals[op.ins[0]]
-        assert x is not None
-        if op.kind == "pair":
-            y = vals[op.ins[1]]
-            assert y is not None and op.spec is not None
-            if op.slice_dim is None:
-                r = ring.pair(x, y, op.spec)
-            else:
-                r = _sliced_pair(ring, plan, op, x, y)
-        elif op.kind == "unary":
-            r = ring.reduce(x, op.dims)
-        elif op.kind == "product":
-            r = ring.product(x, op.dims)
-        elif op.kind == "chain":
-            assert op.chain is not None
-            xs = [vals[i] for i in op.ins]
-            r, levels, lengths, start = chain_forward(ring, xs, op.chain)  # type: ignore[arg-type]
-            if keep:
-                saved[k] = (levels, lengths, start)
-        elif op.kind == "normalize":
-            g = vals[op.ins[1]]
-            assert g is not None
-            for k2 in op.dims:
-                g = g.unsqueeze(k2)
-            # not detached: the conditional depends on g (an all -inf slice stays -inf)
-            r = x - torch.where(torch.isfinite(g), g, torch.zeros_like(g))
-        else:
-            assert op.scan is not None
-            r, levels, lengths = scan_forward(ring, x, op.scan)
-            if keep:
-                saved[k] = (levels, lengths, None)
-        vals[op.out] = r
+    for k, step in enumerate(plan.steps):
+        ins = [_live(vals, i) for i in step.ins]
+        x = ins[0]
+        match step:
+            case PairStep():
+                y = ins[1]
+                if step.slice_dim is None:
+                    result = ring.pair(x, y, step.layout)
+                else:
+                    result = _sliced_pair(ring, plan, step, x, y)
+            case ReduceStep():
+                result = ring.reduce(x, step.dims)
+            case PlateProduct():
+                result = ring.product(x, step.dims)
+            case ChainStep():
+                result, levels, lengths, start = chain_forward(ring, ins, step.layout)
+                if keep:
+                    saved[k] = (levels, lengths, start)
+            case NormalizeStep():
+                total = ins[1]
+                for position in step.dims:
+                    total = total.unsqueeze(position)
+                # not detached: the conditional depends on the total (an all -inf slice stays
+                # -inf)
+                result = x - torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+            case ScanStep():
+                result, levels, lengths = scan_forward(ring, x, step.layout)
+                if keep:
+                    saved[k] = (levels, lengths, None)
+            case _:  # pragma: no cover - every step type is handled above
+                raise TypeError(f"unknown plan step {type(step).__name__}")
+        vals[step.out] = result
         if not keep:
             for i in plan.frees[k]:
                 vals[i] = None
@@ -185,53 +195,54 @@ def run_backward(
     s = num_samples
     ctxs: dict[int, dict[str, torch.Tensor]] = {plan.result: {}}
     chosen: dict[str, torch.Tensor] = {}
-    for k in reversed(range(len(plan.ops))):
-        op = plan.ops[k]
-        ctx = ctxs.pop(op.out)
-        out_slot = plan.slots[op.out]
+    for k in reversed(range(len(plan.steps))):
+        step = plan.steps[k]
+        ctx = ctxs.pop(step.out)
+        out_slot = plan.slots[step.out]
         out_plates = tuple(d for d in out_slot.dims if d in plates)
-        if op.kind in ("pair", "unary"):
-            elim = op.elim
-            logits = None
-            for i in op.ins:
-                v = vals[i]
-                assert v is not None
-                g = _gather(v, plan.slots[i].dims, ctx, out_plates, elim)
-                logits = g if logits is None else logits + g
-            assert logits is not None
-            lsizes = tuple(plates[p] for p in out_plates)
-            esizes = tuple(plan.var_sizes[e] for e in elim)
-            logits = logits.expand((s,) + lsizes + esizes).reshape((s,) + lsizes + (-1,))
-            picked = dict(zip(elim, unravel(ring.choose(logits), esizes), strict=True))
-            chosen.update(picked)
-            new = {**ctx, **picked}
-            for i in op.ins:
-                ctxs[i] = new
-        elif op.kind == "product":
-            in_dims = plan.slots[op.ins[0]].dims
-            in_plates = tuple(d for d in in_dims if d in plates)
-            ins = [k2 for k2, p in enumerate(in_plates) if p not in out_plates]
-            new = {}
-            for name, v in ctx.items():
-                for pos in ins:
-                    v = v.unsqueeze(1 + pos)
-                new[name] = v
-            ctxs[op.ins[0]] = new
-        elif op.kind == "chain":
-            assert op.chain is not None
-            levels, lengths, start = saved[k]
-            picked = chain_backward(ring, levels, lengths, start, op.chain, ctx, s, out_plates,
-                                    plates)
-            chosen.update(picked)
-            new = {**ctx, **picked}
-            for i in op.ins:
-                ctxs[i] = new
-        else:
-            assert op.scan is not None
-            levels, lengths, _ = saved[k]
-            picked, child = scan_backward(ring, levels, lengths, op.scan, ctx, s, plates)
-            chosen.update(picked)
-            ctxs[op.ins[0]] = child
+        match step:
+            case PairStep() | ReduceStep():
+                # choose the eliminated variables given everything chosen after this step
+                elim = step.elim
+                logits = None
+                for i in step.ins:
+                    g = _gather(_live(vals, i), plan.slots[i].dims, ctx, out_plates, elim)
+                    logits = g if logits is None else logits + g
+                assert logits is not None
+                lsizes = tuple(plates[p] for p in out_plates)
+                esizes = tuple(plan.var_sizes[e] for e in elim)
+                logits = logits.expand((s,) + lsizes + esizes).reshape((s,) + lsizes + (-1,))
+                picked = dict(zip(elim, unravel(ring.choose(logits), esizes), strict=True))
+                chosen.update(picked)
+                new = {**ctx, **picked}
+                for i in step.ins:
+                    ctxs[i] = new
+            case PlateProduct():
+                # the chosen values broadcast over the plates the product removed
+                in_dims = plan.slots[step.ins[0]].dims
+                in_plates = tuple(d for d in in_dims if d in plates)
+                added = [k2 for k2, p in enumerate(in_plates) if p not in out_plates]
+                new = {}
+                for name, v in ctx.items():
+                    for pos in added:
+                        v = v.unsqueeze(1 + pos)
+                    new[name] = v
+                ctxs[step.ins[0]] = new
+            case ChainStep():
+                levels, lengths, start = saved[k]
+                picked = chain_backward(ring, levels, lengths, start, step.layout, ctx, s,
+                                        out_plates, plates)
+                chosen.update(picked)
+                new = {**ctx, **picked}
+                for i in step.ins:
+                    ctxs[i] = new
+            case ScanStep():
+                levels, lengths, _ = saved[k]
+                picked, child = scan_backward(ring, levels, lengths, step.layout, ctx, s, plates)
+                chosen.update(picked)
+                ctxs[step.ins[0]] = child
+            case _:  # a normalize step belongs to plans that keep variables (log Z only)
+                raise TypeError(f"plan step {type(step).__name__} has no backward choice")
     return chosen
 
 
@@ -271,6 +282,41 @@ def _parse(equation: str, operands: Sequence[torch.Tensor], plates: str
         if len(set(out)) != len(out):
             raise GraphError(f"einsum output {out!r} repeats a dim")
     return inputs, outputs
+
+
+def einsum_structures(
+    equation: str,
+    *operands: torch.Tensor,
+    plates: str = "",
+    ring: RingName = "log",
+    memory_cap: int | None = None,
+) -> tuple[list[Structure], dict[str, int]]:
+    """The plan structure of each output of :func:`einsum` (the same arguments), and the size of
+    every letter: what :func:`einsum` plans, for inspecting its plans without running them.
+
+    :raises GraphError: as :func:`einsum` does, for a malformed equation or output.
+    """
+    inputs, outputs = _parse(equation, operands, plates)
+    plate_set = set(plates)
+    labels = tuple(f"{k}:{dims}" for k, dims in enumerate(inputs))
+    sizes = dim_sizes(zip(inputs, (tuple(x.shape) for x in operands), labels, strict=True))
+    plate_objs = tuple(Plate(p, sizes[p]) for p in sorted(plate_set) if p in sizes)
+    itemsize = operands[0].element_size() if operands else 8
+    ordinals = variable_ordinals(inputs, plate_objs)
+    shapes = tuple((tuple(d), tuple(x.shape)) for d, x in zip(inputs, operands, strict=True))
+    structures = []
+    for out in outputs:
+        out_vars = [d for d in out if d not in plate_set]
+        for v in out_vars:
+            missing = ordinals[v] - set(out)
+            if missing:
+                raise GraphError(
+                    f"einsum output {out!r} keeps variable {v!r} without its plates "
+                    f"{sorted(missing)}; add them to the output"
+                )
+        structures.append(Structure(plate_objs, shapes, labels, keep_vars=tuple(out_vars),
+                                    ring=ring, itemsize=itemsize, memory_cap=memory_cap))
+    return structures, sizes
 
 
 def einsum(
@@ -315,28 +361,11 @@ def einsum(
     :raises IntractableError: if the contraction has no polynomial-time elimination.
     """
     inputs, outputs = _parse(equation, operands, plates)
-    plate_set = set(plates)
     labels = tuple(f"{k}:{dims}" for k, dims in enumerate(inputs))
-    sizes = dim_sizes(zip(inputs, (tuple(x.shape) for x in operands), labels, strict=True))
-    plate_objs = tuple(Plate(p, sizes[p]) for p in sorted(plate_set) if p in sizes)
     r = get_ring(ring)
-    itemsize = operands[0].element_size() if operands else 8
-    ordinals = variable_ordinals(inputs, plate_objs)
-    plans = []
-    for out in outputs:
-        out_vars = [d for d in out if d not in plate_set]
-        for v in out_vars:
-            missing = ordinals[v] - set(out)
-            if missing:
-                raise GraphError(
-                    f"einsum output {out!r} keeps variable {v!r} without its plates "
-                    f"{sorted(missing)}; add them to the output"
-                )
-        st = Structure(plate_objs, tuple((tuple(d), tuple(x.shape))
-                                         for d, x in zip(inputs, operands, strict=True)),
-                       labels, keep_vars=tuple(out_vars), ring=r.name, itemsize=itemsize,
-                       memory_cap=memory_cap)
-        plans.append(make_plan(st))
+    structures, sizes = einsum_structures(equation, *operands, plates=plates, ring=r.name,
+                                          memory_cap=memory_cap)
+    plans = [make_plan(structure) for structure in structures]
     # every structural error (tractability included) is raised above, before any tensor work
     if validate:
         check_values(operands, labels)

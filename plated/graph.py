@@ -17,7 +17,8 @@ from .contract import check_values, run_backward, run_plan
 from .errors import GraphError
 from .factor import Factor, Plate
 from .plan import CostReport, Plan, Structure, make_plan
-from .rings import LOG, MAX, LogRing, RingName, Semiring
+from .rings import LOG, MAX, LogRing, Semiring
+from .typing import RingName
 from .unroll import unroll_plates
 
 __all__ = ["PlatedFactorGraph"]
@@ -205,7 +206,7 @@ class PlatedFactorGraph:
         :return: for each variable, a long tensor ``(num_samples, *plate sizes)``.
         """
         if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise GraphError(f"num_samples must be >= 1, got {num_samples}")
         plan, vals, saved = self._run(LOG, keep=True)
         with torch.no_grad():
             return run_backward(plan, [None if v is None else v.detach() for v in vals],

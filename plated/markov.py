@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .plan import ChainSpec, ScanSpec
+from .plan.ir import ChainLayout, ScanLayout
 from .rings import Semiring
 
 __all__ = ["scan_forward", "scan_backward", "chain_forward", "chain_backward", "unravel",
@@ -89,7 +89,7 @@ def _batch_index(batch_dims: tuple[str, ...], batch_shape: tuple[int, ...],
 
 
 def scan_forward(
-    ring: Semiring, x: torch.Tensor, spec: ScanSpec
+    ring: Semiring, x: torch.Tensor, spec: ScanLayout
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
     """Eliminate the chain of ``spec.plate`` from the transition tensor ``x``.
 
@@ -127,7 +127,7 @@ def scan_backward(
     ring: Semiring,
     levels: list[torch.Tensor],
     lengths: list[int],
-    spec: ScanSpec,
+    spec: ScanLayout,
     ctx: dict[str, torch.Tensor],
     num_samples: int,
     plate_sizes: dict[str, int],
@@ -182,9 +182,9 @@ def scan_backward(
     return chosen, child
 
 
-def chain_forward(ring: Semiring, xs: list[torch.Tensor], spec: ChainSpec
+def chain_forward(ring: Semiring, xs: list[torch.Tensor], spec: ChainLayout
                   ) -> tuple[torch.Tensor, list[torch.Tensor], list[int], torch.Tensor | None]:
-    """Eliminate a chain of variables found inside a contraction (see :class:`ChainSpec`).
+    """Eliminate a chain of variables found inside a contraction (see :class:`ChainLayout`).
 
     :return: the result over the batch dims, the scan levels and lengths, and the start vector
         ``(batch, K)`` (or ``None``) needed by :func:`chain_backward`.
@@ -196,12 +196,12 @@ def chain_forward(ring: Semiring, xs: list[torch.Tensor], spec: ChainSpec
     steps: list[torch.Tensor | None] = [None] * n
     start: torch.Tensor | None = None
     const: torch.Tensor | None = None
-    for x, (role, step, perm, view) in zip(xs, spec.parts, strict=True):
-        y = x.permute(perm).reshape(view)
-        if role in ("edge", "next"):
-            old = steps[step]
-            steps[step] = y if old is None else old + y
-        elif role == "start":
+    for x, part in zip(xs, spec.parts, strict=True):
+        y = x.permute(part.perm).reshape(part.view)
+        if part.role in ("edge", "next"):
+            old = steps[part.step]
+            steps[part.step] = y if old is None else old + y
+        elif part.role == "start":
             start = y if start is None else start + y
         else:
             const = y if const is None else const + y
@@ -220,7 +220,7 @@ def chain_forward(ring: Semiring, xs: list[torch.Tensor], spec: ChainSpec
 
 
 def chain_backward(ring: Semiring, levels: list[torch.Tensor], lengths: list[int],
-                   start: torch.Tensor | None, spec: ChainSpec, ctx: dict[str, torch.Tensor],
+                   start: torch.Tensor | None, spec: ChainLayout, ctx: dict[str, torch.Tensor],
                    num_samples: int, plates: tuple[str, ...], plate_sizes: dict[str, int]
                    ) -> dict[str, torch.Tensor]:
     """Choose every variable of a chain given the chosen values of its batch variables.

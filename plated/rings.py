@@ -15,14 +15,13 @@ each slice, replaced by 0 where the whole slice is ``-inf``, so ``-inf - shift``
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
+from .errors import GraphError
+from .plan.ir import PairLayout
+from .typing import RingName
+
 __all__ = ["RingName", "Semiring", "LogRing", "MaxRing", "get_ring", "safe_log", "finite_shift"]
-
-RingName = Literal["log", "max"]
-
 
 class _SafeLog(torch.autograd.Function):
     @staticmethod
@@ -110,7 +109,7 @@ class Semiring:
     name: RingName
 
     def pair(
-        self, a: torch.Tensor, b: torch.Tensor, spec: PairSpec
+        self, a: torch.Tensor, b: torch.Tensor, spec: PairLayout
     ) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -143,40 +142,6 @@ class Semiring:
         return eye.fill_diagonal_(0.0)
 
 
-class PairSpec:
-    """Precomputed layout of one pairwise contraction (built at plan time, see :mod:`plated.plan`).
-
-    :ivar equation: a :func:`torch.einsum` equation over letters.
-    :ivar red_a: positions of ``a``'s dims eliminated by this step (likewise ``red_b``).
-    :ivar shift_a: the shape that lays ``a``'s shift (eliminated dims dropped) along the output.
-    :ivar view_a: the shape that lays ``a`` along the union of both operands' dims (max ring).
-    :ivar red_union: positions of the eliminated dims in that union.
-    """
-
-    __slots__ = ("equation", "red_a", "red_b", "shift_a", "shift_b", "view_a", "view_b",
-                 "red_union")
-
-    def __init__(
-        self,
-        equation: str,
-        red_a: tuple[int, ...],
-        red_b: tuple[int, ...],
-        shift_a: tuple[int, ...],
-        shift_b: tuple[int, ...],
-        view_a: tuple[int, ...],
-        view_b: tuple[int, ...],
-        red_union: tuple[int, ...],
-    ) -> None:
-        self.equation = equation
-        self.red_a = red_a
-        self.red_b = red_b
-        self.shift_a = shift_a
-        self.shift_b = shift_b
-        self.view_a = view_a
-        self.view_b = view_b
-        self.red_union = red_union
-
-
 class LogRing(Semiring):
     """The log sum-product semiring :math:`(\\mathrm{logsumexp}, +, -\\infty, 0)`.
 
@@ -192,7 +157,7 @@ class LogRing(Semiring):
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
 
-    def pair(self, a: torch.Tensor, b: torch.Tensor, spec: PairSpec) -> torch.Tensor:
+    def pair(self, a: torch.Tensor, b: torch.Tensor, spec: PairLayout) -> torch.Tensor:
         if not spec.red_a and not spec.red_b:
             # nothing is eliminated: a broadcast product, exact in log space
             return a.reshape(spec.view_a) + b.reshape(spec.view_b)
@@ -227,7 +192,7 @@ class MaxRing(Semiring):
 
     name: RingName = "max"
 
-    def pair(self, a: torch.Tensor, b: torch.Tensor, spec: PairSpec) -> torch.Tensor:
+    def pair(self, a: torch.Tensor, b: torch.Tensor, spec: PairLayout) -> torch.Tensor:
         joint = a.reshape(spec.view_a) + b.reshape(spec.view_b)
         return joint.amax(dim=spec.red_union) if spec.red_union else joint
 
@@ -248,10 +213,10 @@ MAX = MaxRing()
 def get_ring(name: str) -> Semiring:
     """Return the ring called ``name`` (``"log"`` or ``"max"``).
 
-    :raises ValueError: for any other name.
+    :raises GraphError: for any other name (a :class:`ValueError`).
     """
     if name == "log":
         return LOG
     if name == "max":
         return MAX
-    raise ValueError(f"unknown ring {name!r}; use 'log' (sum-product) or 'max' (max-product)")
+    raise GraphError(f"unknown ring {name!r}; use 'log' (sum-product) or 'max' (max-product)")

@@ -120,9 +120,34 @@ def test_cache_bound_is_respected_lru() -> None:
     misses = plated.plan_cache_info()["misses"]
     graphs[-1].log_partition()
     assert plated.plan_cache_info()["misses"] == misses + 1
-    # shrinking the bound evicts at once
+    # resizing starts a new, empty cache (functools.lru_cache cannot be resized in place)
     plated.set_plan_cache_size(1)
+    assert plated.plan_cache_info()["size"] == 0
+    graphs[0].log_partition()
+    graphs[1].log_partition()
     assert plated.plan_cache_info()["size"] == 1
+
+
+def test_graphs_that_differ_only_in_labels_share_a_plan() -> None:
+    def graph(names: tuple[str, str]) -> PlatedFactorGraph:
+        x = torch.randn(3, 4)
+        y = torch.randn(4)
+        return PlatedFactorGraph([Factor(x, ("a", "b"), name=names[0]),
+                                  Factor(y, ("b",), name=names[1])])
+
+    graph(("site 'x'", "site 'y'")).log_partition()
+    graph(("site 'u'", "site 'v'")).log_partition()
+    info = plated.plan_cache_info()
+    assert (info["misses"], info["hits"]) == (1, 1)
+
+
+def test_an_error_from_a_shared_plan_still_names_the_factor() -> None:
+    for name in ("first", "second"):
+        bad = [Factor(torch.randn(3, 4), ("a", "b"), name=f"{name}-ab"),
+               Factor(torch.randn(5), ("b",), name=f"{name}-b")]
+        with pytest.raises(plated.GraphError, match=f"in factor {name}-ab and 5 in factor "
+                                                    f"{name}-b"):
+            PlatedFactorGraph(bad).log_partition()
 
 
 def test_cache_size_zero_still_works() -> None:

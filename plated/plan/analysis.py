@@ -16,11 +16,13 @@ facts about a set of named factors, and they get them here:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from ..errors import GraphError
 from ..factor import Plate
+from .ir import Structure
 
-__all__ = ["dim_sizes", "variable_ordinals", "plate_str"]
+__all__ = ["Analysis", "analyse", "dim_sizes", "variable_ordinals", "plate_str"]
 
 
 def dim_sizes(
@@ -85,3 +87,155 @@ def variable_ordinals(
 def plate_str(plates: Iterable[str]) -> str:
     """A set of plates as error messages print it: ``{a, b}``, sorted."""
     return "{" + ", ".join(sorted(plates)) + "}"
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The facts about a :class:`~plated.plan.ir.Structure` that planning needs, checked.
+
+    :ivar plates: the declared plates by name.
+    :ivar var_sizes: the domain size of every variable (a chain's previous-value dim included).
+    :ivar ordinals: the plates of every variable (a chain variable's ordinal includes its plate;
+        its previous-value dim's does not).
+    :ivar sizes: the size of every dim name, plates and variables.
+    :ivar order: the canonical position of every dim name: plates in declaration order, then
+        variables in order of first appearance, then chain names no factor mentions.
+    :ivar chain_vars: per sequential plate, its chain variables.
+    :ivar chain_prevs: per sequential plate, their previous-value dims (same order).
+    :ivar prev_plate: for each previous-value dim, its sequential plate.
+    :ivar prev_curr: for each previous-value dim, its chain variable.
+    """
+
+    plates: dict[str, Plate]
+    var_sizes: dict[str, int]
+    ordinals: dict[str, frozenset[str]]
+    sizes: dict[str, int]
+    order: dict[str, int]
+    chain_vars: dict[str, tuple[str, ...]]
+    chain_prevs: dict[str, tuple[str, ...]]
+    prev_plate: dict[str, str]
+    prev_curr: dict[str, str]
+
+    def canon(self, dims: Iterable[str]) -> tuple[str, ...]:
+        """``dims`` in canonical order."""
+        return tuple(sorted(dims, key=self.order.__getitem__))
+
+    def effective_ordinal(self, var: str, where: frozenset[str]) -> frozenset[str]:
+        """The plates ``var`` varies along inside plates ``where``: a previous-value dim inside
+        its sequential plate refers to the chain variable one step back, so it has that one's
+        plates."""
+        plate = self.prev_plate.get(var)
+        if plate is not None and plate in where:
+            return self.ordinals[self.prev_curr[var]]
+        return self.ordinals[var]
+
+
+def analyse(structure: Structure) -> Analysis:
+    """Check ``structure`` and compute its :class:`Analysis`.
+
+    :raises GraphError: naming the plate, dim, variable or factor at fault: a plate declared twice,
+        a dim with two sizes, a chain name that is a plate or belongs to two chains, a chain
+        variable no factor mentions or used outside its plate, a previous-value dim of the wrong
+        size or without its variable's plates, or a kept variable or plate that cannot be kept.
+    """
+    plates = {p.name: p for p in structure.plates}
+    if len(plates) != len(structure.plates):
+        names = [p.name for p in structure.plates]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise GraphError(f"plate {dup[0]!r} is declared twice; give each plate one name")
+    sizes = dim_sizes(((dims, shape, label) for (dims, shape), label
+                       in zip(structure.inputs, structure.labels, strict=True)),
+                      {name: p.size for name, p in plates.items()})
+    var_sizes = {d: n for d, n in sizes.items() if d not in plates}
+
+    chain_plate: dict[str, str] = {}  # curr -> plate
+    prev_plate: dict[str, str] = {}  # prev -> plate
+    for p in structure.plates:
+        for curr, prev in p.prev:
+            for name, role in ((curr, "chain variable"), (prev, "previous-value dim")):
+                if name in plates:
+                    raise GraphError(
+                        f"sequential plate {p.name!r} uses plate {name!r} as its {role}; "
+                        "chain names must be variables"
+                    )
+                if name in chain_plate or name in prev_plate:
+                    raise GraphError(
+                        f"variable {name!r} belongs to the chains of two sequential plates"
+                    )
+            if curr not in var_sizes:
+                raise GraphError(
+                    f"sequential plate {p.name!r} names chain variable {curr!r}, which no factor "
+                    "mentions; check the spelling or add a factor over it"
+                )
+            if prev in var_sizes and var_sizes[prev] != var_sizes[curr]:
+                raise GraphError(
+                    f"chain variable {curr!r} has size {var_sizes[curr]} but its previous-value "
+                    f"dim {prev!r} has size {var_sizes[prev]}; they must match"
+                )
+            chain_plate[curr] = p.name
+            prev_plate[prev] = p.name
+            var_sizes.setdefault(prev, var_sizes[curr])
+
+    ordinals = variable_ordinals((dims for dims, _ in structure.inputs), structure.plates)
+    for curr, plate in chain_plate.items():
+        prev = dict(plates[plate].prev)[curr]
+        if plate not in ordinals[curr]:
+            bad = [lab for (dims, _), lab in zip(structure.inputs, structure.labels, strict=True)
+                   if curr in dims and plate not in dims]
+            raise GraphError(
+                f"chain variable {curr!r} of sequential plate {plate!r} appears in factor "
+                f"{bad[0]} outside the plate; every factor over a chain variable must include "
+                f"dim {plate!r} (use {prev!r} outside the plate for the initial state)"
+            )
+        for (dims, _), lab in zip(structure.inputs, structure.labels, strict=True):
+            if prev in dims and plate in dims:
+                missing = ordinals[curr] - set(dims)
+                if missing:
+                    raise GraphError(
+                        f"factor {lab} uses {prev!r} (the previous value of {curr!r}) but lacks "
+                        f"plates {sorted(missing)} of {curr!r}; add those plate dims"
+                    )
+        if prev not in ordinals:
+            ordinals[prev] = ordinals[curr] - {plate}
+    for v in structure.keep_vars:
+        if v not in var_sizes:
+            raise GraphError(f"kept variable {v!r} is unknown; it appears in no factor")
+        if v in chain_plate or v in prev_plate:
+            raise GraphError(f"kept variable {v!r} belongs to a chain; chains cannot be kept")
+    for kept in structure.keep_plates:
+        if kept not in plates:
+            what = "a variable" if kept in var_sizes else "unknown"
+            raise GraphError(f"kept plate {kept!r} is {what}, not a declared plate")
+        if plates[kept].sequential:
+            raise GraphError(f"plate {kept!r} is sequential and cannot be kept in the result")
+        for (dims, _), lab in zip(structure.inputs, structure.labels, strict=True):
+            if kept not in dims:
+                raise GraphError(
+                    f"plate {kept!r} is kept in the result but factor {lab} is not in it; a kept "
+                    "plate must contain every factor"
+                )
+
+
+
+    order: dict[str, int] = {}
+    for p in structure.plates:
+        order[p.name] = len(order)
+    for dims, _ in structure.inputs:
+        for d in dims:
+            order.setdefault(d, len(order))
+    for p in structure.plates:
+        for curr, prev in p.prev:
+            order.setdefault(curr, len(order))
+            order.setdefault(prev, len(order))
+    sequential = [p for p in structure.plates if p.sequential]
+    return Analysis(
+        plates=plates,
+        var_sizes=var_sizes,
+        ordinals=ordinals,
+        sizes={**{p.name: p.size for p in structure.plates}, **var_sizes},
+        order=order,
+        chain_vars={p.name: tuple(curr for curr, _ in p.prev) for p in sequential},
+        chain_prevs={p.name: tuple(prev for _, prev in p.prev) for p in sequential},
+        prev_plate=prev_plate,
+        prev_curr={prev: curr for p in sequential for curr, prev in p.prev},
+    )
