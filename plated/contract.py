@@ -192,7 +192,6 @@ def run_backward(
         declaration order.
     """
     plates = {p.name: p.size for p in plan.structure.plates}
-    s = num_samples
     ctxs: dict[int, dict[str, torch.Tensor]] = {plan.result: {}}
     chosen: dict[str, torch.Tensor] = {}
     for k in reversed(range(len(plan.steps))):
@@ -211,7 +210,8 @@ def run_backward(
                 assert logits is not None
                 lsizes = tuple(plates[p] for p in out_plates)
                 esizes = tuple(plan.var_sizes[e] for e in elim)
-                logits = logits.expand((s,) + lsizes + esizes).reshape((s,) + lsizes + (-1,))
+                logits = logits.expand((num_samples,) + lsizes + esizes).reshape(
+                    (num_samples,) + lsizes + (-1,))
                 picked = dict(zip(elim, unravel(ring.choose(logits), esizes), strict=True))
                 chosen.update(picked)
                 new = {**ctx, **picked}
@@ -230,7 +230,7 @@ def run_backward(
                 ctxs[step.ins[0]] = new
             case ChainStep():
                 levels, lengths, start = saved[k]
-                picked = chain_backward(ring, levels, lengths, start, step.layout, ctx, s,
+                picked = chain_backward(ring, levels, lengths, start, step.layout, ctx, num_samples,
                                         out_plates, plates)
                 chosen.update(picked)
                 new = {**ctx, **picked}
@@ -238,7 +238,8 @@ def run_backward(
                     ctxs[i] = new
             case ScanStep():
                 levels, lengths, _ = saved[k]
-                picked, child = scan_backward(ring, levels, lengths, step.layout, ctx, s, plates)
+                picked, child = scan_backward(ring, levels, lengths, step.layout, ctx,
+                                              num_samples, plates)
                 chosen.update(picked)
                 ctxs[step.ins[0]] = child
             case _:  # a normalize step belongs to plans that keep variables (log Z only)

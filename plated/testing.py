@@ -16,6 +16,7 @@ import string
 
 import torch
 
+from .errors import GraphError
 from .factor import Factor, Plate
 
 __all__ = ["random_graph", "random_einsum", "graph_to_einsum"]
@@ -138,7 +139,7 @@ def random_graph(
                 t.requires_grad_()
             factors.append(Factor(t, dims, name=f"f{k}"))
         return factors, plate_objs
-    raise RuntimeError(f"could not draw a small enough graph from seed {seed}")
+    raise GraphError(f"could not draw a small enough graph from seed {seed}")
 
 
 def graph_to_einsum(factors: list[Factor], plates: list[Plate]) -> tuple[str, str, dict[str, str]]:
@@ -147,7 +148,7 @@ def graph_to_einsum(factors: list[Factor], plates: list[Plate]) -> tuple[str, st
     :return: ``(inputs, plate letters, name -> letter)``; the equation is ``inputs + "->" + out``.
     """
     if any(p.sequential for p in plates):
-        raise ValueError("einsum has no sequential plates")
+        raise GraphError("einsum has no sequential plates")
     letters = iter(string.ascii_letters)
     names: dict[str, str] = {}
     for p in plates:

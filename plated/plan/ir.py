@@ -1,8 +1,8 @@
 """The plan's intermediate representation: slots, layouts, and one frozen dataclass per step.
 
 A plan is a straight-line program over numbered *slots* (tensors with named dims in canonical
-order). Each step is a frozen dataclass that carries its own layout, its predicted cost and its
-memory-cap check:
+order). Each step is a frozen dataclass that carries its own layout and its predicted cost
+(forward and backward FLOPs, working memory):
 
 * :class:`PairStep` contracts two slots (one :func:`torch.einsum` in the ring), optionally sliced;
 * :class:`ReduceStep` eliminates variables of one slot;
@@ -15,6 +15,10 @@ memory-cap check:
 :mod:`plated.contract` runs a plan forward and backward by dispatching on these types, and
 :mod:`plated.plan.cost` sums their costs. Costs count elements, not bytes; the cost model
 multiplies by the dtype's item size.
+
+Under a memory cap, a pairwise step is sliced to fit when it is emitted (its ``slice_dim`` and
+``slice_chunks``) and a scan that does not fit is refused (:func:`check_working_memory`). The
+other steps' working memory is predicted but not yet checked against the cap.
 """
 
 from __future__ import annotations
