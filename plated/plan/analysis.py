@@ -22,7 +22,8 @@ from ..errors import GraphError
 from ..factor import Plate
 from .ir import Structure
 
-__all__ = ["Analysis", "analyse", "dim_sizes", "variable_ordinals", "plate_str"]
+__all__ = ["Analysis", "analyse", "dim_sizes", "variable_ordinals", "connected_components",
+           "plate_str"]
 
 
 def dim_sizes(
@@ -82,6 +83,33 @@ def variable_ordinals(
             context = factor_plates - {prev_plate[d]} if d in prev_plate else factor_plates
             ordinals[d] = ordinals[d] & context if d in ordinals else context
     return ordinals
+
+
+def connected_components(scopes: Sequence[Iterable[str]], joining: set[str] | frozenset[str]
+                         ) -> list[list[int]]:
+    """Group items that share a name of ``joining``, transitively (union-find).
+
+    :param scopes: per item, its names (a factor's dims, say).
+    :param joining: the names that connect items (the variables to be summed out, say).
+    :return: the items' indices, grouped; groups in order of their first item, items in order.
+    """
+    parent = list(range(len(scopes)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, names in enumerate(scopes):
+        for name in names:
+            if name in joining:
+                parent[find(i)] = find(owner.setdefault(name, i))
+    groups: dict[int, list[int]] = {}
+    for i in range(len(scopes)):
+        groups.setdefault(find(i), []).append(i)
+    return list(groups.values())
 
 
 def plate_str(plates: Iterable[str]) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 from ..errors import IntractableError
-from .analysis import Analysis, analyse, plate_str
+from .analysis import Analysis, analyse, connected_components, plate_str
 from .chains import scan_layout
 from .cost import cost_report
 from .emit import Emitter
@@ -146,29 +146,11 @@ class _Elimination:
 
         :return: per component, its terms (in input order) and the ``local`` variables in it.
         """
-        parent = list(range(len(terms)))
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        owner: dict[str, int] = {}
-        for k, slot in enumerate(terms):
-            for v in self.emitter.vars_of(slot) & local:
-                if v in owner:
-                    parent[find(k)] = find(owner[v])
-                else:
-                    owner[v] = k
-        groups: dict[int, list[int]] = {}
-        for k in range(len(terms)):
-            groups.setdefault(find(k), []).append(k)
+        scopes = [self.emitter.vars_of(slot) for slot in terms]
         out = []
-        for ks in groups.values():
-            members = [terms[k] for k in ks]
-            dims = set().union(*(self.emitter.vars_of(i) for i in members)) & local
-            out.append((members, dims))
+        for group in connected_components(scopes, local):
+            members = [terms[k] for k in group]
+            out.append((members, set().union(*(scopes[k] for k in group)) & local))
         return out
 
     def global_local(self, term: int, split: set[str], leaf: frozenset[str]) -> int:

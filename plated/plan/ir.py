@@ -229,7 +229,19 @@ class Step:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PairStep(Step):
+class _Contraction(Step):
+    """A step that multiplies its inputs and eliminates variables: autograd saves its
+    temporaries, and its backward pass is two contractions of its size (one per operand)."""
+
+    saves_temp = True
+
+    @property
+    def backward_flops(self) -> int:
+        return 2 * self.flops
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairStep(_Contraction):
     """``out = a (x) b`` with ``elim`` summed out, as one einsum; under a memory cap it may run
     in ``slice_chunks`` slices along output dim ``slice_dim``."""
 
@@ -239,11 +251,6 @@ class PairStep(Step):
     slice_chunks: int = 1
 
     label = "pair"
-    saves_temp = True
-
-    @property
-    def backward_flops(self) -> int:
-        return 2 * self.flops
 
     def eliminated(self) -> tuple[str, ...]:
         return self.elim
@@ -291,17 +298,12 @@ class NormalizeStep(Step):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScanStep(Step):
+class ScanStep(_Contraction):
     """The chain of a sequential plate, eliminated by a log-depth parallel scan."""
 
     layout: ScanLayout
 
     label = "scan"
-    saves_temp = True
-
-    @property
-    def backward_flops(self) -> int:
-        return 2 * self.flops
 
     def eliminated(self) -> tuple[str, ...]:
         return self.layout.curr
@@ -312,17 +314,12 @@ class ScanStep(Step):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ChainStep(Step):
+class ChainStep(_Contraction):
     """A chain of variables inside one contraction, eliminated by parallel scan."""
 
     layout: ChainLayout
 
     label = "chain"
-    saves_temp = True
-
-    @property
-    def backward_flops(self) -> int:
-        return 2 * self.flops
 
     def eliminated(self) -> tuple[str, ...]:
         return self.layout.vars
