@@ -13,10 +13,15 @@ A training script built on these helpers
 - checkpoints the whole training state, Pyro's parameter store, the optimizer's state and the
   random number generators (:func:`save_pyro_checkpoint`, :func:`load_pyro_checkpoint`), so that
   ``--resume`` continues exactly where a run stopped.
+
+A trainer of epochs over batches of examples with a validation at the end of each
+(``examples.translation``, ``examples.video_qa``) subclasses :class:`EpochTrainer`, which owns the
+loop, its resumable position, the checkpoints, the best model, early stopping and the history.
 """
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import io
@@ -28,16 +33,21 @@ import shlex
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
 from .data import add_data_dir_argument
 
 __all__ = [
+    "EpochTrainer",
     "ExampleError",
+    "LoopOptions",
+    "Validation",
     "HelpFormatter",
     "RunExistsError",
     "all_reduce_sum",
@@ -83,6 +93,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
 class ExampleError(Exception):
@@ -265,18 +276,25 @@ def resume_command(prog: str, argv: Sequence[str] | None = None) -> str:
 
 
 def run_cli(prog: str, main: Callable[[Sequence[str] | None], Any],
-            argv: Sequence[str] | None = None) -> None:
+            argv: Sequence[str] | None = None, resumable: bool = True) -> None:
     """Run ``main(argv)`` as the program ``prog`` (``"python -m examples.music"``): a user error
     (:class:`ExampleError`, a missing or malformed data file, an unreadable or unwritable file,
     a bad value) ends in one line on stderr, ``prog: error: ...``, and exit status 1; Ctrl-C
     ends in one line that gives the ``--resume`` command to continue, and status 130. Checkpoints
-    are written atomically, so the last one written before the interrupt is intact."""
+    are written atomically, so the last one written before the interrupt is intact.
+
+    :param resumable: ``False`` for a program that writes no checkpoint (``examples.hmm_demo``):
+        Ctrl-C then says only ``prog: interrupted``.
+    """
     name = prog.removeprefix("python -m ")
     try:
         main(argv)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted; the last checkpoint in --out-dir is kept. Continue with: "
-              f"{resume_command(prog, argv)}", file=sys.stderr, flush=True)
+        if resumable:
+            print(f"{name}: interrupted; the last checkpoint in --out-dir is kept. Continue with: "
+                  f"{resume_command(prog, argv)}", file=sys.stderr, flush=True)
+        else:
+            print(f"{name}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except (ExampleError, OSError, ValueError) as e:
         print(f"{name}: error: {e}", file=sys.stderr, flush=True)
@@ -631,3 +649,289 @@ def resume_or_refuse(resume: bool, path: str | os.PathLike[str],
                                      "from, so a run would overwrite it; choose another "
                                      "--out-dir")
     return resume and exists
+
+
+# -- the epoch loop of a trainer -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How long :class:`EpochTrainer` trains, how often it checkpoints and what it shows.
+
+    :param epochs: the most epochs (a resumed run may raise it).
+    :param checkpoint_every: write the checkpoint every this many steps (and after every epoch).
+    :param clip: the gradient-norm clipping of :meth:`EpochTrainer.optimizer_step`.
+    :param patience: stop early after this many validations in a row without a better score
+        (``None``: never).
+    :param max_minutes: stop after this much training time, summed over the steps and averaged
+        over the processes (``None``: no limit).
+    :param progress: show a progress bar per epoch (rank 0 only).
+    """
+
+    epochs: int
+    checkpoint_every: int
+    clip: float
+    patience: int | None = None
+    max_minutes: float | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LoopOptions:
+        """The options of a command line with ``--epochs``, ``--checkpoint-every``, ``--clip``,
+        ``--no-progress`` and, where the program has them, ``--patience`` and
+        ``--max-minutes``."""
+        return cls(epochs=int(args.epochs), checkpoint_every=int(args.checkpoint_every),
+                   clip=float(args.clip), patience=getattr(args, "patience", None),
+                   max_minutes=getattr(args, "max_minutes", None),
+                   progress=not args.no_progress)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What the validation at the end of an epoch found (:meth:`EpochTrainer.validate`).
+
+    :param score: compared as a tuple, higher is better: a perplexity enters as ``(-ppl,)``, an
+        accuracy with the NLL to break ties as ``(accuracy, -nll)``.
+    :param figures: the history entry's validation figures (``{"valid_ppl": 12.3}``), between its
+        ``train_loss`` and its ``train_seconds``.
+    :param summary: the epoch's log line after its training loss (``"valid PPL 12.345"``).
+    """
+
+    score: tuple[float, ...]
+    figures: Mapping[str, Any]
+    summary: str
+
+
+class EpochTrainer(abc.ABC, Generic[ModelT]):
+    """The training loop of an example that trains epochs of batches and validates after each,
+    with exact, resumable checkpoints.
+
+    The state after any step is the model, the optimizer, the position (epoch, step within the
+    epoch, steps in all), the best validation score, the validations since it improved, the
+    history, the training time, the random generators' states and what the example adds
+    (:meth:`extra_state`). :meth:`save` writes all of it atomically and :meth:`restore` puts it
+    back, so a resumed run takes the same next step as an uninterrupted one, provided the batch
+    order of an epoch is a function of the seed and the epoch (:meth:`epoch_batches`).
+
+    An example supplies its batches (:meth:`epoch_batches`), one training step
+    (:meth:`train_on`, usually through :meth:`optimizer_step`), the validation
+    (:meth:`validate`) and its part of the checkpoints (:meth:`model_state`,
+    :meth:`extra_state`, :meth:`check_checkpoint`, :meth:`restore_extra`); :meth:`start_epoch`
+    and :meth:`no_improvement` are for learning-rate schedules. The class attributes below set
+    what differs in the log and on resume.
+    """
+
+    #: the validation figure early stopping names: "early stop: N epochs without a better ..."
+    metric: ClassVar[str] = "validation score"
+    #: what the epoch's training loss is per, in its log line (``"/token"``; ``""``: per example)
+    loss_unit: ClassVar[str] = ""
+    #: the progress bar's name of the examples (the counts :meth:`train_on` returns) per second,
+    #: e.g. ``"tok_s"`` (``None``: no rate shown)
+    rate: ClassVar[str | None] = None
+    #: the best score before any validation
+    initial_best: ClassVar[tuple[float, ...]] = (-float("inf"),)
+    #: whether the checkpoint carries the running loss of the epoch (key ``"partial"``), so that
+    #: after a mid-epoch resume the epoch's training loss averages all of its steps (else only
+    #: those taken after the resume)
+    resume_partial: ClassVar[bool] = False
+    #: whether a run that used up ``max_minutes`` stays stopped when resumed (else a resume with
+    #: a larger budget trains on)
+    budget_is_final: ClassVar[bool] = False
+
+    def __init__(self, options: LoopOptions, model: ModelT, optim: torch.optim.Optimizer,
+                 device: torch.device, world: int = 1, rank: int = 0) -> None:
+        self.options, self.model, self.optim = options, model, optim
+        self.device, self.world, self.rank = device, world, rank
+        self.net = data_parallel(model, device, world)
+        self.epoch, self.step_in_epoch, self.steps = 0, 0, 0
+        self.best: tuple[float, ...] = self.initial_best
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+        self.stopped = False  # early stopping (or a final budget) ended training for good
+        self.partial = (0.0, 0)  # loss sum and count of the epoch so far, at the last save
+
+    # -- what an example supplies
+
+    @abc.abstractmethod
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches (lists of training-example indices) this process takes in ``epoch``, a
+        function of the seed and ``epoch`` only."""
+
+    @abc.abstractmethod
+    def train_on(self, idx: list[int]) -> tuple[torch.Tensor, int]:
+        """One optimizer step on the batch of training examples ``idx``, counted in
+        :attr:`steps`: the reported loss summed over the batch (a tensor: no host sync) and
+        what the sum is over (examples or tokens)."""
+
+    @abc.abstractmethod
+    def validate(self) -> Validation:
+        """Validate the model at the end of an epoch (or where the time budget ran out)."""
+
+    @abc.abstractmethod
+    def model_state(self) -> dict[str, Any]:
+        """What both checkpoints hold of the model: its ``"model"`` state dict and what is
+        needed to build it again (``"config"``, a vocabulary...)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """The example's own checkpoint entries (the best score and the stopped flag under its
+        own keys, its options...)."""
+        return {}
+
+    def check_checkpoint(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse the checkpoint ``state`` read from ``path`` before anything is loaded from it.
+
+        :raises ExampleError: if it was written for another model or other options.
+        """
+
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` saved (:attr:`best`, :attr:`stopped`...)."""
+
+    def start_epoch(self) -> None:
+        """Called before the first step of every epoch (also when resumed at one)."""
+
+    def no_improvement(self) -> None:
+        """Called after a validation that did not improve the best score, before early
+        stopping is considered."""
+
+    # -- the shared parts
+
+    def optimizer_step(self, batch: Any, count: int) -> torch.Tensor:
+        """One optimizer step on ``batch``: the training loss the model returns first, divided
+        by ``count``, is back-propagated, the gradient norm clipped and :attr:`steps` counted;
+        returns the reported loss sum the model returns second."""
+        self.model.train()
+        self.optim.zero_grad(set_to_none=True)
+        loss, report = self.net(batch)
+        (loss / count).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.clip)
+        self.optim.step()
+        self.steps += 1
+        out: torch.Tensor = report
+        return out
+
+    def state(self) -> dict[str, Any]:
+        """The whole training state, as :meth:`save` writes it."""
+        state: dict[str, Any] = {
+            **self.model_state(), "optim": self.optim.state_dict(), "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch, "steps": self.steps,
+            "bad_epochs": self.bad_epochs, "history": self.history,
+            "train_seconds": self.train_seconds, "rng": rng_state(), "world": self.world}
+        if self.resume_partial:
+            state["partial"] = self.partial
+        state.update(self.extra_state())
+        return state
+
+    def save(self, path: Path) -> None:
+        """Write :meth:`state` to ``path`` atomically (rank 0 only)."""
+        if is_main():
+            atomic_save(self.state(), path)
+
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        """Restore the state ``state`` read from the checkpoint ``path``.
+
+        :raises ExampleError: if :meth:`check_checkpoint` refuses it, or it was written by
+            another number of processes (the message names the file).
+        """
+        self.check_checkpoint(state, path)
+        check_checkpoint_world(state, path, self.world)
+        self.model.load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.steps, self.bad_epochs = state["steps"], state["bad_epochs"]
+        self.history, self.train_seconds = state["history"], state["train_seconds"]
+        if self.resume_partial:
+            loss_sum, count = state.get("partial", (0.0, 0))
+            self.partial = (float(loss_sum), int(count))
+        self.restore_extra(state)
+        set_rng_state(state["rng"])
+
+    def fit(self, checkpoint: Path, best: Path) -> None:
+        """Train from where the state stands until ``epochs`` epochs are done, early stopping
+        or the time budget ends training, writing ``checkpoint`` every ``checkpoint_every``
+        steps and after every epoch, and ``best`` (:meth:`model_state` and ``"epoch"``, counted
+        from 1) after every validation that improves the best score."""
+        while not self.stopped and self.epoch < self.options.epochs and (
+                self.budget_is_final or not self._out_of_time()):
+            self._train_epoch(checkpoint, best)
+        self.save(checkpoint)
+
+    def _out_of_time(self) -> bool:
+        """Whether the training-time budget is spent (a collective call: every process)."""
+        budget = self.options.max_minutes
+        return budget is not None and \
+            all_reduce_sum(self.train_seconds, self.device) / self.world >= 60.0 * budget
+
+    def _train_epoch(self, checkpoint: Path, best: Path) -> None:
+        """The rest of the epoch :attr:`epoch` from :attr:`step_in_epoch`, or until the time
+        budget is spent; then its validation, and the checkpoint."""
+        # phase 1: the epoch's batches, and its running loss, continued after a mid-epoch
+        # resume where the checkpoint carries it
+        batches = self.epoch_batches(self.epoch)
+        if self.step_in_epoch == 0:
+            self.start_epoch()
+        loss0, count = self.partial if self.resume_partial and self.step_in_epoch else (0.0, 0)
+        report = torch.full((), loss0, device=self.device)
+        bar = progress(range(self.step_in_epoch, len(batches)), total=len(batches),
+                       initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}",
+                       disable=not self.options.progress or not is_main())
+        rate_time, rate_count = time.perf_counter(), count
+        out_of_time = False
+        # phase 2: the steps, each timed, with a checkpoint every checkpoint_every steps
+        for i in bar:
+            start = time.perf_counter()
+            loss_sum, n = self.train_on(batches[i])
+            report, count = report + loss_sum, count + n
+            self.step_in_epoch = i + 1
+            if self.steps % 25 == 0 or i + 1 == len(batches):
+                shown = {"loss": f"{float(report) / max(count, 1):.3f}"}  # a sync every 25
+                if self.rate is not None:
+                    now = time.perf_counter()
+                    shown[self.rate] = f"{(count - rate_count) / (now - rate_time):.0f}"
+                    rate_time, rate_count = now, count
+                bar.set_postfix(shown)
+            self.train_seconds += time.perf_counter() - start
+            if self.steps % self.options.checkpoint_every == 0:
+                if self.resume_partial:
+                    self.partial = (float(report), count)  # a host sync per checkpoint
+                self.save(checkpoint)
+            if self._out_of_time():
+                out_of_time = True
+                break
+        bar.close()
+        # phase 3: validate a finished epoch (or the part trained before the budget ran out),
+        # move the position on and checkpoint
+        train_loss = (all_reduce_sum(float(report), self.device)
+                      / max(all_reduce_sum(count, self.device), 1))
+        finished = self.step_in_epoch == len(batches)
+        if finished or out_of_time:
+            self._validate(train_loss, finished, best)
+        if finished:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if out_of_time:
+            log_main(f"training-time budget of {self.options.max_minutes} min reached")
+            if self.budget_is_final:
+                self.stopped = True
+        if self.resume_partial:
+            self.partial = (float(report), count)
+        self.save(checkpoint)
+
+    def _validate(self, train_loss: float, complete: bool, best: Path) -> None:
+        """Validate, log and record the epoch; keep the best model; stop early by patience."""
+        v = self.validate()
+        entry = {"epoch": self.epoch + 1, "steps": self.steps, "train_loss": train_loss,
+                 **v.figures, "train_seconds": self.train_seconds, "complete": complete}
+        self.history.append(entry)
+        log_main(f"epoch {self.epoch + 1}: train loss {train_loss:.4f}{self.loss_unit}, "
+                 f"{v.summary}, {self.train_seconds:.0f} s")
+        if v.score > self.best:
+            self.best, self.bad_epochs = v.score, 0
+            if is_main():
+                atomic_save({**self.model_state(), "epoch": self.epoch + 1}, best)
+        else:
+            self.bad_epochs += 1
+            self.no_improvement()
+            patience = self.options.patience
+            if patience is not None and self.bad_epochs >= patience:
+                log_main(f"early stop: {patience} epochs without a better {self.metric}")
+                self.stopped = True

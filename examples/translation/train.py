@@ -14,16 +14,15 @@ import torch
 import torch.distributed as dist
 
 from ..common import (
+    EpochTrainer,
     ExampleError,
-    all_reduce_sum,
+    LoopOptions,
+    Validation,
     apply_smoke,
-    atomic_save,
     atomic_write_text,
     check_checkpoint_world,
     check_resume_options,
-    data_parallel,
     example_parser,
-    is_main,
     load_checkpoint,
     log_main,
     nonnegative_float,
@@ -33,15 +32,12 @@ from ..common import (
     positive_int,
     print_written,
     probability,
-    progress,
     replicas_identical,
     resume_or_refuse,
-    rng_state,
     run_cli,
     run_distributed,
     run_options,
     save_figure,
-    set_rng_state,
     write_json,
 )
 from ..data import MULTI30K_SPLITS, load_multi30k
@@ -182,8 +178,11 @@ CHECKPOINT_KEYS = ("model", "optim", "config", "epoch", "step_in_epoch", "steps"
                    "bad_epochs", "history", "train_seconds", "done", "rng")
 
 
-class Trainer:
-    """The model, its optimizer and the training state, with exact checkpoints.
+class Trainer(EpochTrainer[Seq2Seq]):
+    """The model, its optimizer and the training state, with exact checkpoints
+    (:class:`~examples.common.EpochTrainer`): the best model has the lowest validation
+    perplexity; a validation that does not improve it multiplies the learning rate by
+    ``--lr-decay``; a run stopped early or by ``--max-minutes`` stays stopped.
 
     The state after any step is (model, optimizer, learning rate, epoch, step within the epoch,
     validation history, random generators); :meth:`save` writes all of it atomically and
@@ -191,17 +190,22 @@ class Trainer:
     (the batch order of an epoch is a function of the seed and the epoch).
     """
 
+    metric = "valid PPL"
+    loss_unit = "/token"
+    rate = "tok_s"
+    budget_is_final = True
+
     def __init__(self, args: argparse.Namespace, model: Seq2Seq, train: Sequence[Any],
-                 device: torch.device, world: int = 1, rank: int = 0) -> None:
-        self.args, self.model, self.train_pairs = args, model, train
-        self.device, self.world, self.rank = device, world, rank
-        self.net = data_parallel(model, device, world)
-        self.optim = torch.optim.Adam(model.parameters(), lr=args.lr)
-        self.epoch, self.step_in_epoch, self.steps = 0, 0, 0
-        self.best_ppl, self.bad_epochs = math.inf, 0
-        self.history: list[dict[str, Any]] = []
-        self.train_seconds = 0.0
-        self.done = False
+                 device: torch.device, world: int = 1, rank: int = 0,
+                 valid: Sequence[Any] = ()) -> None:
+        super().__init__(LoopOptions.from_args(args), model,
+                         torch.optim.Adam(model.parameters(), lr=args.lr), device, world, rank)
+        self.args, self.train_pairs, self.valid = args, train, valid
+
+    @property
+    def best_ppl(self) -> float:
+        """The lowest validation perplexity so far (``inf`` before the first validation)."""
+        return -self.best[0]
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         b = length_batches(self.train_pairs, self.args.batch_size, shuffle=True,
@@ -211,28 +215,36 @@ class Trainer:
     def step(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """One optimizer step on ``batch``; returns the reported loss sum (a tensor, no host
         sync) and the number of target tokens."""
-        self.model.train()
-        self.optim.zero_grad(set_to_none=True)
-        loss, report = self.net(batch)
-        tokens = batch.num_tokens
-        (loss / tokens).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
-        self.optim.step()
-        self.steps += 1
-        return report, tokens
+        return self.optimizer_step(batch, batch.num_tokens), batch.num_tokens
 
-    def state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optim": self.optim.state_dict(),
-                "config": self.model.config.as_dict(), "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "steps": self.steps,
-                "best_ppl": self.best_ppl, "bad_epochs": self.bad_epochs,
-                "history": self.history, "train_seconds": self.train_seconds,
-                "done": self.done, "rng": rng_state(), "world": self.world,
+    def train_on(self, idx: list[int]) -> tuple[torch.Tensor, int]:
+        return self.step(collate([self.train_pairs[i] for i in idx], idx).to(self.device))
+
+    def validate(self) -> Validation:
+        ppl = evaluate(self.model, self.valid, self.args.eval_batch_size, self.device)["ppl"]
+        lr = self.optim.param_groups[0]["lr"]
+        return Validation(score=(-ppl,), figures={"valid_ppl": ppl, "lr": lr},
+                          summary=f"valid PPL {ppl:.3f}, lr {lr:.2e}")
+
+    def start_epoch(self) -> None:
+        """``--decay-after N``: multiply the learning rate by ``--lr-decay`` at the start of
+        every epoch after the first N."""
+        if self.args.decay_after is not None and self.epoch >= self.args.decay_after:
+            self._decay()
+
+    def no_improvement(self) -> None:
+        self._decay()
+
+    def _decay(self) -> None:
+        for g in self.optim.param_groups:
+            g["lr"] *= self.args.lr_decay
+
+    def model_state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "config": self.model.config.as_dict()}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"best_ppl": self.best_ppl, "done": self.stopped,
                 "options": run_options(self.args, MAY_CHANGE)}
-
-    def save(self, path: Path) -> None:
-        if is_main():
-            atomic_save(self.state(), path)
 
     def load(self, path: Path) -> None:
         """Restore the state saved in the checkpoint ``path``.
@@ -242,19 +254,14 @@ class Trainer:
         """
         self.restore(read_checkpoint(path, self.device), path)
 
-    def restore(self, st: dict[str, Any], path: Path) -> None:
-        """Restore the state ``st`` read from the checkpoint ``path`` (see :meth:`load`)."""
-        if st["config"] != self.model.config.as_dict():
-            raise ExampleError(f"the checkpoint {str(path)!r} was written for {st['config']}, not "
-                               f"{self.model.config.as_dict()}; use the same options, or another "
-                               "--out-dir")
-        check_checkpoint_world(st, path, self.world)
-        self.model.load_state_dict(st["model"])
-        self.optim.load_state_dict(st["optim"])
-        for k in ("epoch", "step_in_epoch", "steps", "best_ppl", "bad_epochs", "history",
-                  "train_seconds", "done"):
-            setattr(self, k, st[k])
-        set_rng_state(st["rng"])
+    def check_checkpoint(self, state: dict[str, Any], path: Path) -> None:
+        if state["config"] != self.model.config.as_dict():
+            raise ExampleError(f"the checkpoint {str(path)!r} was written for {state['config']}, "
+                               f"not {self.model.config.as_dict()}; use the same options, or "
+                               "another --out-dir")
+
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        self.best, self.stopped = (-float(state["best_ppl"]),), bool(state["done"])
 
 
 def read_checkpoint(path: Path, device: torch.device, keys: Sequence[str] = CHECKPOINT_KEYS
@@ -413,13 +420,13 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
                          k_max=args.k_max, max_jump=args.max_jump,
                          max_bytes=args.max_bytes * 2**20)
     model = Seq2Seq(config).to(device)
-    trainer = Trainer(args, model, train, device, world, rank)
+    trainer = Trainer(args, model, train, device, world, rank, valid=valid)
     if saved is not None:
         trainer.restore(saved, ckpt)
         log_main(f"resumed from {ckpt}: {resume_position(trainer)}")
     log_main(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.attention}")
 
-    _train(args, trainer, valid, device, ckpt, best_path)
+    trainer.fit(ckpt, best_path)
 
     identical = replicas_identical(model, world)
     if rank != 0:
@@ -448,84 +455,13 @@ def resume_position(trainer: Trainer) -> str:
     """Where a resumed run stands, counted as the log counts: epochs from 1, and the steps of the
     epoch being trained already taken (as its progress bar starts)."""
     epochs, done = trainer.args.epochs, trainer.steps
-    if trainer.done or trainer.epoch >= epochs:
-        why = "stopped early" if trainer.done and trainer.epoch < epochs else "finished"
+    if trainer.stopped or trainer.epoch >= epochs:
+        why = "stopped early" if trainer.stopped and trainer.epoch < epochs else "finished"
         return (f"training {why} after {trainer.epoch} complete epoch(s) of {epochs}, {done} "
                 "steps in all; evaluating")
     per_epoch = len(trainer.epoch_batches(trainer.epoch))
     return (f"epoch {trainer.epoch + 1} of {epochs}, step {trainer.step_in_epoch} of "
             f"{per_epoch} of it, {done} steps in all")
-
-
-def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Any],
-           device: torch.device, ckpt: Path, best_path: Path) -> None:
-    model = trainer.model
-    budget = None if args.max_minutes is None else 60.0 * args.max_minutes
-    while not trainer.done and trainer.epoch < args.epochs:
-        batches = trainer.epoch_batches(trainer.epoch)
-        if args.decay_after is not None and trainer.step_in_epoch == 0 \
-                and trainer.epoch >= args.decay_after:
-            for g in trainer.optim.param_groups:
-                g["lr"] *= args.lr_decay
-        bar = progress(range(trainer.step_in_epoch, len(batches)), total=len(batches),
-                       initial=trainer.step_in_epoch, desc=f"epoch {trainer.epoch + 1}",
-                       disable=args.no_progress or not is_main())
-        report = torch.zeros((), device=device)
-        tokens, t_mark, tok_mark = 0, time.perf_counter(), 0
-        out_of_time = False
-        for i in bar:
-            t0 = time.perf_counter()
-            r, n = trainer.step(trainer_batch(trainer, batches[i], device))
-            report, tokens = report + r, tokens + n
-            trainer.step_in_epoch = i + 1
-            if trainer.steps % 25 == 0 or i + 1 == len(batches):
-                loss = float(report) / max(tokens, 1)  # one host sync every 25 steps
-                now = time.perf_counter()
-                bar.set_postfix(loss=f"{loss:.3f}",
-                                tok_s=f"{(tokens - tok_mark) / (now - t_mark):.0f}")
-                t_mark, tok_mark = now, tokens
-            trainer.train_seconds += time.perf_counter() - t0
-            if trainer.steps % args.checkpoint_every == 0:
-                trainer.save(ckpt)
-            if budget is not None and \
-                    all_reduce_sum(trainer.train_seconds, device) / trainer.world >= budget:
-                out_of_time = True
-                break
-        bar.close()
-        epoch_loss = all_reduce_sum(float(report), device) / max(all_reduce_sum(tokens, device), 1)
-        finished_epoch = trainer.step_in_epoch == len(batches)
-        if finished_epoch or out_of_time:
-            v = evaluate(model, valid, args.eval_batch_size, device)
-            entry = {"epoch": trainer.epoch + 1, "steps": trainer.steps,
-                     "train_loss": epoch_loss, "valid_ppl": v["ppl"],
-                     "lr": trainer.optim.param_groups[0]["lr"],
-                     "train_seconds": trainer.train_seconds, "complete": finished_epoch}
-            trainer.history.append(entry)
-            log_main(f"epoch {trainer.epoch + 1}: train loss {epoch_loss:.4f}/token, valid PPL "
-                 f"{v['ppl']:.3f}, lr {entry['lr']:.2e}, {trainer.train_seconds:.0f} s")
-            if v["ppl"] < trainer.best_ppl:
-                trainer.best_ppl, trainer.bad_epochs = v["ppl"], 0
-                if is_main():
-                    atomic_save({"model": model.state_dict(), "config": model.config.as_dict(),
-                                 "epoch": trainer.epoch + 1}, best_path)
-            else:
-                trainer.bad_epochs += 1
-                for g in trainer.optim.param_groups:
-                    g["lr"] *= args.lr_decay
-                if trainer.bad_epochs >= args.patience:
-                    log_main(f"early stop: {args.patience} epochs without a better valid PPL")
-                    trainer.done = True
-        if finished_epoch:
-            trainer.epoch, trainer.step_in_epoch = trainer.epoch + 1, 0
-        if out_of_time:
-            log_main(f"training-time budget of {args.max_minutes} min reached")
-            trainer.done = True
-        trainer.save(ckpt)
-    trainer.save(ckpt)
-
-
-def trainer_batch(trainer: Trainer, idx: list[int], device: torch.device) -> Batch:
-    return collate([trainer.train_pairs[i] for i in idx], idx).to(device)
 
 
 def _final(args: argparse.Namespace, model: Seq2Seq, tok: Tokenizer, trainer: Trainer,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,30 +13,25 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..common import (
+    EpochTrainer,
     ExampleError,
-    all_reduce_sum,
+    LoopOptions,
+    Validation,
     apply_smoke,
-    atomic_save,
-    check_checkpoint_world,
     check_resume_options,
-    data_parallel,
     example_parser,
-    is_main,
     load_checkpoint,
     log_main,
     out_dir_guard,
     positive_float,
     positive_int,
     print_written,
-    progress,
     replicas_identical,
     resume_or_refuse,
-    rng_state,
     run_cli,
     run_distributed,
     run_options,
     save_figure,
-    set_rng_state,
     shard,
     write_json,
 )
@@ -155,29 +149,30 @@ def load_data(args: argparse.Namespace, out_dir: Path) -> VideoQAData:
                             args.questions_per_video, args.data_seed)
 
 
-class Trainer:
-    """The model, its optimizer and the training state, with exact checkpoints.
+class Trainer(EpochTrainer[VideoQA]):
+    """The model, its optimizer and the training state, with exact checkpoints
+    (:class:`~examples.common.EpochTrainer`): the best model has the highest validation accuracy
+    (ties: the lower NLL); a run stopped early stays stopped, one that used up its ``--epochs``
+    or ``--max-minutes`` trains on when resumed with larger ones.
 
     The state after any step is (model, optimizer, epoch, step within the epoch, validation
-    history, random generators); :meth:`save` writes all of it atomically and :meth:`load`
-    restores it, so a resumed run takes the same next step as an uninterrupted one (the batch
-    order of an epoch is a function of the seed and the epoch).
+    history, random generators); :meth:`save` writes all of it atomically and :meth:`restore`
+    puts it back, so a resumed run takes the same next step as an uninterrupted one (the batch
+    order of an epoch is a function of the seed and the epoch). The checkpoint also carries the
+    running loss of the epoch, so that an epoch resumed in its middle reports the train loss of
+    all of its steps.
     """
+
+    metric = "valid accuracy"
+    initial_best = (-1.0, 0.0)  # (valid accuracy, -valid NLL)
+    resume_partial = True
 
     def __init__(self, args: argparse.Namespace, model: VideoQA, data: VideoQAData,
                  train: Sequence[Question], vocab: Vocab, device: torch.device, world: int = 1,
-                 rank: int = 0) -> None:
-        self.args, self.model, self.data, self.train = args, model, data, train
-        self.vocab, self.device, self.world, self.rank = vocab, device, world, rank
-        self.net = data_parallel(model, device, world)
-        self.optim = torch.optim.Adam(model.parameters(), lr=args.lr)
-        self.epoch, self.step_in_epoch, self.steps = 0, 0, 0
-        self.best: tuple[float, float] = (-1.0, 0.0)  # (valid accuracy, -valid NLL)
-        self.bad_epochs = 0
-        self.history: list[dict[str, Any]] = []
-        self.train_seconds = 0.0
-        self.stopped_early = False
-        self.partial = (0.0, 0)  # loss sum and questions of the epoch so far, at the last save
+                 rank: int = 0, valid: Sequence[Question] = ()) -> None:
+        super().__init__(LoopOptions.from_args(args), model,
+                         torch.optim.Adam(model.parameters(), lr=args.lr), device, world, rank)
+        self.args, self.data, self.train, self.valid, self.vocab = args, data, train, valid, vocab
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         return shard(video_batches(self.train, self.args.batch_size,
@@ -188,48 +183,49 @@ class Trainer:
 
     def step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step; returns the loss summed over the batch (no host sync)."""
-        self.model.train()
-        self.optim.zero_grad(set_to_none=True)
-        loss, report = self.net(batch)
-        (loss / len(batch)).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
-        self.optim.step()
-        self.steps += 1
-        return report
+        return self.optimizer_step(batch, len(batch))
 
-    def state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optim": self.optim.state_dict(),
-                "config": self.model.config.as_dict(), "vocab": self.vocab.as_dict(),
-                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "steps": self.steps,
-                "best": self.best, "bad_epochs": self.bad_epochs, "history": self.history,
-                "train_seconds": self.train_seconds, "stopped_early": self.stopped_early,
-                "partial": self.partial, "options": run_options(self.args, MAY_CHANGE),
-                "rng": rng_state(), "world": self.world}
+    def train_on(self, idx: list[int]) -> tuple[torch.Tensor, int]:
+        return self.step(self.batch(idx)), len(idx)
 
-    def save(self, path: Path) -> None:
-        if is_main():
-            atomic_save(self.state(), path)
+    def validate(self) -> Validation:
+        v = evaluate(self.model, self.data, self.valid, self.vocab, self.args.eval_batch_size,
+                     self.device)
+        return Validation(
+            score=(v["accuracy"], -v["nll"]),
+            figures={"valid_accuracy": v["accuracy"], "valid_nll": v["nll"],
+                     "valid_ground_prior": v["ground_prior"]},
+            summary=f"valid accuracy {v['accuracy']:.3f}, NLL {v['nll']:.3f}, prior grounding "
+                    f"{v['ground_prior']:.3f}")
 
-    def load(self, path: Path, st: dict[str, Any] | None = None) -> None:
-        """Restore the state saved in ``path`` (``st``: its contents, already read)."""
-        if st is None:
-            st = _read_checkpoint(path, self.device)
-        check_resume_options(st.get("options"), run_options(self.args, MAY_CHANGE), path)
-        if st["config"] != self.model.config.as_dict() or st["vocab"] != self.vocab.as_dict():
-            raise ExampleError(f"the checkpoint {str(path)!r} was written for {st['config']} "
+    def model_state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "config": self.model.config.as_dict(),
+                "vocab": self.vocab.as_dict()}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"best": self.best, "stopped_early": self.stopped,
+                "options": run_options(self.args, MAY_CHANGE)}
+
+    def load(self, path: Path) -> None:
+        """Restore the state saved in the checkpoint ``path``.
+
+        :raises ExampleError: if the file cannot be read, is not a checkpoint of this program, or
+            was written with other options (the message names the file).
+        """
+        self.restore(_read_checkpoint(path, self.device), path)
+
+    def check_checkpoint(self, state: dict[str, Any], path: Path) -> None:
+        check_resume_options(state.get("options"), run_options(self.args, MAY_CHANGE), path)
+        if state["config"] != self.model.config.as_dict() or \
+                state["vocab"] != self.vocab.as_dict():
+            raise ExampleError(f"the checkpoint {str(path)!r} was written for {state['config']} "
                                "and another data set or options, not "
                                f"{self.model.config.as_dict()}; use the same options, or "
                                "another --out-dir")
-        check_checkpoint_world(st, path, self.world)
-        self.model.load_state_dict(st["model"])
-        self.optim.load_state_dict(st["optim"])
-        for k in ("epoch", "step_in_epoch", "steps", "bad_epochs", "history", "train_seconds"):
-            setattr(self, k, st[k])
-        self.stopped_early = bool(st.get("stopped_early", False))
-        loss_sum, seen = st.get("partial", (0.0, 0))
-        self.partial = (float(loss_sum), int(seen))
-        self.best = (float(st["best"][0]), float(st["best"][1]))
-        set_rng_state(st["rng"])
+
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        self.stopped = bool(state.get("stopped_early", False))
+        self.best = (float(state["best"][0]), float(state["best"][1]))
 
 
 def _read_checkpoint(path: Path, device: torch.device | str) -> dict[str, Any]:
@@ -437,12 +433,12 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         image_size=int(data.videos.shape[2]) if data.pixels else 32, dim=args.dim,
         embed=args.embed, samples=args.samples, segment_len=args.segment_len)
     model = VideoQA(config).to(device)
-    trainer = Trainer(args, model, data, train, vocab, device, world, rank)
+    trainer = Trainer(args, model, data, train, vocab, device, world, rank, valid=valid)
     if saved is not None:
-        trainer.load(ckpt, saved)
+        trainer.restore(saved, ckpt)
         log_main(_resumed(trainer, ckpt))
     log_main(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.mode}")
-    _train(args, trainer, valid, ckpt, best_path)
+    trainer.fit(ckpt, best_path)
 
     identical = replicas_identical(model, world)
     if rank != 0:
@@ -485,7 +481,7 @@ def _resumed(trainer: Trainer, path: Path) -> str:
     """The resume message, counting epochs from 1 as the log and the progress bars do."""
     args = trainer.args
     done = f"{trainer.steps} steps in all"
-    if trainer.stopped_early:
+    if trainer.stopped:
         return (f"resumed from {path}: stopped early after epoch {trainer.epoch} ({done}); "
                 "evaluating")
     if trainer.epoch >= args.epochs:
@@ -494,73 +490,6 @@ def _resumed(trainer: Trainer, path: Path) -> str:
     batches = len(trainer.epoch_batches(trainer.epoch))
     return (f"resumed from {path}: epoch {trainer.epoch + 1} of {args.epochs}, "
             f"{trainer.step_in_epoch} of its {batches} steps done ({done})")
-
-
-def _train(args: argparse.Namespace, trainer: Trainer, valid: Sequence[Question], ckpt: Path,
-           best_path: Path) -> None:
-    model, device = trainer.model, trainer.device
-    budget = None if args.max_minutes is None else 60.0 * args.max_minutes
-    # a run stops early for good; one that used up its --epochs or --max-minutes continues when
-    # resumed with larger ones
-    while not trainer.stopped_early and trainer.epoch < args.epochs and (
-            budget is None or all_reduce_sum(trainer.train_seconds, device) / trainer.world
-            < budget):
-        batches = trainer.epoch_batches(trainer.epoch)
-        bar = progress(range(trainer.step_in_epoch, len(batches)), total=len(batches),
-                       initial=trainer.step_in_epoch, desc=f"epoch {trainer.epoch + 1}",
-                       disable=args.no_progress or not is_main())
-        # the epoch's running loss continues from the checkpoint after a mid-epoch resume
-        loss0, seen = trainer.partial if trainer.step_in_epoch else (0.0, 0)
-        report = torch.full((), loss0, device=device)
-        out_of_time = False
-        for i in bar:
-            t0 = time.perf_counter()
-            report = report + trainer.step(trainer.batch(batches[i]))
-            seen += len(batches[i])
-            trainer.step_in_epoch = i + 1
-            if trainer.steps % 25 == 0 or i + 1 == len(batches):
-                bar.set_postfix(loss=f"{float(report) / max(seen, 1):.3f}")  # a sync every 25
-            trainer.train_seconds += time.perf_counter() - t0
-            if trainer.steps % args.checkpoint_every == 0:
-                trainer.partial = (float(report), seen)  # a host sync per checkpoint
-                trainer.save(ckpt)
-            if budget is not None and \
-                    all_reduce_sum(trainer.train_seconds, device) / trainer.world >= budget:
-                out_of_time = True
-                break
-        bar.close()
-        epoch_loss = all_reduce_sum(float(report), device) / max(all_reduce_sum(seen, device), 1)
-        finished = trainer.step_in_epoch == len(batches)
-        if finished or out_of_time:
-            v = evaluate(model, trainer.data, valid, trainer.vocab, args.eval_batch_size, device)
-            entry = {"epoch": trainer.epoch + 1, "steps": trainer.steps,
-                     "train_loss": epoch_loss, "valid_accuracy": v["accuracy"],
-                     "valid_nll": v["nll"], "valid_ground_prior": v["ground_prior"],
-                     "train_seconds": trainer.train_seconds, "complete": finished}
-            trainer.history.append(entry)
-            log_main(f"epoch {trainer.epoch + 1}: train loss {epoch_loss:.4f}, valid accuracy "
-                     f"{v['accuracy']:.3f}, NLL {v['nll']:.3f}, prior grounding "
-                     f"{v['ground_prior']:.3f}, {trainer.train_seconds:.0f} s")
-            score = (v["accuracy"], -v["nll"])
-            if score > trainer.best:
-                trainer.best, trainer.bad_epochs = score, 0
-                if is_main():
-                    atomic_save({"model": model.state_dict(), "config": model.config.as_dict(),
-                                 "vocab": trainer.vocab.as_dict(), "epoch": trainer.epoch + 1},
-                                best_path)
-            else:
-                trainer.bad_epochs += 1
-                if trainer.bad_epochs >= args.patience:
-                    log_main(f"early stop: {args.patience} epochs without a better valid "
-                             "accuracy")
-                    trainer.stopped_early = True
-        if finished:
-            trainer.epoch, trainer.step_in_epoch = trainer.epoch + 1, 0
-        if out_of_time:
-            log_main(f"training-time budget of {args.max_minutes} min reached")
-        trainer.partial = (float(report), seen)
-        trainer.save(ckpt)
-    trainer.save(ckpt)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

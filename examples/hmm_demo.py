@@ -1,7 +1,9 @@
 """A self-contained demo of the engine: fit a hidden Markov model by exact gradient ascent.
 
-Run ``python -m plated.demo`` (``--help`` for options). Nothing is downloaded: the data are drawn
-from a synthetic ground-truth HMM with a fixed seed. The demo
+Run ``python -m examples.hmm_demo`` (``--help`` for options; ``--smoke-test``, or its older name
+``--quick``, for a run of a few seconds). Nothing is downloaded and no file is written: the data
+are drawn from a synthetic ground-truth HMM with a fixed seed, and the report is printed. It uses
+the engine alone (:mod:`plated`), so it runs with the base install. The demo
 
 1. draws ``--num-seqs`` sequences of ``--num-steps`` observations from a Gaussian HMM with four
    hidden states;
@@ -40,10 +42,32 @@ from dataclasses import dataclass
 
 import torch
 
-from .factor import Factor, Plate
-from .graph import PlatedFactorGraph
+from plated import Factor, Plate, PlatedFactorGraph
 
-__all__ = ["HMMParams", "build_graph", "sample_hmm", "best_permutation_accuracy", "main"]
+from .common import (
+    HelpFormatter,
+    apply_smoke,
+    device_option,
+    plain_text,
+    positive_float,
+    positive_int,
+    resolve_device,
+    run_cli,
+)
+
+__all__ = ["HMMParams", "best_permutation_accuracy", "build_graph", "cli", "main", "make_parser",
+           "parse_args", "sample_hmm"]
+
+PROG = "python -m examples.hmm_demo"
+
+DESCRIPTION = """\
+Fit a Gaussian hidden Markov model on synthetic data by gradient ascent on its exact
+log-likelihood (tensor variable elimination with a sequential plate), then decode it: MAP states,
+posterior marginals and posterior samples. Reads no data set and writes no file: the report is
+printed."""
+
+#: The ``--smoke-test`` (``--quick``) settings of the options the user did not give.
+SMOKE = dict(steps=20, num_steps=50, num_seqs=4)
 
 
 @dataclass
@@ -179,36 +203,35 @@ def _states_str(z: torch.Tensor) -> str:
     return "".join(str(int(v)) for v in z.tolist())
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (see ``python -m plated.demo --help``)."""
-    p = argparse.ArgumentParser(
-        prog="python -m plated.demo",
-        description="Fit a Gaussian hidden Markov model on synthetic data by gradient ascent on "
-        "its exact log-likelihood (tensor variable elimination with a sequential plate), then "
-        "decode it: MAP states, posterior marginals and posterior samples.",
-    )
-    p.add_argument("--steps", type=int, default=100, help="Adam steps (default: 100)")
-    p.add_argument("--num-steps", type=int, default=200,
-                   help="time steps per sequence (default: 200)")
-    p.add_argument("--num-seqs", type=int, default=8, help="number of sequences (default: 8)")
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m examples.hmm_demo``."""
+    p = argparse.ArgumentParser(prog=PROG, description=plain_text(DESCRIPTION),
+                                formatter_class=HelpFormatter)
+    p.add_argument("--steps", type=positive_int, default=100, help="Adam steps")
+    p.add_argument("--num-steps", type=positive_int, default=200,
+                   help="time steps per sequence")
+    p.add_argument("--num-seqs", type=positive_int, default=8, help="number of sequences")
     p.add_argument("--num-states", type=int, default=4,
-                   help="hidden states; the accuracy search tries all K! relabellings, so keep it "
-                   "small (default: 4)")
-    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate (default: 0.1)")
+                   help="hidden states, 2 to 8; the accuracy search tries all K! relabellings, "
+                        "so keep it small")
+    p.add_argument("--lr", type=positive_float, default=0.1, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed for data, start and samples")
-    p.add_argument("--device", default="cpu",
-                   help="torch device, e.g. cpu or cuda; 'auto' picks cuda when available "
-                   "(default: cpu)")
-    p.add_argument("--quick", action="store_true",
-                   help="a very fast run (20 Adam steps on 4 x 50 observations) for tests")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.num_steps, args.num_seqs = 20, 50, 4
-    for name in ("steps", "num_steps", "num_seqs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    p.add_argument("--device", default="cpu", type=device_option,
+                   help="torch device: 'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when "
+                        "available)")
+    p.add_argument("--smoke-test", "--quick", action="store_true",
+                   help="a very fast run (20 Adam steps on 4 x 50 observations), as the tests run "
+                        "it; options given explicitly keep their values")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of ``argv``, with the smoke configuration filled in where not given (usage
+    errors: exit status 2)."""
+    p = make_parser()
+    args = apply_smoke(p, p.parse_args(argv), argv, SMOKE)
     if not 2 <= args.num_states <= 8:
-        p.error("--num-states must be between 2 and 8")
+        p.error(f"argument --num-states: {args.num_states} is not between 2 and 8")
     return args
 
 
@@ -222,10 +245,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         ``chance`` (``1 / num_states``) and ``seconds`` (wall time of the fit).
     """
     args = parse_args(argv)
-    device_name = args.device
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = resolve_device(args.device)
     dtype = torch.float64
     k, s, t = args.num_states, args.num_seqs, args.num_steps
     n_obs = s * t
@@ -319,5 +339,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     }
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+    """``python -m examples.hmm_demo``: :func:`main` with one-line errors and a one-line Ctrl-C
+    (:func:`~examples.common.run_cli`; the demo writes no checkpoint to resume from)."""
+    run_cli(PROG, main, argv, resumable=False)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
