@@ -31,12 +31,15 @@ class IntractableError(PlatedError, NotImplementedError):
     Raised by the planner before any tensor work. Subclasses :class:`NotImplementedError`, which is
     what :func:`pyro.ops.contract.einsum` raises in the same situation.
 
-    The message is ``problem``, then ``" Way out: "`` and the remedies joined by ``", or "``.
+    The message is ``problem``, then ``". Way out: "`` and the remedies joined by ``", or "``;
+    with a ``context`` (a front end's, such as ``"In a Pyro model"``) it is ``problem``, then
+    ``".\n{context} the ways out are: "`` and the remedies as a list.
 
     :ivar problem: what cannot be eliminated and why, without the remedies.
     :ivar plates: the plates involved, sorted.
     :ivar variables: the variables involved, sorted.
     :ivar remedies: the ways out, each a short imperative sentence fragment.
+    :ivar context: where the remedies apply (empty: to the engine's own graphs).
     """
 
     def __init__(
@@ -46,26 +49,39 @@ class IntractableError(PlatedError, NotImplementedError):
         plates: Iterable[str] = (),
         variables: Iterable[str] = (),
         remedies: Iterable[str] = (),
+        context: str = "",
     ) -> None:
         self.problem = problem
         self.plates = tuple(sorted(plates))
         self.variables = tuple(sorted(variables))
         self.remedies = tuple(remedies)
-        ways = ", or ".join(self.remedies)
-        super().__init__(f"{problem}. Way out: {ways}" if ways else problem)
+        self.context = context
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        ways = self.remedies
+        if not ways:
+            return self.problem
+        if not self.context:
+            return f"{self.problem}. Way out: {', or '.join(ways)}"
+        listed = ways[0] if len(ways) == 1 else ", ".join(ways[:-1]) + ", or " + ways[-1]
+        return f"{self.problem}.\n{self.context} the ways out are: {listed}."
 
     def __reduce__(self) -> tuple[object, ...]:  # keep the fields through pickling
-        return (_rebuild_intractable, (self.problem, self.plates, self.variables, self.remedies))
+        return (_rebuild_intractable,
+                (self.problem, self.plates, self.variables, self.remedies, self.context))
 
-    def with_remedies(self, remedies: Iterable[str]) -> IntractableError:
-        """The same problem with other ways out (a front end's own remedies)."""
+    def with_remedies(self, remedies: Iterable[str], context: str = "") -> IntractableError:
+        """The same problem with other ways out: a front end's own remedies, which apply in
+        ``context`` (e.g. ``"In a Pyro model"``)."""
         return IntractableError(self.problem, plates=self.plates, variables=self.variables,
-                                remedies=remedies)
+                                remedies=remedies, context=context)
 
 
 def _rebuild_intractable(problem: str, plates: tuple[str, ...], variables: tuple[str, ...],
-                         remedies: tuple[str, ...]) -> IntractableError:
-    return IntractableError(problem, plates=plates, variables=variables, remedies=remedies)
+                         remedies: tuple[str, ...], context: str) -> IntractableError:
+    return IntractableError(problem, plates=plates, variables=variables, remedies=remedies,
+                            context=context)
 
 
 class MemoryCapError(PlatedError, MemoryError):

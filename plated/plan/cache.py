@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import torch
+
 from ..errors import GraphError, PlatedError
 from .eliminate import build_plan
 from .ir import Plan, Structure
@@ -37,6 +39,10 @@ def make_plan(structure: Structure) -> Plan:
     :raises IntractableError: if the graph has no polynomial-time elimination.
     :raises MemoryCapError: if a step cannot be made to fit ``structure.memory_cap``.
     """
+    if torch.compiler.is_compiling():
+        # Dynamo traces plain Python once, the plan's values becoming constants of the compiled
+        # graph, but it cannot call through an lru_cache wrapper (it warns, and ignores the cache)
+        return build_plan(structure)
     try:
         return _recipe(dataclasses.replace(structure, labels=()))
     except PlatedError:

@@ -4,52 +4,47 @@ The model and guide run under Pyro's handlers, as in ``TraceEnum_ELBO``
 (:func:`~plated.pyro.trace.get_traces`). After the trace, the log-factors of the model's
 enumerated sites form a plated factor graph which the engine contracts; guide-side enumeration and
 score-function terms are handled by exact expectations (DiCE), whose marginal probabilities are
-again engine contractions (:func:`plated.einsum`).
+again engine contractions.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
 
-from ..contract import einsum
 from ..errors import GraphError, IntractableError
-from ..factor import Plate
-from .trace import Collected, Term, check_max_plate_nesting, collect, get_traces, intractable_hint
+from ..factor import Factor, Plate
+from ..graph import PlatedFactorGraph
+from ..plan.analysis import connected_components, dim_sizes
+from .trace import (
+    Collected,
+    PlacedFactor,
+    check_max_plate_nesting,
+    collect,
+    factor_graph,
+    get_traces,
+    intractable_hint,
+)
 
 __all__ = ["TVE_ELBO", "elbo_particle", "marginal_terms"]
 
 
-def _components(c: Collected) -> list[list[Term]]:
-    """Split the factors into groups connected through model-enumerated variables."""
-    sums = set(c.model_enum) | c.hidden
-    parent = list(range(len(c.factors)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    owner: dict[str, int] = {}
-    for i, t in enumerate(c.factors):
-        for d in t.dims:
-            if d in sums:
-                j = owner.setdefault(d, i)
-                parent[find(i)] = find(j)
-    groups: dict[int, list[Term]] = {}
-    for i, t in enumerate(c.factors):
-        groups.setdefault(find(i), []).append(t)
-    return list(groups.values())
+def _components(collected: Collected) -> list[list[PlacedFactor]]:
+    """The factors, split into groups connected through model-enumerated variables (groups in
+    order of their first factor, factors in order)."""
+    factors = collected.factors
+    groups = connected_components([placed.factor.dims for placed in factors],
+                                  collected.variables)
+    return [[factors[i] for i in group] for group in groups]
 
 
-def marginal_terms(c: Collected, validate: bool) -> list[Term]:
+def marginal_terms(collected: Collected, validate: bool) -> list[PlacedFactor]:
     """The model's enumerated sites summed out by the engine, as cost terms.
 
     When the guide neither enumerates nor samples sites inside plates without reparameterization,
@@ -58,100 +53,129 @@ def marginal_terms(c: Collected, validate: bool) -> list[Term]:
     at the group's smallest plate context, over the guide-enumerated values it depends on (as
     Pyro's ``contract_tensor_tree`` leaves it), so that the guide's expectation of each plate
     element's term is taken with that element's own weights.
+
+    :param validate: check factor values for NaN and ``+inf``.
+    :raises IntractableError: with the ways out a Pyro model has, if the engine finds no
+        polynomial-time elimination.
+    :raises GraphError: if a ``markov_plate`` chain meets guide-enumerated sites.
     """
-    if not c.factors:
+    if not collected.factors:
         return []
-    guide = set(c.guide_enum)
-    tree = bool(guide) or any(d.ordinal for d in c.dice)
-    plain: list[Term] = []
-    out = []
+    guide = set(collected.guide_enum)
+    tree = bool(guide) or any(weight.ordinal for weight in collected.dice)
+    plain: list[PlacedFactor] = []
+    terms = []
+    components: Sequence[Sequence[PlacedFactor]] = (
+        _components(collected) if tree else [collected.factors])
     try:
-        for comp in (_components(c) if tree else [c.factors]):
-            ordinal = frozenset.intersection(*(t.ordinal for t in comp)) if tree else frozenset()
-            if not ordinal and not any(d in guide for t in comp for d in t.dims):
-                plain.extend(comp)
+        for component in components:
+            ordinal = (frozenset.intersection(*(placed.ordinal for placed in component)) if tree
+                       else frozenset())
+            if not ordinal and not any(d in guide for placed in component
+                                       for d in placed.factor.dims):
+                plain.extend(component)
             else:
-                out.append(_tree_term(c, comp, ordinal, guide, validate))
+                terms.append(_tree_term(collected, component, ordinal, guide, validate))
         if plain:
-            logz = c.graph(plain, validate=validate).log_partition()
-            out.append(Term(logz * c.scale, (), frozenset(), "enumerated sites"))
-    except IntractableError as e:
-        raise intractable_hint(e) from None
-    return out
+            graph = factor_graph([placed.factor for placed in plain], collected.plates,
+                                 validate=validate)
+            logz = graph.log_partition() * collected.scale
+            terms.append(PlacedFactor(Factor(logz, (), "enumerated sites"), frozenset()))
+    except IntractableError as err:
+        raise intractable_hint(err) from None
+    return terms
 
 
-def _tree_term(c: Collected, comp: list[Term], ordinal: frozenset[str], guide: set[str],
-               validate: bool) -> Term:
+def _tree_term(collected: Collected, component: Sequence[PlacedFactor], ordinal: frozenset[str],
+               guide: set[str], validate: bool) -> PlacedFactor:
     """One group's log partition function per element of its plates and guide-enumerated values.
 
     Guide-enumerated values are synchronized across plate elements (Pyro's parallel
     enumeration), so their dims act as extra kept plates; factors lacking one are broadcast.
+
+    :param ordinal: the Pyro plates every factor of the group lives in.
+    :param guide: the guide-enumerated sites.
+    :raises GraphError: if a ``markov_plate`` chain of a kept plate meets guide-enumerated sites.
     """
-    sizes: dict[str, int] = {}
-    for t in comp:
-        sizes.update(zip(t.dims, t.tensor.shape, strict=True))
-    g_dims = tuple(sorted(d for d in sizes if d in guide))
+    sizes = dim_sizes((placed.factor.dims, placed.factor.tensor.shape, placed.factor.label)
+                      for placed in component)
+    guide_dims = tuple(sorted(d for d in sizes if d in guide))
     expanded = []
-    for t in comp:
-        missing = tuple(d for d in g_dims if d not in t.dims)
-        x = t.tensor.reshape(t.tensor.shape + (1,) * len(missing))
-        x = x.expand(t.tensor.shape + tuple(sizes[d] for d in missing))
-        expanded.append(Term(x, t.dims + missing, t.ordinal, t.name))
-    keep_plates = tuple(p for p in c.plates if p in ordinal and p in sizes)
-    chains = {curr for p in keep_plates for curr, _ in c.plates[p].prev}
+    for placed in component:
+        factor = placed.factor
+        missing = tuple(d for d in guide_dims if d not in factor.dims)
+        shape = tuple(factor.tensor.shape)
+        x = factor.tensor.reshape(shape + (1,) * len(missing))
+        x = x.expand(shape + tuple(sizes[d] for d in missing))
+        expanded.append(Factor(x, factor.dims + missing, factor.name))
+    keep_plates = tuple(p for p in collected.plates if p in ordinal and p in sizes)
+    chains = {curr for p in keep_plates for curr, _ in collected.plates[p].prev}
     if chains & sizes.keys():
+        sequential = [p for p in keep_plates if collected.plates[p].sequential]
         raise GraphError(
-            f"the chain of markov_plate {[p for p in keep_plates if c.plates[p].sequential]} "
-            f"meets guide-enumerated sites {list(g_dims)} or guide sites sampled inside it; "
-            "enumerate those sites in the model instead"
+            f"the chain of markov_plate {sequential} meets guide-enumerated sites "
+            f"{list(guide_dims)} or guide sites sampled inside it; enumerate those sites in the "
+            "model instead"
         )
-    graph = c.graph(expanded, keep=keep_plates + g_dims,
-                    extra_plates=tuple(Plate(d, sizes[d]) for d in g_dims), validate=validate)
-    value = graph.log_partition()
-    return Term(value * c.scale, keep_plates + g_dims, ordinal, "enumerated sites")
+    graph = factor_graph(expanded, collected.plates, keep_plates=keep_plates + guide_dims,
+                         extra_plates=tuple(Plate(d, sizes[d]) for d in guide_dims),
+                         validate=validate)
+    value = graph.log_partition() * collected.scale
+    return PlacedFactor(Factor(value, keep_plates + guide_dims, "enumerated sites"), ordinal)
 
 
-def _expectation(costs: list[Term], dice: list[Term], log_denom: dict[frozenset[str], float]
-                 ) -> torch.Tensor | float:
-    """Sum of the costs' expectations under the guide's enumerated and score-function weights."""
+def _expectation(costs: Sequence[PlacedFactor], dice: Sequence[PlacedFactor],
+                 log_denom: Mapping[frozenset[str], float]) -> torch.Tensor | float:
+    """Sum of the costs' expectations under the guide's enumerated and score-function weights.
+
+    A cost at Pyro ordinal ``o`` is weighted by the DiCE weights at ordinals within ``o``, and
+    divided by the number of sequentially enumerated guide values at ordinals not within ``o``.
+    Entries whose weight is zero count as zero whatever the cost (no ``0 * -inf``).
+    """
     total: torch.Tensor | float = 0.0
     for cost in costs:
-        denom = sum(v for o, v in log_denom.items() if not o <= cost.ordinal)
+        denom = sum(value for ordinal, value in log_denom.items() if not ordinal <= cost.ordinal)
         weight = math.exp(-denom)
-        factors = [d for d in dice if d.ordinal <= cost.ordinal]
-        if not factors:
-            total = total + weight * cost.tensor.sum()
+        weights = [d for d in dice if d.ordinal <= cost.ordinal]
+        tensor = cost.factor.tensor
+        if not weights:
+            total = total + weight * tensor.sum()
             continue
-        prob = _marginal(factors, cost)
-        safe = torch.where(prob > 0, cost.tensor, torch.zeros_like(cost.tensor))
+        prob = _marginal([d.factor for d in weights], cost.factor)
+        safe = torch.where(prob > 0, tensor, torch.zeros_like(tensor))
         total = total + weight * (prob * safe).sum()
     return total
 
 
-def _marginal(factors: list[Term], cost: Term) -> torch.Tensor:
-    """exp of the factors summed over every dim but the cost's, laid out to broadcast with it."""
-    names = sorted({d for t in factors for d in t.dims} | set(cost.dims))
-    letters = {d: chr(ord("a") + i) if i < 26 else chr(ord("A") + i - 26)
-               for i, d in enumerate(names)}
-    if len(names) > 52:
-        raise GraphError(f"too many dims ({len(names)}) in one guide expectation")
-    out = [d for d in cost.dims if any(d in t.dims for t in factors)]
-    eq = ",".join("".join(letters[d] for d in t.dims) for t in factors)
-    eq += "->" + "".join(letters[d] for d in out)
-    (logp,) = einsum(eq, *[t.tensor for t in factors], validate=False)
-    shape = [cost.tensor.shape[i] if d in out else 1 for i, d in enumerate(cost.dims)]
+def _marginal(weights: list[Factor], cost: Factor) -> torch.Tensor:
+    """exp of the log-weights summed over every dim but the cost's, laid out to broadcast with
+    the cost.
+
+    Every dim, plate dims included, is a variable of the weights' graph (their sum, not a
+    product over plate elements); values are not checked (``validate=False``).
+    """
+    kept = tuple(d for d in cost.dims if any(d in weight.dims for weight in weights))
+    graph = PlatedFactorGraph(weights, keep_vars=kept, validate=False)
+    logp = graph.log_partition()  # dims ``kept``: no plates are declared
+    shape = [cost.tensor.shape[i] if d in kept else 1 for i, d in enumerate(cost.dims)]
     return logp.exp().reshape(shape)
 
 
 def elbo_particle(model_trace: Any, guide_trace: Any, max_plate_nesting: int,
                   validate: bool = True) -> torch.Tensor | float:
-    """The ELBO of one traced (model, guide) pair: exact over every enumerated site."""
-    c = collect(model_trace, guide_trace, max_plate_nesting)
-    costs = c.costs + marginal_terms(c, validate) + c.guide_costs
-    return _expectation(costs, c.dice, c.log_denom)
+    """The ELBO of one traced (model, guide) pair: exact over every enumerated site.
+
+    :param validate: check factor values for NaN and ``+inf``.
+    :raises GraphError: see :func:`~plated.pyro.trace.collect`.
+    :raises IntractableError: if the enumerated sites admit no polynomial-time elimination.
+    """
+    collected = collect(model_trace, guide_trace, max_plate_nesting)
+    costs = [*collected.costs, *marginal_terms(collected, validate), *collected.guide_costs]
+    return _expectation(costs, collected.dice, collected.log_denom)
 
 
 def _checked(loss: float) -> float:
+    """``loss``, after warning (as Pyro does) if it is NaN."""
     if math.isnan(loss):
         warnings.warn("Encountered NaN: loss", stacklevel=3)
     return loss
@@ -200,27 +224,34 @@ class TVE_ELBO(ELBO):
         return next(iter(self._traces(model, guide, args, kwargs)))
 
     def _nesting(self) -> int:
+        """``max_plate_nesting``, checked (:func:`~plated.pyro.trace.check_max_plate_nesting`)."""
         return check_max_plate_nesting(self.max_plate_nesting)
 
     def _traces(self, model: Callable[..., Any], guide: Callable[..., Any],
                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
-        nesting = check_max_plate_nesting(self.max_plate_nesting)
+        """The traced (model, guide) pairs of every particle (several per particle under
+        sequential guide enumeration)."""
+        nesting = self._nesting()
         for _ in range(self.num_particles):
             yield from get_traces(model, guide, args, kwargs, nesting)
 
     def _particles(self, model: Callable[..., Any], guide: Callable[..., Any],
                    args: tuple[Any, ...], kwargs: dict[str, Any]
                    ) -> Iterator[tuple[torch.Tensor | float, bool]]:
+        """Per traced pair, its ELBO and whether the pair holds a ``param`` site; warns when
+        nothing is enumerated (with ``strict_enumeration_warning``)."""
         validate = is_validation_enabled() if self.validate is None else self.validate
+        nesting = self._nesting()
         for model_trace, guide_trace in self._traces(model, guide, args, kwargs):
+            traces = (model_trace, guide_trace)
             if self.strict_enumeration_warning and not any(
                     site["type"] == "sample" and site["infer"].get("enumerate")
-                    for tr in (model_trace, guide_trace) for site in tr.nodes.values()):
+                    for trace in traces for site in trace.nodes.values()):
                 warnings.warn("TVE_ELBO found no sample sites marked for enumeration; "
                               "mark discrete sites infer={'enumerate': 'parallel'}", stacklevel=3)
-            params = any(site["type"] == "param" for tr in (model_trace, guide_trace)
-                         for site in tr.nodes.values())
-            yield elbo_particle(model_trace, guide_trace, self._nesting(), validate), params
+            params = any(site["type"] == "param" for trace in traces
+                         for site in trace.nodes.values())
+            yield elbo_particle(model_trace, guide_trace, nesting, validate), params
 
     def loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
              **kwargs: Any) -> float:

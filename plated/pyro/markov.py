@@ -60,6 +60,7 @@ class _MarkInit(Messenger):
         self.info = info
 
     def _postprocess_message(self, msg: Message) -> None:
+        """Mark a sample site with ``INIT_KEY``: ``(plate name, chain site, lag)``."""
         infer: Any = msg["infer"]
         if msg["type"] == "sample" and infer is not None:
             infer[INIT_KEY] = self.info
@@ -92,10 +93,12 @@ class markov_plate(pyro.plate):
         self._active = False
 
     def __enter__(self) -> Any:
+        """Enter the plate (as :class:`pyro.plate` does); :meth:`init` is refused inside."""
         self._active = True
         return super().__enter__()
 
     def __exit__(self, *args: Any) -> Any:
+        """Leave the plate (as :class:`pyro.plate` does)."""
         self._active = False
         return super().__exit__(*args)
 
@@ -152,6 +155,8 @@ class markov_plate(pyro.plate):
         return values[0] if self.history == 1 else tuple(values)
 
     def _process_message(self, msg: Message) -> None:
+        """Process a site as :class:`pyro.plate` does, and mark a sample site with
+        ``MARKOV_KEY`` (the names of the markov_plates it is in)."""
         super()._process_message(msg)
         infer: Any = msg["infer"]
         if msg["type"] == "sample" and infer is not None:

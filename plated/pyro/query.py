@@ -20,12 +20,20 @@ from pyro import poutine
 
 from ..errors import IntractableError
 from ..graph import PlatedFactorGraph
-from .trace import Collected, check_max_plate_nesting, collect, get_traces, intractable_hint
+from .trace import (
+    Collected,
+    check_max_plate_nesting,
+    collect,
+    factor_graph,
+    get_traces,
+    intractable_hint,
+)
 
 __all__ = ["Posterior", "posterior"]
 
 
 def _empty_guide(*args: Any, **kwargs: Any) -> None:
+    """A guide with no sites."""
     return None
 
 
@@ -33,30 +41,36 @@ class Posterior:
     """Exact posterior queries over the enumerated sites of one traced model run.
 
     Build it with :func:`posterior`.
+
+    :param collected: the traced run's factors and costs (:func:`~plated.pyro.trace.collect`).
+    :param validate: check factor values for NaN and ``+inf`` on each query.
     """
 
     def __init__(self, collected: Collected, validate: bool = True) -> None:
-        self._c = collected
+        self._collected = collected
         self._graph: PlatedFactorGraph | None = None
         self._validate = validate
 
     @property
     def sites(self) -> tuple[str, ...]:
         """The model's enumerated sites, in trace order."""
-        return tuple(self._c.model_enum)
+        return tuple(self._collected.model_enum)
 
     @property
     def graph(self) -> PlatedFactorGraph:
         """The plated factor graph of the enumerated sites (dims named after sites and plates)."""
         if self._graph is None:
-            self._graph = self._c.graph(validate=self._validate)
+            collected = self._collected
+            self._graph = factor_graph([placed.factor for placed in collected.factors],
+                                       collected.plates, validate=self._validate)
         return self._graph
 
     def _call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, an engine query, with an intractable graph's ways out put for a Pyro model."""
         try:
             return fn()
-        except IntractableError as e:
-            raise intractable_hint(e) from None
+        except IntractableError as err:
+            raise intractable_hint(err) from None
 
     def log_likelihood(self) -> torch.Tensor:
         """The model's log density with every enumerated site summed out, differentiable.
@@ -64,10 +78,11 @@ class Posterior:
         For a model whose only latent sites are enumerated, this is the log marginal likelihood
         of the observations; other latent sites count at their traced (or guide) values.
         """
-        total = sum((t.tensor.sum() for t in self._c.costs),
+        collected = self._collected
+        total = sum((cost.factor.tensor.sum() for cost in collected.costs),
                     start=torch.zeros((), dtype=torch.get_default_dtype()))
-        if self._c.factors:
-            total = total + self._c.scale * self._call(self.graph.log_partition)
+        if collected.factors:
+            total = total + collected.scale * self._call(self.graph.log_partition)
         return total
 
     def map(self) -> dict[str, torch.Tensor]:
@@ -98,22 +113,26 @@ class Posterior:
 
     # -- layout ----------------------------------------------------------------------------------
     def _layout(self, site: str, x: torch.Tensor, lead: int, trail: int) -> torch.Tensor:
-        c = self._c
+        """``x``, a per-site engine result (``lead`` dims, then the site's plates in the graph's
+        order, then ``trail`` dims), with its plate dims laid out at their Pyro dims."""
+        collected = self._collected
         plates = self.graph.plan().var_plates(site)
-        stack = c.model_enum[site]["cond_indep_stack"]
-        pdims = {f.name: f.dim for f in stack if f.vectorized}
-        ndim = max((-d for d in pdims.values()), default=0)
-        order = sorted(plates, key=lambda p: pdims[p])  # leftmost (most negative) first
+        stack = collected.model_enum[site]["cond_indep_stack"]
+        plate_dims = {frame.name: frame.dim for frame in stack if frame.vectorized}
+        ndim = max((-d for d in plate_dims.values()), default=0)
+        order = sorted(plates, key=lambda p: plate_dims[p])  # leftmost (most negative) first
         perm = (list(range(lead)) + [lead + plates.index(p) for p in order]
                 + list(range(lead + len(plates), x.dim())))
         x = x.permute(perm)
         shape = [1] * ndim
         for p in plates:
-            shape[ndim + pdims[p]] = c.plates[p].size
+            shape[ndim + plate_dims[p]] = collected.plates[p].size
         return x.reshape(tuple(x.shape[:lead]) + tuple(shape) + tuple(x.shape[x.dim() - trail:]))
 
     def _values(self, site: str, idx: torch.Tensor, lead: int) -> torch.Tensor:
-        fn = self._c.model_enum[site]["fn"]
+        """The site's values at engine indices ``idx`` (``lead`` dims, then the site's plates),
+        laid out as Pyro lays out the site's values."""
+        fn = self._collected.model_enum[site]["fn"]
         support = fn.enumerate_support(expand=False)
         support = support.reshape((support.shape[0],) + tuple(fn.event_shape))
         return support[self._layout(site, idx, lead=lead, trail=0)]
@@ -129,6 +148,9 @@ def posterior(model: Callable[..., Any], *args: Any, max_plate_nesting: int,
     :param guide: an optional guide for the non-enumerated latent sites (for example a trained
         ``AutoDelta``); its values are replayed into the model. It must not enumerate.
     :param validate: check factor values for NaN and ``+inf``.
+    :raises GraphError: see :func:`~plated.pyro.trace.collect` (queries raise
+        :class:`~plated.IntractableError` for a graph with no polynomial-time elimination).
+    :raises NotImplementedError: if the guide enumerates.
     """
     nesting = check_max_plate_nesting(max_plate_nesting)
     traces = list(get_traces(model, _empty_guide if guide is None else guide, args, kwargs,
@@ -136,10 +158,10 @@ def posterior(model: Callable[..., Any], *args: Any, max_plate_nesting: int,
     if len(traces) != 1:
         raise NotImplementedError("posterior queries do not support sequential guide enumeration")
     with poutine.block():
-        c = collect(*traces[0], nesting)
-    if c.guide_enum:
+        collected = collect(*traces[0], nesting)
+    if collected.guide_enum:
         raise NotImplementedError(
             f"posterior queries do not support guide enumeration (guide enumerates "
-            f"{sorted(c.guide_enum)}); enumerate these sites in the model instead"
+            f"{sorted(collected.guide_enum)}); enumerate these sites in the model instead"
         )
-    return Posterior(c, validate=validate)
+    return Posterior(collected, validate=validate)

@@ -10,15 +10,17 @@ enumeration dims) and sorts it into
   eliminates; and
 * *costs*, terms that depend on no model-enumerated variable and are only summed.
 
-Dims are named after Pyro's plates and sites, so every error the engine raises names them too.
+Each is a :class:`~plated.factor.Factor` paired with its site's Pyro ordinal
+(:class:`PlacedFactor`). Dims are named after Pyro's plates and sites, so every error the engine
+raises names them too.
 """
 
 from __future__ import annotations
 
 import math
 import queue
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyro.distributions as dist
@@ -38,75 +40,129 @@ from torch.distributions.utils import probs_to_logits
 from ..errors import GraphError, IntractableError
 from ..factor import Factor, Plate
 from ..graph import PlatedFactorGraph
+from ..plan.analysis import variable_ordinals
 from ..rings import LOG
 from .markov import FIXED_INIT_KEY, INIT_KEY, MARKOV_KEY
 
-__all__ = ["Collected", "Term", "collect", "get_traces", "check_max_plate_nesting"]
+__all__ = [
+    "Collected",
+    "PlacedFactor",
+    "check_max_plate_nesting",
+    "collect",
+    "factor_graph",
+    "get_traces",
+    "intractable_hint",
+]
 
 ENUM_DIM = "_enumerate_dim"
 
+#: The ways out of an intractable Pyro model, as :meth:`IntractableError.with_remedies` takes
+#: them (the engine's own, such as unrolling a plate, are not open to a Pyro model).
+_PYRO_REMEDIES = (
+    "enumerate the offending sites in the guide instead",
+    "move a site that several plate elements share outside the plate (or the plate's sites "
+    "inside it)",
+    "sequentialize the plate (iterate over pyro.plate rather than using it as a context)",
+)
 
-@dataclass
+
+@dataclass(frozen=True)
+class PlacedFactor:
+    """A factor of a traced site, with the Pyro plates the site lives in.
+
+    :ivar factor: the tensor, its dims (names of the plates of size > 1 and of the enumerated
+        sites it varies along) and its label (``"site 'x'"``) for error messages.
+    :ivar ordinal: the site's Pyro ordinal, the vectorized plates of its ``cond_indep_stack``.
+        It may hold plates the factor has no dim of (plates of size 1, plates already summed
+        out); Pyro's expectations and its plate tree are taken over it.
+    """
+
+    factor: Factor
+    ordinal: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Collected:
+    """The factors and costs of one (model trace, guide trace) pair, as :func:`collect` reads
+    them.
+
+    :ivar factors: log-factors over the model's enumerated variables (model-enumerated sites,
+        sites that depend on them, masked inside the log, and the equality factors of chains
+        with ``history > 1``), unscaled; the engine eliminates them.
+    :ivar costs: model terms over no model-enumerated variable, scaled and masked.
+    :ivar guide_costs: the guide's ``-log q`` terms.
+    :ivar dice: DiCE weights of guide sites, in log space: the log-probabilities of enumerated
+        values, and for sites sampled without reparameterization the score function minus
+        itself detached (value 0, gradient that of ``log q``).
+    :ivar log_denom: per Pyro ordinal, the log of the number of values of the guide sites
+        enumerated sequentially there.
+    :ivar scale: the common ``poutine.scale`` of the factors.
+    :ivar plates: the plates of size > 1 by name, in order of first use; a ``markov_plate`` is
+        sequential, with the chain variables and their previous-value dims.
+    :ivar model_enum: the model's own enumerated sites (name to trace site), in trace order.
+    :ivar guide_enum: the guide's enumerated sites, in trace order.
+    :ivar variables: the variables the engine sums out: ``model_enum`` and the shift-register
+        variables of chains with ``history > 1``, which are no Pyro sites.
+    """
+
+    factors: tuple[PlacedFactor, ...]
+    costs: tuple[PlacedFactor, ...]
+    guide_costs: tuple[PlacedFactor, ...]
+    dice: tuple[PlacedFactor, ...]
+    log_denom: Mapping[frozenset[str], float]
+    scale: float | torch.Tensor
+    plates: Mapping[str, Plate]
+    model_enum: Mapping[str, Any]
+    guide_enum: tuple[str, ...]
+    variables: frozenset[str]
+
+
+def factor_graph(factors: Sequence[Factor], plates: Mapping[str, Plate], *,
+                 keep_plates: Sequence[str] = (), extra_plates: Sequence[Plate] = (),
+                 validate: bool = True) -> PlatedFactorGraph:
+    """The plated factor graph of ``factors``, declaring those of ``plates`` they use.
+
+    A sequential plate none of whose chain variables is among the factors' dims is declared
+    independent: for these factors its elements are unrelated. ``extra_plates`` are declared
+    after the others; ``keep_plates`` and ``validate`` are :class:`PlatedFactorGraph`'s.
+    """
+    used = {d for factor in factors for d in factor.dims}
+    declared = []
+    for plate in plates.values():
+        if plate.name not in used:
+            continue
+        if plate.sequential and not any(curr in used for curr, _ in plate.prev):
+            plate = Plate(plate.name, plate.size)
+        declared.append(plate)
+    declared.extend(extra_plates)
+    return PlatedFactorGraph(factors, declared, keep_plates=keep_plates, validate=validate)
+
+
+@dataclass(frozen=True)
 class _Chain:
+    """A ``markov_plate`` chain: its plate, its chain site and its initial site per lag."""
+
     plate: str
     site: str
-    inits: dict[int, str] = field(default_factory=dict)  # lag -> init site
-
-
-@dataclass
-class Term:
-    """A tensor with named dims (plate names, enumerated site names), at an ordinal."""
-
-    tensor: torch.Tensor
-    dims: tuple[str, ...]
-    ordinal: frozenset[str]
-    name: str
-
-
-@dataclass
-class Collected:
-    """The factors and costs of one (model trace, guide trace) pair."""
-
-    factors: list[Term] = field(default_factory=list)
-    costs: list[Term] = field(default_factory=list)  # model terms (scaled, masked)
-    guide_costs: list[Term] = field(default_factory=list)  # -log q terms of the guide
-    dice: list[Term] = field(default_factory=list)  # DiCE weights of guide sites (log space)
-    log_denom: dict[frozenset[str], float] = field(default_factory=dict)
-    scale: float | torch.Tensor = 1.0
-    plates: dict[str, Plate] = field(default_factory=dict)
-    plate_dims: dict[str, int] = field(default_factory=dict)  # plate name -> Pyro batch dim
-    model_enum: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> trace site
-    guide_enum: dict[str, dict[str, Any]] = field(default_factory=dict)
-    hidden: frozenset[str] = frozenset()  # engine variables that are not Pyro sites
-    chains: list[_Chain] = field(default_factory=list)  # markov chains with history > 1
-
-    def graph(self, factors: list[Term] | None = None, keep: tuple[str, ...] = (),
-              extra_plates: tuple[Plate, ...] = (), validate: bool = True) -> PlatedFactorGraph:
-        """The plated factor graph of ``factors`` (default: all of them)."""
-        terms = self.factors if factors is None else factors
-        used = {d for t in terms for d in t.dims}
-        plates = []
-        for p in self.plates.values():
-            if p.name not in used:
-                continue
-            if p.sequential and not any(curr in used for curr, _ in p.prev):
-                p = Plate(p.name, p.size)  # none of its chains is here: independent for these
-            plates.append(p)
-        plates.extend(extra_plates)
-        return PlatedFactorGraph(
-            [Factor(t.tensor, t.dims, name=f"site {t.name!r}") for t in terms], plates,
-            keep_plates=keep, validate=validate)
+    inits: Mapping[int, str]  # lag (1 to history) -> the initial site at that lag
 
 
 class _SiteChecks(Messenger):
     """Checks each sample site after the plates have seen it and before enumeration does."""
 
     def __init__(self, max_plate_nesting: int, role: str) -> None:
+        """:param role: ``"model"`` or ``"guide"``, for error messages."""
         super().__init__()
         self.max_plate_nesting = max_plate_nesting
         self.role = role
 
     def _pyro_sample(self, msg: Message) -> None:
+        """Check one sample site.
+
+        :raises GraphError: naming the site, if it is in a plate at a dim beyond
+            ``max_plate_nesting``, or marked for enumeration while its distribution has no
+            enumerable support or with ``num_samples`` (multiple sampling).
+        """
         name = msg["name"]
         for frame in msg["cond_indep_stack"]:
             if frame.vectorized and frame.dim is not None and frame.dim < -self.max_plate_nesting:
@@ -133,6 +189,11 @@ class _SiteChecks(Messenger):
 
 
 def check_max_plate_nesting(max_plate_nesting: Any) -> int:
+    """``max_plate_nesting`` as an int.
+
+    :raises GraphError: if it is missing (``None`` or infinite, Pyro's "unknown"), or not a
+        nonnegative int.
+    """
     if max_plate_nesting is None or max_plate_nesting == float("inf"):
         raise GraphError(
             "max_plate_nesting is missing: plated.pyro needs it to place enumeration dims to the "
@@ -158,11 +219,11 @@ def get_traces(model: Callable[..., Any], guide: Callable[..., Any], args: tuple
     guide = EnumMessenger(first_available_dim=-1 - max_plate_nesting)(
         _SiteChecks(max_plate_nesting, "guide")(guide))
     model = EnumMessenger()(_SiteChecks(max_plate_nesting, "model")(model))
-    q: queue.LifoQueue[Trace] = queue.LifoQueue()
-    guide = poutine.queue(guide, q, escape_fn=iter_discrete_escape,
+    pending: queue.LifoQueue[Trace] = queue.LifoQueue()
+    guide = poutine.queue(guide, pending, escape_fn=iter_discrete_escape,
                           extend_fn=iter_discrete_extend)
-    q.put(poutine.Trace())
-    while not q.empty():
+    pending.put(poutine.Trace())
+    while not pending.empty():
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace),
                                     graph_type="flat").get_trace(*args, **kwargs)
@@ -177,135 +238,218 @@ def get_traces(model: Callable[..., Any], guide: Callable[..., Any], args: tuple
 
 
 def _sample_sites(trace: Trace) -> Iterator[tuple[str, Any]]:
+    """The sample sites of ``trace`` (name, site), in trace order, without subsample sites."""
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site_is_subsample(site):
             yield name, site
 
 
 def _ordinal(site: Any) -> frozenset[str]:
-    return frozenset(f.name for f in site["cond_indep_stack"] if f.vectorized)
+    """A site's Pyro ordinal: the names of the vectorized plates of its ``cond_indep_stack``."""
+    return frozenset(frame.name for frame in site["cond_indep_stack"] if frame.vectorized)
+
+
+def _site_label(name: str) -> str:
+    """The label of a site's factor in the engine's error messages."""
+    return f"site {name!r}"
 
 
 def collect(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> Collected:
-    """Sort the sample sites of a traced (model, guide) pair into factors and costs."""
-    out = Collected()
-    id_to_name: dict[int, str] = {}
-    for trace, role, store in ((guide_trace, "guide", out.guide_enum),
-                               (model_trace, "model", out.model_enum)):
+    """Sort the sample sites of a traced (model, guide) pair into factors and costs.
+
+    Reads the pair only, except that each model site's unscaled log-probability is stored in it
+    (``site["unscaled_log_prob"]``, computed once per trace).
+
+    :param model_trace: the model run against the guide (see :func:`get_traces`).
+    :param guide_trace: the guide run, with Pyro's score parts on each sample site.
+    :param max_plate_nesting: the number of plate dims; enumeration dims lie to their left.
+    :raises GraphError: naming the site or plate, for a guide that enumerates a site the model
+        lacks, a plate at two dims, a dim that no plate or enumerated site owns, a misdeclared
+        ``markov_plate``, sites over enumerated variables with different scales, or model
+        enumeration more local than guide enumeration.
+    """
+    # Phase 1: the enumerated sites, and which site each enumeration id stands for
+    guide_enum, model_enum, site_of_enum_id = _enumerated_sites(model_trace, guide_trace)
+    # Phase 2: the plates, sequential where a markov_plate makes them chains
+    plates, chains = _markov_chains(model_trace, _plates(model_trace, guide_trace), model_enum)
+    variables = frozenset(model_enum) | {_lag_var(chain.site, lag) for chain in chains
+                                         for lag in range(1, len(chain.inits))}
+
+    def named(x: torch.Tensor, name: str, site: Any, what: str
+              ) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """``x``, a tensor of site ``name`` (its ``what``), with its size-1 dims squeezed, and the
+        names of its other dims: the plates and enumerated sites that own them."""
+        names: dict[int, str] = {frame.dim: frame.name for frame in site["cond_indep_stack"]
+                                 if frame.vectorized}
+        for dim, enum_id in site["infer"].get("_dim_to_id", {}).items():
+            if enum_id in site_of_enum_id:
+                names[dim] = site_of_enum_id[enum_id]
+        ndim = x.dim()
+        dims = []
+        for position, size in enumerate(x.shape):
+            if size == 1:
+                continue
+            dim = position - ndim
+            if dim not in names:
+                where = "a plate dim" if -dim <= max_plate_nesting else "an enumeration dim"
+                raise GraphError(
+                    f"site {name!r}: its {what} has shape {tuple(x.shape)}, with size {size} at "
+                    f"dim {dim}, which is {where} that no plate or enumerated site of this site "
+                    "owns (an enumeration dim conflict). Declare batch dims with pyro.plate, "
+                    "move event dims right with .to_event(), and keep max_plate_nesting at least "
+                    "the number of plate dims"
+                )
+            dims.append(names[dim])
+        return x.squeeze() if len(dims) < ndim else x, tuple(dims)
+
+    def pack(x: torch.Tensor, name: str, site: Any, what: str) -> Factor:
+        """``x``, a tensor of site ``name``, as a factor with named dims (see ``named``)."""
+        return Factor(*named(x, name, site, what), _site_label(name))
+
+    # Phase 3: each model site's log-probability; one over no model-enumerated variable is a cost
+    costs: list[PlacedFactor] = []
+    over_variables: list[tuple[str, Any, torch.Tensor, tuple[str, ...]]] = []
+    for name, site in _sample_sites(model_trace):
+        tensor, dims = named(_log_prob(site), name, site, "log-probability")
+        if name in model_enum or not variables.isdisjoint(dims):
+            over_variables.append((name, site, tensor, dims))
+            continue
+        if site["mask"] is not None or not _is_one(site["scale"]):
+            tensor, dims = named(scale_and_mask(_log_prob(site), site["scale"], site["mask"]),
+                                 name, site, "log-probability")
+        costs.append(PlacedFactor(Factor(tensor, dims, _site_label(name)), _ordinal(site)))
+
+    # Phase 4: the factors. A term over enumerated variables is masked inside the log and scaled
+    # outside it. Plates that none of its variables lives in (by the engine's rule) are summed
+    # first, as the engine would product-reduce them first anyway, so that the mask is applied
+    # to the smaller tensor; a term that uses a previous-value dim of a sequential plate is a
+    # transition of that plate's chain and is never summed along it.
+    ordinals = variable_ordinals([dims for _, _, _, dims in over_variables],
+                                 list(plates.values()))
+    prev_plate = {prev: plate.name for plate in plates.values() for _, prev in plate.prev}
+    factors: list[tuple[str, PlacedFactor]] = []
+    scales: list[tuple[str, Any]] = []
+    for name, site, tensor, dims in over_variables:
+        scales.append((name, site["scale"]))
+        if name not in model_enum:  # Pyro's semantics: enumerated sites are never masked
+            chains_used = {prev_plate[d] for d in dims if d in prev_plate}
+            free = [d for d in dims if d in plates and d not in chains_used and all(
+                d not in ordinals[v] for v in dims if v in variables)]
+            mask = site["mask"]
+            mask_named = (named(mask, name, site, "mask") if isinstance(mask, torch.Tensor)
+                          else None)
+            tensor, dims = _sum_and_mask(tensor, dims, free, mask, mask_named)
+        factors.append((name, PlacedFactor(Factor(tensor, dims, _site_label(name)),
+                                           _ordinal(site))))
+    fixed = {name for name, site in model_enum.items() if site["infer"].get(FIXED_INIT_KEY)}
+    model_factors = (*_match_fixed_inits(factors, costs, fixed),
+                     *_markov_factors(chains, model_enum, plates))
+
+    # Phase 5: the guide's -log q terms and DiCE weights
+    guide_costs: list[PlacedFactor] = []
+    dice: list[PlacedFactor] = []
+    log_denom: dict[frozenset[str], float] = {}
+    for name, site in _sample_sites(guide_trace):
+        ordinal = _ordinal(site)
+        log_q = site["log_prob"]
+        if not is_identically_zero(log_q):
+            guide_costs.append(PlacedFactor(pack(-log_q, name, site, "log-probability"),
+                                            ordinal))
+        # DiCE weights: probabilities of enumerated values, score-function terms of sites
+        # sampled without reparameterization (value 1, gradient of log q)
+        score = site["score_parts"].score_function
+        if is_identically_zero(score):
+            continue
+        how = site["infer"].get("enumerate")
+        if not how:
+            score = score - score.detach()
+        elif how == "sequential":
+            log_total = math.log(site["infer"]["_enum_total"])
+            log_denom[ordinal] = log_denom.get(ordinal, 0.0) + log_total
+        dice.append(PlacedFactor(pack(score, name, site, "score function"), ordinal))
+
+    # Phase 6: checks across sites
+    scale = _common_scale(scales)
+    if model_enum and guide_enum:
+        _check_guide_more_global(model_enum, guide_enum)
+    return Collected(
+        factors=model_factors, costs=tuple(costs), guide_costs=tuple(guide_costs),
+        dice=tuple(dice), log_denom=log_denom, scale=scale, plates=plates,
+        model_enum=model_enum, guide_enum=tuple(guide_enum), variables=variables)
+
+
+def _enumerated_sites(model_trace: Trace, guide_trace: Trace
+                      ) -> tuple[dict[str, Any], dict[str, Any], dict[int, str]]:
+    """The guide's enumerated sites, the model's own (not replayed from the guide), each by name
+    in trace order, and the name of the site each enumeration id belongs to.
+
+    :raises GraphError: if the guide enumerates a site the model lacks.
+    """
+    guide_enum: dict[str, Any] = {}
+    model_enum: dict[str, Any] = {}
+    site_of_enum_id: dict[int, str] = {}
+    for trace, store in ((guide_trace, guide_enum), (model_trace, model_enum)):
         for name, site in _sample_sites(trace):
-            if role == "model" and name in guide_trace.nodes:
+            if trace is model_trace and name in guide_trace.nodes:
                 continue
             dim = site["infer"].get(ENUM_DIM)
             if dim is not None:
-                id_to_name[site["infer"]["_dim_to_id"][dim]] = name
+                site_of_enum_id[site["infer"]["_dim_to_id"][dim]] = name
                 store[name] = site
-    for name in out.guide_enum:
+    for name in guide_enum:
         if name not in model_trace.nodes:
             raise GraphError(
                 f"guide site {name!r} is enumerated, but the model has no site {name!r}; "
                 "enumerate only sites the model samples"
             )
+    return guide_enum, model_enum, site_of_enum_id
 
+
+def _plates(model_trace: Trace, guide_trace: Trace) -> dict[str, Plate]:
+    """The vectorized Pyro plates of size > 1 that the sites of either trace are in, by name in
+    order of first use, as independent plates.
+
+    :raises GraphError: if a plate is used at two dims.
+    """
+    plate_dims: dict[str, int] = {}
+    plates: dict[str, Plate] = {}
     for trace in (model_trace, guide_trace):
         for _, site in _sample_sites(trace):
-            for f in site["cond_indep_stack"]:
-                if not f.vectorized:
+            for frame in site["cond_indep_stack"]:
+                if not frame.vectorized:
                     continue
-                old = out.plate_dims.setdefault(f.name, f.dim)
-                if old != f.dim:
-                    raise GraphError(f"plate {f.name!r} is used at dims {old} and {f.dim}")
-                if f.size > 1 and f.name not in out.plates:
-                    out.plates[f.name] = Plate(f.name, f.size)
-    _apply_markov(out, model_trace)
+                old = plate_dims.setdefault(frame.name, frame.dim)
+                if old != frame.dim:
+                    raise GraphError(f"plate {frame.name!r} is used at dims {old} and {frame.dim}")
+                if frame.size > 1 and frame.name not in plates:
+                    plates[frame.name] = Plate(frame.name, frame.size)
+    return plates
 
-    def pack(x: torch.Tensor, name: str, site: dict[str, Any], what: str) -> Term:
-        names: dict[int, str] = {f.dim: f.name for f in site["cond_indep_stack"] if f.vectorized}
-        for d, i in site["infer"].get("_dim_to_id", {}).items():
-            if i in id_to_name:
-                names[d] = id_to_name[i]
-        n = x.dim()
-        dims = []
-        for k, size in enumerate(x.shape):
-            if size == 1:
-                continue
-            d = k - n
-            if d not in names:
-                where = ("a plate dim" if -d <= max_nest else "an enumeration dim")
-                raise GraphError(
-                    f"site {name!r}: its {what} has shape {tuple(x.shape)}, with size {size} at "
-                    f"dim {d}, which is {where} that no plate or enumerated site of this site "
-                    "owns (an enumeration dim conflict). Declare batch dims with pyro.plate, "
-                    "move event dims right with .to_event(), and keep max_plate_nesting at least "
-                    "the number of plate dims"
-                )
-            dims.append(names[d])
-        return Term(x.squeeze() if len(dims) < n else x, tuple(dims), _ordinal(site), name)
 
-    max_nest = max_plate_nesting
-    enum_names = set(out.model_enum) | out.hidden
-    var_plates = {v: _ordinal(site) for v, site in out.model_enum.items()}
-    for c in out.chains:
-        for lag in range(1, len(c.inits)):
-            var_plates[_lag_var(c.site, lag)] = var_plates[c.site]
-    for p in out.plates.values():  # inside its plate a previous-value dim varies along it
-        for _, prev in p.prev:
-            var_plates[prev] = var_plates.get(prev, frozenset()) | {p.name}
-    scales: list[tuple[str, Any]] = []
-    for name, site in _sample_sites(model_trace):
-        if name in out.model_enum:  # Pyro's semantics: enumerated sites are never masked
-            out.factors.append(pack(_log_prob(site), name, site, "log-probability"))
-            scales.append((name, site["scale"]))
-            continue
-        t = pack(_log_prob(site), name, site, "log-probability")
-        if enum_names.isdisjoint(t.dims):
-            if site["mask"] is not None or not _is_one(site["scale"]):
-                t = pack(scale_and_mask(_log_prob(site), site["scale"], site["mask"]),
-                         name, site, "log-probability")
-            out.costs.append(t)
-            continue
-        # A term over enumerated variables: masked inside the log, scaled outside it. Plates that
-        # none of its variables lives in are summed first (the engine would product-reduce them
-        # first anyway), so the mask is applied to the smaller tensor.
-        free = [d for d in t.dims if d in out.plates and all(
-            d not in var_plates[v] for v in t.dims if v in var_plates)]
-        mask = site["mask"]
-        if isinstance(mask, torch.Tensor):
-            m = pack(mask, name, site, "mask")
-            free = [d for d in free if d not in m.dims]
-        if free:
-            t = Term(t.tensor.sum([t.dims.index(d) for d in free]),
-                     tuple(d for d in t.dims if d not in free), t.ordinal, name)
-        if isinstance(mask, torch.Tensor):
-            dims = t.dims + tuple(d for d in m.dims if d not in t.dims)
-            t = Term(torch.where(_align(m, dims), _align(t, dims),
-                                 t.tensor.new_zeros(())), dims, t.ordinal, name)
-        elif mask is False:
-            t = Term(torch.zeros_like(t.tensor), t.dims, t.ordinal, name)
-        out.factors.append(t)
-        scales.append((name, site["scale"]))
-    _match_fixed_inits(out)
-    out.factors.extend(_markov_factors(out))
-    for name, site in _sample_sites(guide_trace):
-        lp = site["log_prob"]
-        if not is_identically_zero(lp):
-            t = pack(lp, name, site, "log-probability")
-            out.guide_costs.append(Term(-t.tensor, t.dims, t.ordinal, name))
-        # DiCE weights: probabilities of enumerated values, score-function terms of sites
-        # sampled without reparameterization (value 1, gradient of log q)
-        sf = site["score_parts"].score_function
-        if is_identically_zero(sf):
-            continue
-        how = site["infer"].get("enumerate")
-        if not how:
-            sf = sf - sf.detach()
-        elif how == "sequential":
-            o = _ordinal(site)
-            out.log_denom[o] = out.log_denom.get(o, 0.0) + math.log(site["infer"]["_enum_total"])
-        out.dice.append(pack(sf, name, site, "score function"))
-    out.scale = _common_scale(scales)
-    if out.model_enum and out.guide_enum:
-        _check_guide_more_global(out)
-    return out
+def _sum_and_mask(tensor: torch.Tensor, dims: tuple[str, ...], free: Sequence[str], mask: Any,
+                  mask_named: tuple[torch.Tensor, tuple[str, ...]] | None
+                  ) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """A model site's log-probability over enumerated variables (``tensor`` with ``dims``),
+    summed along those of its ``free`` plates that the mask does not vary along, then masked:
+    zero where the mask is false. Returns the result and its dims.
+
+    :param mask: the site's Pyro mask: ``None``, a bool, or a tensor (then ``mask_named`` is it
+        with its dims named).
+    """
+    if mask_named is not None:
+        free = [d for d in free if d not in mask_named[1]]
+    if free:
+        tensor = tensor.sum([dims.index(d) for d in free])
+        dims = tuple(d for d in dims if d not in free)
+    if mask_named is not None:
+        mask_tensor, mask_dims = mask_named
+        out_dims = dims + tuple(d for d in mask_dims if d not in dims)
+        tensor = torch.where(_align(mask_tensor, mask_dims, out_dims),
+                             _align(tensor, dims, out_dims), tensor.new_zeros(()))
+        dims = out_dims
+    elif mask is False:
+        tensor = torch.zeros_like(tensor)
+    return tensor, dims
 
 
 def _log_prob(site: Any) -> torch.Tensor:
@@ -354,29 +498,37 @@ def _enumerated_categorical(site: Any) -> torch.Tensor | None:
 
 
 def _is_one(scale: Any) -> bool:
+    """Whether a site's scale is the plain number 1 (no tensor)."""
     return not isinstance(scale, torch.Tensor) and scale == 1.0
 
 
-def _align(t: Term, dims: tuple[str, ...]) -> torch.Tensor:
-    """``t``'s tensor permuted and unsqueezed to broadcast against ``dims``."""
-    x = t.tensor.permute([t.dims.index(d) for d in dims if d in t.dims])
-    return x.reshape([x.shape[[d for d in dims if d in t.dims].index(d)] if d in t.dims else 1
-                      for d in dims])
+def _align(tensor: torch.Tensor, tensor_dims: tuple[str, ...], dims: tuple[str, ...]
+           ) -> torch.Tensor:
+    """``tensor``, whose dims are ``tensor_dims`` (all among ``dims``), permuted and unsqueezed to
+    broadcast against ``dims``."""
+    present = [d for d in dims if d in tensor_dims]
+    x = tensor.permute([tensor_dims.index(d) for d in present])
+    return x.reshape([x.shape[present.index(d)] if d in tensor_dims else 1 for d in dims])
 
 
 def _common_scale(scales: list[tuple[str, Any]]) -> float | torch.Tensor:
+    """The one scale of the sites over enumerated variables (1 if there are none).
+
+    :param scales: (site name, ``poutine.scale``) of each such site.
+    :raises GraphError: naming the sites, if a scale is a tensor of dim > 0 or two scales differ.
+    """
     if not scales:
         return 1.0
     first_name, first = scales[0]
-    for name, s in scales:
-        if isinstance(s, torch.Tensor) and s.dim():
+    for name, scale in scales:
+        if isinstance(scale, torch.Tensor) and scale.dim():
             raise GraphError(
-                f"site {name!r} has a tensor poutine.scale of shape {tuple(s.shape)}; sites that "
-                "depend on enumerated variables support only scalar scales"
+                f"site {name!r} has a tensor poutine.scale of shape {tuple(scale.shape)}; sites "
+                "that depend on enumerated variables support only scalar scales"
             )
-    values = {float(s) for _, s in scales}
+    values = {float(scale) for _, scale in scales}
     if len(values) > 1:
-        other = next(n for n, s in scales if float(s) != float(first))
+        other = next(name for name, scale in scales if float(scale) != float(first))
         raise GraphError(
             f"sites {first_name!r} (scale {float(first)}) and {other!r} (scale "
             f"{float(dict(scales)[other])}) depend on enumerated variables but have different "
@@ -386,14 +538,20 @@ def _common_scale(scales: list[tuple[str, Any]]) -> float | torch.Tensor:
     return first
 
 
-def _check_guide_more_global(out: Collected) -> None:
-    min_ordinal = frozenset.intersection(*(_ordinal(s) for s in out.model_enum.values()))
-    for name, site in out.guide_enum.items():
-        for p in _ordinal(site):
-            if p not in min_ordinal:
-                model_site = next(n for n, s in out.model_enum.items() if p not in _ordinal(s))
+def _check_guide_more_global(model_enum: Mapping[str, Any], guide_enum: Mapping[str, Any]
+                             ) -> None:
+    """Check that every guide-enumerated site is in no plate that some model-enumerated site is
+    outside of (Pyro's rule, by the sites' Pyro ordinals).
+
+    :raises GraphError: naming both sites and the plate.
+    """
+    min_ordinal = frozenset.intersection(*(_ordinal(site) for site in model_enum.values()))
+    for name, site in guide_enum.items():
+        for plate in _ordinal(site):
+            if plate not in min_ordinal:
+                model_site = next(n for n, s in model_enum.items() if plate not in _ordinal(s))
                 raise GraphError(
-                    f"guide site {name!r} is enumerated inside plate {p!r}, but model site "
+                    f"guide site {name!r} is enumerated inside plate {plate!r}, but model site "
                     f"{model_site!r} is enumerated outside it; model enumeration must be no more "
                     "global than guide enumeration (enumerate such sites in the guide, or move "
                     "the guide site out of the plate)"
@@ -404,115 +562,151 @@ def _check_guide_more_global(out: Collected) -> None:
 # markov_plate
 
 
-def _apply_markov(out: Collected, model_trace: Trace) -> None:
-    chains: dict[tuple[str, str], _Chain] = {}
+def _markov_chains(model_trace: Trace, plates: Mapping[str, Plate], model_enum: Mapping[str, Any]
+                   ) -> tuple[dict[str, Plate], tuple[_Chain, ...]]:
+    """The plates with each ``markov_plate`` of size > 1 made sequential, and the chains with
+    ``history > 1``, whose shift-register variables the engine sums out too.
+
+    A chain ``x`` of history ``h`` in plate ``t`` has ``x``'s previous value at dim
+    ``inits[1]``; for ``h > 1`` the shift-register variable ``L_lag(t) = x(t - lag)``
+    (``lag < h``) is a chain variable too, with previous-value dim ``inits[lag + 1]``.
+
+    :raises GraphError: naming the plate and site, for a subsampled ``markov_plate``, one with no
+        chain, and a chain or initial site that is not enumerated in the model or sampled on the
+        wrong side of the plate.
+    """
+    # Phase 1: the markov_plates and the initial sites of their chains, in trace order
+    inits: dict[tuple[str, str], dict[int, str]] = {}
     sequential: set[str] = set()
     for name, site in _sample_sites(model_trace):
         sequential.update(site["infer"].get(MARKOV_KEY, ()))
         init = site["infer"].get(INIT_KEY)
         if init is not None:
-            plate, chain, lag = init
-            chains.setdefault((plate, chain), _Chain(plate, chain)).inits[lag] = name
-    for p in sequential:
-        dims = [f for _, s in _sample_sites(model_trace) for f in s["cond_indep_stack"]
-                if f.name == p]
-        if dims and dims[0].full_size is not None and dims[0].size != dims[0].full_size:
-            raise GraphError(f"markov_plate {p!r} cannot be subsampled")
+            plate_name, chain_site, lag = init
+            inits.setdefault((plate_name, chain_site), {})[lag] = name
+    for plate_name in sequential:
+        frames = [frame for _, site in _sample_sites(model_trace)
+                  for frame in site["cond_indep_stack"] if frame.name == plate_name]
+        if frames and frames[0].full_size is not None and frames[0].size != frames[0].full_size:
+            raise GraphError(f"markov_plate {plate_name!r} cannot be subsampled")
     by_plate: dict[str, list[_Chain]] = {}
-    for c in chains.values():
-        by_plate.setdefault(c.plate, []).append(c)
-    for p in sequential:
-        if p not in by_plate and p in out.plates:
+    for (plate_name, chain_site), lags in inits.items():
+        by_plate.setdefault(plate_name, []).append(_Chain(plate_name, chain_site, lags))
+    for plate_name in sequential:
+        if plate_name not in by_plate and plate_name in plates:
             raise GraphError(
-                f"markov_plate {p!r} has no chain: declare one with "
-                f"{p}.init('site', initial) before entering the plate"
+                f"markov_plate {plate_name!r} has no chain: declare one with "
+                f"{plate_name}.init('site', initial) before entering the plate"
             )
-    for p, cs in by_plate.items():
-        for c in cs:
-            for init in c.inits.values():
-                if init not in out.model_enum:
-                    raise GraphError(
-                        f"markov_plate {p!r}: initial site {init!r} of chain {c.site!r} must be "
-                        "enumerated in the model (it has a guide)"
-                    )
-                if p in _ordinal(model_trace.nodes[init]):
-                    raise GraphError(
-                        f"markov_plate {p!r}: initial site {init!r} was sampled inside the plate; "
-                        "call init() before entering it"
-                    )
-            if c.site not in model_trace.nodes:
-                raise GraphError(
-                    f"markov_plate {p!r}: chain site {c.site!r} was declared with init() but "
-                    "never sampled inside the plate"
-                )
-            if c.site not in out.model_enum:
-                raise GraphError(
-                    f"markov_plate {p!r}: chain site {c.site!r} must be enumerated in the model "
-                    "(infer={'enumerate': 'parallel'}, no guide site)"
-                )
-            if p not in _ordinal(model_trace.nodes[c.site]):
-                raise GraphError(
-                    f"markov_plate {p!r}: chain site {c.site!r} was sampled outside the plate"
-                )
-        plate = out.plates.get(p)
+
+    # Phase 2: check each chain, and make its plate sequential
+    out = dict(plates)
+    for plate_name, chains in by_plate.items():
+        for chain in chains:
+            _check_chain(chain, model_trace, model_enum)
+        plate = out.get(plate_name)
         if plate is None:  # a single time step: the chain is just variables, no plate needed
             continue
         prev: dict[str, str] = {}
-        for c in cs:
-            h = len(c.inits)
-            prev[c.site] = c.inits[1]
-            for lag in range(1, h):  # shift register: lag-variable L_lag(t) = site(t - lag)
-                prev[_lag_var(c.site, lag)] = c.inits[lag + 1]
-        out.plates[p] = Plate(p, plate.size, sequential=True, prev=prev)
-        out.hidden = out.hidden | {_lag_var(c.site, lag) for c in cs
-                                   for lag in range(1, len(c.inits))}
-    out.chains = [c for cs in by_plate.values() for c in cs
-                  if len(c.inits) > 1 and c.plate in out.plates]
+        for chain in chains:
+            prev[chain.site] = chain.inits[1]
+            for lag in range(1, len(chain.inits)):  # L_lag(t) = site(t - lag)
+                prev[_lag_var(chain.site, lag)] = chain.inits[lag + 1]
+        out[plate_name] = Plate(plate_name, plate.size, sequential=True, prev=prev)
+    long_chains = tuple(chain for chains in by_plate.values() for chain in chains
+                        if len(chain.inits) > 1 and chain.plate in out)
+    return out, long_chains
+
+
+def _check_chain(chain: _Chain, model_trace: Trace, model_enum: Mapping[str, Any]) -> None:
+    """Check that a chain's initial sites are enumerated and sampled before its plate, and its
+    chain site enumerated and sampled inside it.
+
+    :raises GraphError: naming the plate and the site.
+    """
+    plate_name = chain.plate
+    for init in chain.inits.values():
+        if init not in model_enum:
+            raise GraphError(
+                f"markov_plate {plate_name!r}: initial site {init!r} of chain {chain.site!r} must "
+                "be enumerated in the model (it has a guide)"
+            )
+        if plate_name in _ordinal(model_trace.nodes[init]):
+            raise GraphError(
+                f"markov_plate {plate_name!r}: initial site {init!r} was sampled inside the "
+                "plate; call init() before entering it"
+            )
+    if chain.site not in model_trace.nodes:
+        raise GraphError(
+            f"markov_plate {plate_name!r}: chain site {chain.site!r} was declared with init() but "
+            "never sampled inside the plate"
+        )
+    if chain.site not in model_enum:
+        raise GraphError(
+            f"markov_plate {plate_name!r}: chain site {chain.site!r} must be enumerated in the "
+            "model (infer={'enumerate': 'parallel'}, no guide site)"
+        )
+    if plate_name not in _ordinal(model_trace.nodes[chain.site]):
+        raise GraphError(
+            f"markov_plate {plate_name!r}: chain site {chain.site!r} was sampled outside the plate"
+        )
 
 
 def _lag_var(site: str, lag: int) -> str:
+    """The name of the shift-register variable ``site(t - lag)`` of a chain."""
     return f"{site}(t-{lag})"
 
 
-def _match_fixed_inits(out: Collected) -> None:
-    """Give the tables of ``markov_plate.init`` sites with a fixed initial state (made on the
-    default dtype and device) the dtype and device of the model's other factors."""
-    fixed = {n for n, s in out.model_enum.items() if s["infer"].get(FIXED_INIT_KEY)}
-    ref = next((t.tensor for t in (*out.factors, *out.costs) if t.name not in fixed), None)
-    if not fixed or ref is None:
-        return
-    for i, t in enumerate(out.factors):
-        if t.name in fixed and (t.tensor.dtype, t.tensor.device) != (ref.dtype, ref.device):
-            out.factors[i] = Term(t.tensor.to(dtype=ref.dtype, device=ref.device), t.dims,
-                                  t.ordinal, t.name)
+def _match_fixed_inits(factors: Sequence[tuple[str, PlacedFactor]],
+                       costs: Iterable[PlacedFactor], fixed: set[str]) -> list[PlacedFactor]:
+    """The model's factors, with the tables of ``markov_plate.init`` sites with a fixed initial
+    state (made on the default dtype and device) given the dtype and device of the model's
+    other factors (the first other factor, or else the first cost).
+
+    :param factors: (site name, factor) of each factor, in trace order.
+    :param fixed: the names of the sites with a fixed initial state.
+    """
+    placed = [factor for _, factor in factors]
+    reference = next((placed_factor.factor.tensor for name, placed_factor in factors
+                      if name not in fixed), None)
+    if reference is None:
+        reference = next((cost.factor.tensor for cost in costs), None)
+    if not fixed or reference is None:
+        return placed
+    like = (reference.dtype, reference.device)
+    for i, (name, placed_factor) in enumerate(factors):
+        factor = placed_factor.factor
+        if name in fixed and (factor.tensor.dtype, factor.tensor.device) != like:
+            placed[i] = PlacedFactor(
+                Factor(factor.tensor.to(dtype=reference.dtype, device=reference.device),
+                       factor.dims, factor.name), placed_factor.ordinal)
+    return placed
 
 
-def _markov_factors(out: Collected) -> list[Term]:
+def _markov_factors(chains: Iterable[_Chain], model_enum: Mapping[str, Any],
+                    plates: Mapping[str, Plate]) -> list[PlacedFactor]:
     """Equality factors tying the shift-register variables of chains with ``history > 1``."""
-    terms: list[Term] = []
-    for c in out.chains:
-        site = out.model_enum[c.site]
-        x = _log_prob(site)
+    factors: list[PlacedFactor] = []
+    for chain in chains:
+        site = model_enum[chain.site]
+        log_prob = _log_prob(site)
         size = int(site["fn"].enumerate_support(expand=False).shape[0])
         # the factor lives in every plate of the chain site (the engine requires it of factors
         # that use a previous-value dim); stride-0 expansion costs no memory
-        outer = [p for p in out.plates if p in _ordinal(site) and p != c.plate]
-        sizes = [out.plates[p].size for p in (*outer, c.plate)]
-        eq = LOG.identity(size, x).expand(*sizes, size, size)
+        ordinal = _ordinal(site)
+        outer = [p for p in plates if p in ordinal and p != chain.plate]
+        sizes = [plates[p].size for p in (*outer, chain.plate)]
+        equal = LOG.identity(size, log_prob).expand(*sizes, size, size)
         # L_1(t) = site(t - 1), which is inits[1] inside the plate, and
         # L_lag(t) = L_{lag-1}(t - 1), which is inits[lag] (the previous value of L_{lag-1})
-        for lag in range(1, len(c.inits)):
-            terms.append(Term(eq, (*outer, c.plate, _lag_var(c.site, lag), c.inits[lag]),
-                              _ordinal(site), f"{c.site} (lag {lag} of history)"))
-    return terms
+        for lag in range(1, len(chain.inits)):
+            dims = (*outer, chain.plate, _lag_var(chain.site, lag), chain.inits[lag])
+            label = _site_label(f"{chain.site} (lag {lag} of history)")
+            factors.append(PlacedFactor(Factor(equal, dims, label), ordinal))
+    return factors
 
 
 def intractable_hint(err: IntractableError) -> IntractableError:
-    """An engine :class:`~plated.IntractableError` with the ways out a Pyro model has."""
-    what = str(err).split(" Way out:")[0].rstrip(".")
-    return IntractableError(
-        f"{what}.\nIn a Pyro model the ways out are: enumerate the offending sites in the guide "
-        "instead, move a site that several plate elements share outside the plate (or the plate's "
-        "sites inside it), or sequentialize the plate (iterate over pyro.plate rather than using "
-        "it as a context)."
-    )
+    """An engine :class:`~plated.IntractableError` with the ways out a Pyro model has instead of
+    the engine's (same problem, plates and variables)."""
+    return err.with_remedies(_PYRO_REMEDIES, context="In a Pyro model")
