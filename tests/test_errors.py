@@ -205,6 +205,32 @@ INTRACTABLE = [
     ("grid of chains", chain_grid, ("'s'", "'t'")),
 ]
 
+#: per case of INTRACTABLE: the error's structured fields (plates, variables)
+INTRACTABLE_FIELDS = {
+    "independent plates coupled": (("i", "j"), ("a", "b")),
+    "chain coupled to a non-chain variable along its plate": (("t",), ("w",)),
+    "grid of chains": (("s", "t"), ()),
+}
+
+
+@pytest.mark.parametrize("make,fields", [(c[1], INTRACTABLE_FIELDS[c[0]]) for c in INTRACTABLE],
+                         ids=[c[0] for c in INTRACTABLE])
+def test_intractable_error_carries_its_fields(
+        make: Callable[[], tuple[list[Factor], list[Plate]]],
+        fields: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
+    factors, plates = make()
+    with pytest.raises(IntractableError) as info:
+        PlatedFactorGraph(factors, plates).cost()
+    err = info.value
+    assert (err.plates, err.variables) == fields
+    assert err.remedies and str(err) == f"{err.problem}. Way out: {', or '.join(err.remedies)}"
+    # a front end re-words the remedies from the fields, not by parsing the text
+    wrapped = err.with_remedies(["do this", "do that", "ask"], context="In a front end")
+    assert str(wrapped) == (f"{err.problem}.\nIn a front end the ways out are: do this, do that, "
+                            "or ask.")
+    assert (wrapped.plates, wrapped.variables, wrapped.problem) == (err.plates, err.variables,
+                                                                    err.problem)
+
 
 @pytest.mark.parametrize("make,names", [c[1:] for c in INTRACTABLE],
                          ids=[c[0] for c in INTRACTABLE])
