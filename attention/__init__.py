@@ -1,16 +1,21 @@
 """Latent-alignment attention (Deng et al., NeurIPS 2018) on the :mod:`plated` engine.
 
-* :mod:`attention.functional` holds the math as pure functions: the exact marginal likelihood, the
-  Jensen bound, the enumerated ELBO, REINFORCE and Gumbel-softmax estimators with their baselines
-  (:func:`alignment_loss`), engine-backed posterior marginals, MAP alignments and alignment
-  samples, and the relaxed (Dirichlet) variational attention helpers.
+* :mod:`attention.functional` holds the math as pure functions, gathered from the modules that do
+  the work: the losses (:mod:`attention.objectives`: the exact marginal likelihood, the Jensen
+  bound, the enumerated ELBO, REINFORCE and Gumbel-softmax, one function each, and
+  :func:`~attention.objectives.alignment_loss` dispatching over them by ``mode``), the estimators
+  with their baselines (:mod:`attention.estimators`), the engine queries: posterior marginals, MAP
+  alignments and alignment samples (:mod:`attention.queries`), and the relaxed (Dirichlet)
+  variational attention helpers (:mod:`attention.dirichlet`). The option types live in
+  :mod:`attention.typing`.
 * :mod:`attention.modules` holds the ``nn.Module`` faces: score functions,
   :class:`LatentAlignmentAttention` (a drop-in for soft attention, multi-head with heads as a
   plate, K-max) and the inference network :class:`AlignmentInferenceNetwork`;
   :mod:`attention.output` the memory-capped per-alignment output layer.
-* :mod:`attention.markov` is the first-order Markov alignment prior; :mod:`attention.distributions`
-  the Pyro face; :mod:`attention.decoding` beam search with latent alignments;
-  :mod:`attention.plotting` alignment heatmaps.
+* :mod:`attention.markov` is the first-order Markov alignment prior
+  (:class:`~attention.markov.MarkovAlignment`: one batch's inputs, checked once, and its engine
+  queries); :mod:`attention.distributions` the Pyro face; :mod:`attention.decoding` beam search
+  with latent alignments; :mod:`attention.plotting` alignment heatmaps.
 """
 
 from .functional import (
@@ -27,6 +32,11 @@ from .functional import (
     dirichlet_alignment,
     dirichlet_concentration,
     dirichlet_kl,
+    elbo_loss,
+    gumbel_loss,
+    jensen_loss,
+    marginal_loss,
+    reinforce_loss,
     sample_alignments,
 )
 from .modules import (
@@ -77,5 +87,10 @@ __all__ = [
     "dirichlet_alignment",
     "dirichlet_concentration",
     "dirichlet_kl",
+    "elbo_loss",
+    "gumbel_loss",
+    "jensen_loss",
+    "marginal_loss",
+    "reinforce_loss",
     "sample_alignments",
 ]

@@ -10,7 +10,13 @@ moves coherently over the source:
     p(y \\mid x) = \\sum_{z_0, \\dots, z_{T-1}} p(z_0 \\mid x) \\prod_{t \\ge 1}
         p(z_t \\mid z_{t-1}, x) \\prod_t p(y_t \\mid x, z_t).
 
-**The graph.** Every function here builds one :class:`~plated.graph.PlatedFactorGraph` with an
+**The inputs.** :class:`MarkovAlignment` holds one batch's scores and masks, checked once, and
+asks the engine each query (:meth:`~MarkovAlignment.log_marginal`, :meth:`~MarkovAlignment.elbo`,
+:meth:`~MarkovAlignment.marginals`, :meth:`~MarkovAlignment.viterbi`,
+:meth:`~MarkovAlignment.sample`, :meth:`~MarkovAlignment.graph`); the ``markov_alignment_*``
+functions, which take the same arguments, are thin wrappers over it.
+
+**The graph.** Every query builds one :class:`~plated.graph.PlatedFactorGraph` with an
 independent plate ``"batch"`` (kept: one result per sentence) and a sequential plate
 ``"target"`` of size :math:`T` with ``prev={"z": "z_prev"}``, and factors
 
@@ -50,13 +56,17 @@ host-device sync per call; pass ``validate=True`` while debugging.
 from __future__ import annotations
 
 import math
+from dataclasses import InitVar, dataclass, field
 
 import torch
 from torch import nn
 
 from plated import Factor, Plate, PlatedFactorGraph
 
+from .checks import shape_of
+
 __all__ = [
+    "MarkovAlignment",
     "MarkovAlignmentPrior",
     "markov_alignment_elbo",
     "markov_alignment_graph",
@@ -74,64 +84,79 @@ BATCH, TARGET, Z, Z_PREV = "batch", "target", "z", "z_prev"
 # -- argument checks ---------------------------------------------------------------------------
 
 
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
-
-
 def _check_float(name: str, x: object, dims: int, expected: str) -> torch.Tensor:
+    """``x`` itself, checked to be a floating tensor with ``dims`` dims.
+
+    :raises ValueError: naming ``name`` and the ``expected`` shape.
+    """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor {expected}, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating tensor {expected}, got dtype {x.dtype}")
     if x.dim() != dims:
-        raise ValueError(f"{name} must have shape {expected}, got shape {_shape(x)}")
+        raise ValueError(f"{name} must have shape {expected}, got shape {shape_of(x)}")
     return x
 
 
 def _check_mask(name: str, mask: torch.Tensor | None, shape: tuple[int, ...], expected: str,
                 like: torch.Tensor) -> torch.Tensor:
+    """``mask`` checked to be bool and shaped exactly ``shape``, or all ``True`` (on ``like``'s
+    device) when ``None``.
+
+    :raises ValueError: naming ``name`` and the ``expected`` shape.
+    """
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=like.device)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"{name} must be a bool tensor {expected} (True = real), got {got}")
-    if _shape(mask) != shape:
-        raise ValueError(f"{name} must have shape {expected} = {shape}, got {_shape(mask)}")
+    if shape_of(mask) != shape:
+        raise ValueError(f"{name} must have shape {expected} = {shape}, got {shape_of(mask)}")
     return mask
 
 
 def _check_prior(init_logits: torch.Tensor, trans_logits: torch.Tensor,
                  names: tuple[str, str] = ("init_logits", "trans_logits"),
                  ) -> tuple[int, int, int]:
-    """Check ``init_logits`` ``(B, S)`` and ``trans_logits`` ``(B, T, S, S)``; return B, T, S."""
+    """Check ``init_logits`` ``(B, S)`` and ``trans_logits`` ``(B, T, S, S)`` (one dtype and
+    device); return ``(B, T, S)``.
+
+    :raises ValueError: naming the argument (by ``names``) and the shapes.
+    """
     init_name, trans_name = names
     _check_float(init_name, init_logits, 2, "(B, S)")
-    b, s = _shape(init_logits)
+    batch, size = shape_of(init_logits)
     _check_float(trans_name, trans_logits, 4, "(B, T, S, S)")
-    if s < 1:
-        raise ValueError(f"{init_name} has shape {_shape(init_logits)}: S must be at least 1")
-    tb, t, s1, s2 = _shape(trans_logits)
-    if tb != b or s1 != s or s2 != s:
+    if size < 1:
+        raise ValueError(f"{init_name} has shape {shape_of(init_logits)}: S must be at least 1")
+    trans_batch, steps, size_prev, size_next = shape_of(trans_logits)
+    if trans_batch != batch or size_prev != size or size_next != size:
         raise ValueError(
-            f"{trans_name} must have shape (B, T, S, S) = ({b}, T, {s}, {s}) to match "
-            f"{init_name} of shape (B, S) = {(b, s)}, got {_shape(trans_logits)}"
+            f"{trans_name} must have shape (B, T, S, S) = ({batch}, T, {size}, {size}) to match "
+            f"{init_name} of shape (B, S) = {(batch, size)}, got {shape_of(trans_logits)}"
         )
-    if t < 1:
-        raise ValueError(f"{trans_name} has shape {_shape(trans_logits)}: T must be at least 1")
+    if steps < 1:
+        raise ValueError(
+            f"{trans_name} has shape {shape_of(trans_logits)}: T must be at least 1")
     if trans_logits.dtype != init_logits.dtype or trans_logits.device != init_logits.device:
         raise ValueError(
             f"{trans_name} ({trans_logits.dtype} on {trans_logits.device}) must share the dtype "
             f"and device of {init_name} ({init_logits.dtype} on {init_logits.device})"
         )
-    return b, t, s
+    return batch, steps, size
 
 
-def _check_log_lik(log_lik: torch.Tensor, b: int, t: int, s: int, like: torch.Tensor) -> None:
+def _check_log_lik(log_lik: torch.Tensor, shape: tuple[int, int, int], like: torch.Tensor
+                   ) -> None:
+    """Check ``log_lik`` against the chain's ``(B, T, S)`` and ``like``'s dtype and device.
+
+    :raises ValueError: naming ``log_lik`` and the shapes.
+    """
     _check_float("log_lik", log_lik, 3, "(B, T, S)")
-    if _shape(log_lik) != (b, t, s):
+    if shape_of(log_lik) != shape:
         raise ValueError(
-            f"log_lik must have shape (B, T, S) = {(b, t, s)} to match init_logits (B, S) and "
-            f"trans_logits (B, T, S, S), got {_shape(log_lik)}"
+            f"log_lik must have shape (B, T, S) = {shape} to match init_logits (B, S) and "
+            f"trans_logits (B, T, S, S), got {shape_of(log_lik)}"
         )
     if log_lik.dtype != like.dtype or log_lik.device != like.device:
         raise ValueError(
@@ -149,10 +174,10 @@ def _masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     A row with no finite entry stays all ``-inf`` (instead of ``-inf - -inf = NaN``); its
     gradient is zero.
     """
-    x = logits.masked_fill(~mask, -math.inf)
-    norm = x.logsumexp(-1, keepdim=True)
-    norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
-    return x - norm
+    masked = logits.masked_fill(~mask, -math.inf)
+    log_norm = masked.logsumexp(-1, keepdim=True)
+    log_norm = torch.where(torch.isfinite(log_norm), log_norm, torch.zeros_like(log_norm))
+    return masked - log_norm
 
 
 def markov_transition_log_probs(
@@ -181,51 +206,256 @@ def markov_transition_log_probs(
     :return: ``(B, T, S, S)`` log-probabilities, differentiable in both logits.
     :raises ValueError: on a wrong shape, dtype or device (names the argument).
     """
-    b, t, s = _check_prior(init_logits, trans_logits)
-    src = _check_mask("src_mask", src_mask, (b, s), "(B, S)", init_logits)
-    tgt = _check_mask("tgt_mask", tgt_mask, (b, t), "(B, T)", init_logits)
-    return _transitions(init_logits, trans_logits, src, tgt)
+    batch, steps, size = _check_prior(init_logits, trans_logits)
+    source = _check_mask("src_mask", src_mask, (batch, size), "(B, S)", init_logits)
+    target = _check_mask("tgt_mask", tgt_mask, (batch, steps), "(B, T)", init_logits)
+    return _transitions(init_logits, trans_logits, source, target)
 
 
-def _transitions(init_logits: torch.Tensor, trans_logits: torch.Tensor, src: torch.Tensor,
-                 tgt: torch.Tensor) -> torch.Tensor:
-    s = init_logits.shape[-1]
-    init_lp = _masked_log_softmax(init_logits, src)  # (B, S)
-    trans_lp = _masked_log_softmax(trans_logits, src[:, None, None, :])  # (B, T, S, S)
-    real_before = tgt.long().cumsum(1) - tgt.long()  # real steps strictly before t
-    first = tgt & (real_before == 0)
-    stay = torch.full((s, s), -math.inf, dtype=init_logits.dtype, device=init_logits.device)
+def _transitions(init_logits: torch.Tensor, trans_logits: torch.Tensor, source: torch.Tensor,
+                 target: torch.Tensor) -> torch.Tensor:
+    """:func:`markov_transition_log_probs` of checked inputs (masks given, shaped right)."""
+    size = init_logits.shape[-1]
+    init_lp = _masked_log_softmax(init_logits, source)  # (B, S)
+    trans_lp = _masked_log_softmax(trans_logits, source[:, None, None, :])  # (B, T, S, S)
+    real_before = target.long().cumsum(1) - target.long()  # real steps strictly before t
+    first = target & (real_before == 0)
+    stay = torch.full((size, size), -math.inf, dtype=init_logits.dtype,
+                      device=init_logits.device)
     stay = stay.fill_diagonal_(0.0)
     step = torch.where(first[:, :, None, None], init_lp[:, None, None, :], trans_lp)
-    return torch.where(tgt[:, :, None, None], step, stay)
+    return torch.where(target[:, :, None, None], step, stay)
 
 
-def _emission(log_lik: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    keep = tgt[:, :, None] & src[:, None, :]
-    return torch.where(keep, log_lik, torch.zeros_like(log_lik))
+#: The index of the ``transition`` factor among the graph's factors (see :func:`_graph`).
+_TRANSITION = 1
 
 
 def _graph(trans_lp: torch.Tensor, emit: torch.Tensor | None, validate: bool
            ) -> PlatedFactorGraph:
-    b, t, s, _ = trans_lp.shape
-    start = torch.full((b, s), -math.inf, dtype=trans_lp.dtype, device=trans_lp.device)
+    """The chain's graph (module docstring): ``start``, ``transition`` and, when ``emit`` is
+    given, ``likelihood``, in that order."""
+    batch, _, size, _ = trans_lp.shape
+    start = torch.full((batch, size), -math.inf, dtype=trans_lp.dtype, device=trans_lp.device)
     start[:, 0] = 0.0
     factors = [Factor(start, (BATCH, Z_PREV), name="start"),
                Factor(trans_lp, (BATCH, TARGET, Z_PREV, Z), name="transition")]
     if emit is not None:
         factors.append(Factor(emit, (BATCH, TARGET, Z), name="likelihood"))
-    plates = [Plate(BATCH, b), Plate(TARGET, t, sequential=True, prev={Z: Z_PREV})]
+    plates = [Plate(BATCH, batch), Plate(TARGET, trans_lp.shape[1], sequential=True,
+                                         prev={Z: Z_PREV})]
     return PlatedFactorGraph(factors, plates, keep_plates=(BATCH,), validate=validate)
 
 
-def _prepare(init_logits: torch.Tensor, trans_logits: torch.Tensor, log_lik: torch.Tensor,
-             src_mask: torch.Tensor | None, tgt_mask: torch.Tensor | None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, t, s = _check_prior(init_logits, trans_logits)
-    _check_log_lik(log_lik, b, t, s, init_logits)
-    src = _check_mask("src_mask", src_mask, (b, s), "(B, S)", init_logits)
-    tgt = _check_mask("tgt_mask", tgt_mask, (b, t), "(B, T)", init_logits)
-    return _transitions(init_logits, trans_logits, src, tgt), _emission(log_lik, src, tgt), src, tgt
+# -- the chain's inputs, and its queries -------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class MarkovAlignment:
+    """The inputs of the Markov alignment model for one batch, checked once, and its queries.
+
+    Construct it as the ``markov_alignment_*`` functions are called; each query below is one
+    engine call on :meth:`graph` (see the module docstring for the graph, the start state and
+    the padding). The functions ``markov_alignment_log_marginal(init_logits, ...)`` and so on
+    are thin wrappers that build one and ask it.
+
+    :param init_logits: ``(B, S)`` scores of the first alignment.
+    :param trans_logits: ``(B, T, S, S)``; ``trans_logits[b, t, i, j]`` scores :math:`z_t = j`
+        given :math:`z_{t-1} = i`, normalised over ``j`` after masking. ``trans_logits[:, 0]`` is
+        never used (the first step draws from ``init_logits``).
+    :param log_lik: ``(B, T, S)``, :math:`\\log p(y_t \\mid x, z_t = s)`; ignored (even NaN) at
+        masked source positions and padded steps.
+    :param src_mask: ``(B, S)`` bool, True at real source positions (default: all real).
+    :param tgt_mask: ``(B, T)`` bool, True at real target positions (default: all real).
+    :ivar source_mask: ``(B, S)`` bool, ``src_mask`` or all ``True``.
+    :ivar target_mask: ``(B, T)`` bool, ``tgt_mask`` or all ``True``.
+    :raises ValueError: on a wrong shape, dtype or device (names the argument).
+    """
+
+    init_logits: torch.Tensor
+    trans_logits: torch.Tensor
+    log_lik: torch.Tensor
+    src_mask: InitVar[torch.Tensor | None] = None
+    tgt_mask: InitVar[torch.Tensor | None] = None
+    source_mask: torch.Tensor = field(init=False)
+    target_mask: torch.Tensor = field(init=False)
+
+    def __post_init__(self, src_mask: torch.Tensor | None, tgt_mask: torch.Tensor | None
+                      ) -> None:
+        batch, steps, size = _check_prior(self.init_logits, self.trans_logits)
+        _check_log_lik(self.log_lik, (batch, steps, size), self.init_logits)
+        # frozen: the checked masks are set once, here
+        object.__setattr__(self, "source_mask", _check_mask(
+            "src_mask", src_mask, (batch, size), "(B, S)", self.init_logits))
+        object.__setattr__(self, "target_mask", _check_mask(
+            "tgt_mask", tgt_mask, (batch, steps), "(B, T)", self.init_logits))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(B, T, S)``: sentences, target steps, source positions."""
+        batch, steps, size = self.log_lik.shape
+        return batch, steps, size
+
+    def transition_log_probs(self) -> torch.Tensor:
+        """``(B, T, S, S)`` :func:`markov_transition_log_probs` of this chain."""
+        return _transitions(self.init_logits, self.trans_logits, self.source_mask,
+                            self.target_mask)
+
+    def emission(self) -> torch.Tensor:
+        """``(B, T, S)`` the ``likelihood`` factor: ``log_lik`` with 0 at masked source positions
+        and padded steps (a :func:`torch.where`, so NaN there does not leak)."""
+        keep = self.target_mask[:, :, None] & self.source_mask[:, None, :]
+        return torch.where(keep, self.log_lik, torch.zeros_like(self.log_lik))
+
+    def graph(self, *, validate: bool = False) -> PlatedFactorGraph:
+        """The plated factor graph of the model (see the module docstring for its factors).
+
+        Its variables are ``"z"`` (plates ``batch``, ``target``) and the dummy ``"z_prev"``
+        (plate ``batch``); use it for queries not wrapped here, e.g. ``graph.cost()`` or
+        ``graph.max_log_density()``.
+
+        :param validate: run the engine's NaN / ``+inf`` check on the factors (one host sync
+            per query).
+        """
+        return _graph(self.transition_log_probs(), self.emission(), validate)
+
+    def log_marginal(self, *, validate: bool = False) -> torch.Tensor:
+        """Exact :math:`\\log p(y \\mid x)`, summing over every alignment sequence.
+
+        .. math::
+
+            \\log p(y \\mid x) = \\log \\sum_{z} \\prod_t p(z_t \\mid z_{t-1}, x)\\,
+                p(y_t \\mid x, z_t)
+
+        (one engine ``log_partition``; gradients by autograd through the parallel scan).
+
+        :return: ``(B,)``; ``0`` for a sentence without real target steps.
+        """
+        return self.graph(validate=validate).log_partition()
+
+    def elbo(self, posterior_init_logits: torch.Tensor, posterior_trans_logits: torch.Tensor,
+             *, validate: bool = False) -> torch.Tensor:
+        """The exact ELBO with a chain-structured variational posterior :math:`q(z \\mid x, y)`.
+
+        :math:`q` is a Markov chain of the same form as the prior (same masks, same start state
+        and padding), with logits ``posterior_init_logits`` ``(B, S)`` and
+        ``posterior_trans_logits`` ``(B, T, S, S)``. With :math:`F^p_t, F^q_t` the transition
+        log-probabilities of :func:`markov_transition_log_probs`, :math:`e_t` the
+        log-likelihoods and :math:`Z_q` the normaliser of :math:`q` (1 up to rounding),
+
+        .. math::
+
+            \\mathrm{ELBO} = \\mathbb{E}_q[\\log p(y, z) - \\log q(z)]
+              = \\sum_{t,i,j} \\mu_t(i, j) \\big(F^p_t(i, j) - F^q_t(i, j)\\big)
+              + \\sum_{t,j} \\nu_t(j)\\, e_t(j) + \\log Z_q
+              = \\mathbb{E}_q[\\log p(y \\mid z)] - \\mathrm{KL}(q \\,\\|\\, p),
+
+        where :math:`\\mu_t(i, j) = q(z_{t-1} = i, z_t = j) = \\partial \\log Z_q / \\partial
+        F^q_t(i, j)` are :math:`q`'s pairwise marginals (the engine's ``factor_marginals`` of
+        the transition factor, one backward pass) and :math:`\\nu_t(j) = \\sum_i \\mu_t(i, j)`.
+        The pairwise marginals are differentiable (``create_graph``) when :math:`q`'s logits
+        require grad, so gradients reach :math:`q`'s parameters through them (the exact
+        gradient, not a score-function estimate). Terms where :math:`q` has zero mass count as 0
+        (:math:`0 \\log 0 = 0`); where :math:`q` puts mass on a transition the prior forbids, the
+        ELBO is :math:`-\\infty`. The ELBO equals :meth:`log_marginal` exactly when :math:`q` is
+        the exact posterior, and is below it otherwise.
+
+        :return: ``(B,)``.
+        :raises ValueError: on a wrong shape, dtype or device of the posterior's logits.
+        """
+        batch, steps, size = self.shape
+        _check_prior(posterior_init_logits, posterior_trans_logits,
+                     ("posterior_init_logits", "posterior_trans_logits"))
+        if shape_of(posterior_trans_logits) != (batch, steps, size, size):
+            raise ValueError(
+                f"posterior_trans_logits must have shape (B, T, S, S) = "
+                f"{(batch, steps, size, size)} like trans_logits, got "
+                f"{shape_of(posterior_trans_logits)}"
+            )
+        if posterior_init_logits.dtype != self.init_logits.dtype:
+            raise ValueError(
+                f"posterior_init_logits has dtype {posterior_init_logits.dtype}; it must match "
+                f"init_logits ({self.init_logits.dtype})"
+            )
+        p_trans, emit = self.transition_log_probs(), self.emission()
+        q_trans = _transitions(posterior_init_logits, posterior_trans_logits, self.source_mask,
+                               self.target_mask)
+        mu, log_z_q = _pairwise_marginals(q_trans, self.target_mask, validate)
+        support = mu > 0
+        diff = torch.where(support, p_trans - q_trans, torch.zeros_like(p_trans))
+        nu = mu.sum(-2)
+        emit_on_support = torch.where(nu > 0, emit, torch.zeros_like(emit))
+        return (mu * diff).sum((1, 2, 3)) + (nu * emit_on_support).sum((1, 2)) + log_z_q
+
+    def marginals(self, *, validate: bool = False) -> torch.Tensor:
+        """Posterior marginals :math:`p(z_t = s \\mid x, y)` (engine ``marginals``, by autograd).
+
+        :return: ``(B, T, S)``, each real row summing to one; all-zero rows at padded target
+            steps and for sentences with :math:`p(y \\mid x) = 0`. Differentiable in the inputs.
+        """
+        marg = self.graph(validate=validate).marginals()[Z]
+        return torch.where(self.target_mask[:, :, None], marg, torch.zeros_like(marg))
+
+    def viterbi(self, *, validate: bool = False) -> torch.Tensor:
+        """The most probable alignment sequence :math:`\\arg\\max_z p(z \\mid x, y)` (engine
+        ``map``). Ties go to the lower source position.
+
+        :return: a LongTensor ``(B, T)``; 0 at padded target steps.
+        """
+        best = self.graph(validate=validate).map()[Z]
+        return best.masked_fill(~self.target_mask, 0)
+
+    def sample(self, num_samples: int = 1, *, validate: bool = False) -> torch.Tensor:
+        """Exact joint samples of alignment sequences from :math:`p(z \\mid x, y)`.
+
+        Engine ``sample`` (forward filter, backward sample, in log depth); not differentiable.
+
+        :return: a LongTensor ``(num_samples, B, T)``; 0 at padded target steps.
+        :raises ValueError: if ``num_samples < 1``.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        drawn = self.graph(validate=validate).sample(num_samples)[Z]
+        return drawn.masked_fill(~self.target_mask, 0)
+
+
+def _pairwise_marginals(q_trans: torch.Tensor, target: torch.Tensor, validate: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:math:`q`'s pairwise marginals ``mu`` ``(B, T, S, S)`` (zero at padded steps) and
+    :math:`\\log Z_q` ``(B,)``, both differentiable (``mu`` by ``create_graph``) when ``q_trans``
+    requires grad: the engine's log partition function and factor marginals of the
+    transition factor, from one pass (``log_partition_and_factor_marginals``).
+
+    The gradient of ``mu`` is a second derivative of :math:`\\log Z_q`, which is NaN wherever the
+    scan meets a hard zero: ``-inf`` entries (``exp(-inf - -inf)`` in the double backward, as in
+    plain torch), and, in the engine's log-matmul, products that underflow to 0, which a stay
+    step (an identity matrix) after a masked source column produces. So the chain given to the
+    engine here has neither: its real steps are moved to the front (a stable sort; stay steps
+    are identities, so the chain over real steps is unchanged), the now trailing padded steps
+    become all-zero log-matrices (each multiplies :math:`Z_q` by ``S`` whatever the state, which
+    is subtracted), and ``-inf`` becomes a finite stand-in whose ``exp`` underflows to exactly 0
+    against every finite path, which leaves :math:`\\log Z_q` and ``mu`` exact. (The stand-in
+    keeps :math:`\\log Z_q` finite, so the engine's zeros where :math:`\\log Z = -\\infty` never
+    apply here.)
+    """
+    batch, steps, size, _ = q_trans.shape
+    log_zero = torch.finfo(q_trans.dtype).min / (4 * (steps + 2))
+    stand_in = torch.where(q_trans == -math.inf, torch.full_like(q_trans, log_zero), q_trans)
+    pad = ~target
+    order = torch.argsort(pad.long(), dim=1, stable=True)  # real steps first, in order
+    back = torch.argsort(order, dim=1)
+    sorted_q = stand_in.gather(1, order[:, :, None, None].expand(batch, steps, size, size))
+    sorted_q = torch.where(pad.gather(1, order)[:, :, None, None], torch.zeros_like(sorted_q),
+                           sorted_q)
+    graph = _graph(sorted_q, None, validate)
+    log_z, marginals = graph.log_partition_and_factor_marginals([_TRANSITION])
+    mu = marginals[_TRANSITION]
+    mu = mu.gather(1, back[:, :, None, None].expand(batch, steps, size, size))
+    mu = torch.where(pad[:, :, None, None], torch.zeros_like(mu), mu)
+    return mu, log_z - pad.sum(1).to(log_z.dtype) * math.log(size)
+
+
+# -- the functions: thin wrappers over MarkovAlignment -----------------------------------------
 
 
 def markov_alignment_graph(
@@ -237,14 +467,10 @@ def markov_alignment_graph(
     *,
     validate: bool = False,
 ) -> PlatedFactorGraph:
-    """The plated factor graph of the model (see the module docstring for its factors).
-
-    Its variables are ``"z"`` (plates ``batch``, ``target``) and the dummy ``"z_prev"`` (plate
-    ``batch``); use it for queries not wrapped here, e.g. ``graph.cost()`` or
-    ``graph.max_log_density()``. Arguments are as for :func:`markov_alignment_log_marginal`.
-    """
-    trans_lp, emit, _, _ = _prepare(init_logits, trans_logits, log_lik, src_mask, tgt_mask)
-    return _graph(trans_lp, emit, validate)
+    """:meth:`MarkovAlignment.graph` of ``MarkovAlignment(init_logits, trans_logits, log_lik,
+    src_mask, tgt_mask)``: the model's plated factor graph."""
+    chain = MarkovAlignment(init_logits, trans_logits, log_lik, src_mask, tgt_mask)
+    return chain.graph(validate=validate)
 
 
 def markov_alignment_log_marginal(
@@ -256,28 +482,13 @@ def markov_alignment_log_marginal(
     *,
     validate: bool = False,
 ) -> torch.Tensor:
-    """Exact :math:`\\log p(y \\mid x)`, summing over every alignment sequence.
+    """:meth:`MarkovAlignment.log_marginal`: exact :math:`\\log p(y \\mid x)` ``(B,)``, one
+    engine ``log_partition``. Arguments as for :class:`MarkovAlignment`.
 
-    .. math::
-
-        \\log p(y \\mid x) = \\log \\sum_{z} \\prod_t p(z_t \\mid z_{t-1}, x)\\,
-            p(y_t \\mid x, z_t)
-
-    (one engine ``log_partition``; gradients by autograd through the parallel scan).
-
-    :param init_logits: ``(B, S)`` scores of the first alignment.
-    :param trans_logits: ``(B, T, S, S)``; ``trans_logits[b, t, i, j]`` scores :math:`z_t = j`
-        given :math:`z_{t-1} = i`, normalised over ``j`` after masking. ``trans_logits[:, 0]`` is
-        never used (the first step draws from ``init_logits``).
-    :param log_lik: ``(B, T, S)``, :math:`\\log p(y_t \\mid x, z_t = s)`.
-    :param src_mask: ``(B, S)`` bool, True at real source positions (default: all real).
-    :param tgt_mask: ``(B, T)`` bool, True at real target positions (default: all real).
-    :param validate: run the engine's NaN / ``+inf`` check on the factors (one host sync).
-    :return: ``(B,)``; ``0`` for a sentence without real target steps.
     :raises ValueError: on a wrong shape, dtype or device (names the argument).
     """
-    return markov_alignment_graph(init_logits, trans_logits, log_lik, src_mask, tgt_mask,
-                                  validate=validate).log_partition()
+    chain = MarkovAlignment(init_logits, trans_logits, log_lik, src_mask, tgt_mask)
+    return chain.log_marginal(validate=validate)
 
 
 def markov_alignment_elbo(
@@ -291,87 +502,14 @@ def markov_alignment_elbo(
     *,
     validate: bool = False,
 ) -> torch.Tensor:
-    """The exact ELBO with a chain-structured variational posterior :math:`q(z \\mid x, y)`.
+    """:meth:`MarkovAlignment.elbo`: the exact ELBO ``(B,)`` with a chain-structured posterior
+    :math:`q` of logits ``posterior_init_logits`` ``(B, S)`` and ``posterior_trans_logits``
+    ``(B, T, S, S)``. Other arguments as for :class:`MarkovAlignment`.
 
-    :math:`q` is a Markov chain of the same form as the prior (same masks, same start state and
-    padding), with logits ``posterior_init_logits`` ``(B, S)`` and ``posterior_trans_logits``
-    ``(B, T, S, S)``. With :math:`F^p_t, F^q_t` the transition log-probabilities of
-    :func:`markov_transition_log_probs`, :math:`e_t` the log-likelihoods and :math:`Z_q` the
-    normaliser of :math:`q` (1 up to rounding),
-
-    .. math::
-
-        \\mathrm{ELBO} = \\mathbb{E}_q[\\log p(y, z) - \\log q(z)]
-          = \\sum_{t,i,j} \\mu_t(i, j) \\big(F^p_t(i, j) - F^q_t(i, j)\\big)
-          + \\sum_{t,j} \\nu_t(j)\\, e_t(j) + \\log Z_q
-          = \\mathbb{E}_q[\\log p(y \\mid z)] - \\mathrm{KL}(q \\,\\|\\, p),
-
-    where :math:`\\mu_t(i, j) = q(z_{t-1} = i, z_t = j) = \\partial \\log Z_q / \\partial F^q_t(i,
-    j)` are :math:`q`'s pairwise marginals (one engine ``log_partition`` of :math:`q`'s graph and
-    one backward pass) and :math:`\\nu_t(j) = \\sum_i \\mu_t(i, j)`. The pairwise marginals are
-    computed with ``create_graph=True`` when :math:`q`'s logits require grad, so gradients reach
-    :math:`q`'s parameters through them (the exact gradient, not a score-function estimate).
-    Terms where :math:`q` has zero mass count as 0 (:math:`0 \\log 0 = 0`); where :math:`q` puts
-    mass on a transition the prior forbids, the ELBO is :math:`-\\infty`. The ELBO equals
-    :func:`markov_alignment_log_marginal` exactly when :math:`q` is the exact posterior, and is
-    below it otherwise.
-
-    :return: ``(B,)``.
     :raises ValueError: on a wrong shape, dtype or device (names the argument).
     """
-    p_trans, emit, src, tgt = _prepare(init_logits, trans_logits, log_lik, src_mask, tgt_mask)
-    b, t, s = p_trans.shape[:3]
-    _check_prior(posterior_init_logits, posterior_trans_logits,
-                 ("posterior_init_logits", "posterior_trans_logits"))
-    if _shape(posterior_trans_logits) != (b, t, s, s):
-        raise ValueError(
-            f"posterior_trans_logits must have shape (B, T, S, S) = {(b, t, s, s)} like "
-            f"trans_logits, got {_shape(posterior_trans_logits)}"
-        )
-    if posterior_init_logits.dtype != init_logits.dtype:
-        raise ValueError(
-            f"posterior_init_logits has dtype {posterior_init_logits.dtype}; it must match "
-            f"init_logits ({init_logits.dtype})"
-        )
-    q_trans = _transitions(posterior_init_logits, posterior_trans_logits, src, tgt)
-    mu, logz_q = _pairwise_marginals(q_trans, tgt, validate)
-    support = mu > 0
-    diff = torch.where(support, p_trans - q_trans, torch.zeros_like(p_trans))
-    nu = mu.sum(-2)
-    e = torch.where(nu > 0, emit, torch.zeros_like(emit))
-    return (mu * diff).sum((1, 2, 3)) + (nu * e).sum((1, 2)) + logz_q
-
-
-def _pairwise_marginals(q_trans: torch.Tensor, tgt: torch.Tensor, validate: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:math:`q`'s pairwise marginals ``mu`` ``(B, T, S, S)`` (zero at padded steps) and
-    :math:`\\log Z_q` ``(B,)``, differentiable (``create_graph``) when ``q_trans`` requires grad.
-
-    The gradient of ``mu`` is a second derivative of :math:`\\log Z_q`, which is NaN wherever the
-    scan meets a hard zero: ``-inf`` entries (``exp(-inf - -inf)`` in the double backward, as in
-    plain torch), and, in the engine's log-matmul, products that underflow to 0, which a stay
-    step (an identity matrix) after a masked source column produces. So the chain given to the
-    engine here has neither: its real steps are moved to the front (a stable sort; stay steps
-    are identities, so the chain over real steps is unchanged), the now trailing padded steps
-    become all-zero log-matrices (each multiplies :math:`Z_q` by ``S`` whatever the state, which
-    is subtracted), and ``-inf`` becomes a finite stand-in whose ``exp`` underflows to exactly 0
-    against every finite path, which leaves :math:`\\log Z_q` and ``mu`` exact.
-    """
-    b, t, s, _ = q_trans.shape
-    log_zero = torch.finfo(q_trans.dtype).min / (4 * (t + 2))
-    q = torch.where(q_trans == -math.inf, torch.full_like(q_trans, log_zero), q_trans)
-    pad = ~tgt
-    order = torch.argsort(pad.long(), dim=1, stable=True)  # real steps first, in order
-    back = torch.argsort(order, dim=1)
-    q = q.gather(1, order[:, :, None, None].expand(b, t, s, s))
-    q = torch.where(pad.gather(1, order)[:, :, None, None], torch.zeros_like(q), q)
-    with torch.enable_grad():
-        probe = torch.zeros_like(q, requires_grad=True)
-        logz = _graph(q + probe, None, validate).log_partition()
-        (mu,) = torch.autograd.grad(logz.sum(), probe, create_graph=q_trans.requires_grad)
-    mu = mu.gather(1, back[:, :, None, None].expand(b, t, s, s))
-    mu = torch.where(pad[:, :, None, None], torch.zeros_like(mu), mu)
-    return mu, logz - pad.sum(1).to(logz.dtype) * math.log(s)
+    chain = MarkovAlignment(init_logits, trans_logits, log_lik, src_mask, tgt_mask)
+    return chain.elbo(posterior_init_logits, posterior_trans_logits, validate=validate)
 
 
 def markov_alignment_marginals(
@@ -383,14 +521,13 @@ def markov_alignment_marginals(
     *,
     validate: bool = False,
 ) -> torch.Tensor:
-    """Posterior marginals :math:`p(z_t = s \\mid x, y)` (engine ``marginals``, by autograd).
+    """:meth:`MarkovAlignment.marginals`: posterior marginals :math:`p(z_t = s \\mid x, y)`
+    ``(B, T, S)``, all-zero rows at padded steps. Arguments as for :class:`MarkovAlignment`.
 
-    :return: ``(B, T, S)``, each real row summing to one; all-zero rows at padded target steps
-        and for sentences with :math:`p(y \\mid x) = 0`. Differentiable in the inputs.
+    :raises ValueError: on a wrong shape, dtype or device (names the argument).
     """
-    trans_lp, emit, _, tgt = _prepare(init_logits, trans_logits, log_lik, src_mask, tgt_mask)
-    marg = _graph(trans_lp, emit, validate).marginals()[Z]
-    return torch.where(tgt[:, :, None], marg, torch.zeros_like(marg))
+    chain = MarkovAlignment(init_logits, trans_logits, log_lik, src_mask, tgt_mask)
+    return chain.marginals(validate=validate)
 
 
 def markov_alignment_viterbi(
@@ -402,15 +539,13 @@ def markov_alignment_viterbi(
     *,
     validate: bool = False,
 ) -> torch.Tensor:
-    """The most probable alignment sequence :math:`\\arg\\max_z p(z \\mid x, y)` (engine ``map``).
+    """:meth:`MarkovAlignment.viterbi`: the MAP alignment sequence, a LongTensor ``(B, T)``, 0
+    at padded steps. Arguments as for :class:`MarkovAlignment`.
 
-    Ties go to the lower source position.
-
-    :return: a LongTensor ``(B, T)``; 0 at padded target steps.
+    :raises ValueError: on a wrong shape, dtype or device (names the argument).
     """
-    trans_lp, emit, _, tgt = _prepare(init_logits, trans_logits, log_lik, src_mask, tgt_mask)
-    z = _graph(trans_lp, emit, validate).map()[Z]
-    return z.masked_fill(~tgt, 0)
+    chain = MarkovAlignment(init_logits, trans_logits, log_lik, src_mask, tgt_mask)
+    return chain.viterbi(validate=validate)
 
 
 def markov_alignment_sample(
@@ -423,18 +558,15 @@ def markov_alignment_sample(
     num_samples: int = 1,
     validate: bool = False,
 ) -> torch.Tensor:
-    """Exact joint samples of alignment sequences from :math:`p(z \\mid x, y)`.
+    """:meth:`MarkovAlignment.sample`: ``num_samples`` exact joint samples from
+    :math:`p(z \\mid x, y)`, a LongTensor ``(num_samples, B, T)``, 0 at padded steps. Arguments
+    as for :class:`MarkovAlignment`.
 
-    Engine ``sample`` (forward filter, backward sample, in log depth); not differentiable.
-
-    :return: a LongTensor ``(num_samples, B, T)``; 0 at padded target steps.
-    :raises ValueError: if ``num_samples < 1``.
+    :raises ValueError: on a wrong shape, dtype or device (names the argument), or if
+        ``num_samples < 1``.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    trans_lp, emit, _, tgt = _prepare(init_logits, trans_logits, log_lik, src_mask, tgt_mask)
-    z = _graph(trans_lp, emit, validate).sample(num_samples)[Z]
-    return z.masked_fill(~tgt, 0)
+    chain = MarkovAlignment(init_logits, trans_logits, log_lik, src_mask, tgt_mask)
+    return chain.sample(num_samples, validate=validate)
 
 
 class MarkovAlignmentPrior(nn.Module):
@@ -479,22 +611,23 @@ class MarkovAlignmentPrior(nn.Module):
         :param memory: ``(B, S, H)`` encoder states.
         :raises ValueError: on a wrong shape (names the argument).
         """
-        h = self.hidden
-        _check_float("query", query, 3, f"(B, T, H={h})")
-        _check_float("memory", memory, 3, f"(B, S, H={h})")
-        if query.shape[-1] != h:
-            raise ValueError(f"query must have shape (B, T, H={h}), got {_shape(query)}")
-        if memory.shape[-1] != h or memory.shape[0] != query.shape[0]:
+        hidden = self.hidden
+        _check_float("query", query, 3, f"(B, T, H={hidden})")
+        _check_float("memory", memory, 3, f"(B, S, H={hidden})")
+        if query.shape[-1] != hidden:
+            raise ValueError(f"query must have shape (B, T, H={hidden}), got {shape_of(query)}")
+        if memory.shape[-1] != hidden or memory.shape[0] != query.shape[0]:
             raise ValueError(
-                f"memory must have shape (B={query.shape[0]}, S, H={h}) to match query "
-                f"{_shape(query)}, got {_shape(memory)}"
+                f"memory must have shape (B={query.shape[0]}, S, H={hidden}) to match query "
+                f"{shape_of(query)}, got {shape_of(memory)}"
             )
         content = self.query_proj(query) @ memory.transpose(-1, -2) * self.scale  # (B, T, S)
         pos = torch.arange(memory.shape[1], device=memory.device)
-        j = self.max_jump
-        jump = (pos[None, :] - pos[:, None]).clamp(-j, j) + j  # (S prev, S next)
+        max_jump = self.max_jump
+        # the clipped jump z_t - z_{t-1} as an index into jump_bias: (S prev, S next)
+        jump = (pos[None, :] - pos[:, None]).clamp(-max_jump, max_jump) + max_jump
         trans_logits = content[:, :, None, :] + self.jump_bias[jump]
-        init_logits = content[:, 0, :] + self.start_bias[pos.clamp(max=j)]
+        init_logits = content[:, 0, :] + self.start_bias[pos.clamp(max=max_jump)]
         return init_logits, trans_logits
 
     def extra_repr(self) -> str:

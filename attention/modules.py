@@ -1,7 +1,7 @@
 r"""``nn.Module`` faces of latent-alignment attention (Deng et al., 2018): drop-in soft attention.
 
-The modules are thin: they compute scores, mask them and hand them, with the decoder's
-per-alignment log-likelihoods, to :mod:`attention.functional`, where the math lives.
+The modules are thin: they compute scores, mask and normalise them and hand them, with the
+decoder's per-alignment log-likelihoods, to :mod:`attention.objectives`, where the math lives.
 
 * **Scores** map a query ``(B, T, Dq)`` and a memory ``(B, S, Dm)`` to scores ``(B, T, S)``
   (any leading dims, as long as they broadcast): :class:`AdditiveScore` (Bahdanau et al., 2015),
@@ -10,10 +10,29 @@ per-alignment log-likelihoods, to :mod:`attention.functional`, where the math li
 * :class:`LatentAlignmentAttention` is the attention layer of a seq2seq decoder. In ``"soft"``
   mode it *is* soft attention. In the latent modes it exposes the alignment prior
   :math:`p(z \mid x)`, the vectors :math:`v_s` whose selection forms the context of a hard
-  alignment, the posterior and the loss of :func:`attention.functional.alignment_loss`.
+  alignment, the posterior and the loss of :func:`attention.objectives.alignment_loss`.
 * :class:`AlignmentInferenceNetwork` is the paper's :math:`q(z \mid x, y)`: a bidirectional LSTM
   over the target, bilinear scores against the source memory.
 * :func:`topk_alignments` is K-max: the K best positions under the prior.
+
+**Plain torch or engine.** ``forward`` is plain torch in every mode: scores, the masks, the
+prior's normalisation (``probs``; in the latent modes also ``log_probs``, which the loss reuses)
+and the soft context. ``"soft"`` mode is plain torch throughout. In the latent modes
+:meth:`LatentAlignmentAttention.loss` applies no mask to the prior or the posterior (``forward``
+did) and one to the log-likelihoods, and then:
+
+* ``"marginal"`` -- one engine query, the ``log_partition`` of :math:`\{\log p(z), \ell_z\}`;
+* ``"hard-enum"`` -- plain torch (the expectation under ``forward``'s prior);
+* ``"variational-enum"`` -- one engine query, the normaliser of :math:`q`; the expectation and
+  the KL are plain torch;
+* ``"hard-sample"``, ``"variational-sample"`` -- the engine's ``sample`` (and :math:`q`'s
+  normaliser), a plain-torch surrogate;
+* ``"gumbel"`` -- plain torch (and :math:`q`'s normaliser when given);
+* with ``k_max`` the truncated prior is renormalised by one more engine query.
+
+:meth:`LatentAlignmentAttention.posterior` is an engine ``marginals`` query,
+:meth:`LatentAlignmentAttention.sample` an engine ``sample`` and
+:meth:`LatentAlignmentAttention.relaxed_context` plain torch.
 
 Shapes: ``B`` batch, ``T`` target (query) positions, ``S`` source (memory) positions, ``H``
 heads, ``K`` the K of K-max. ``[H,]`` is present only when ``heads > 1``; ``[T,]`` is absent when
@@ -23,21 +42,19 @@ the query is one decoding step ``(B, Dq)``.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, get_args
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .functional import (
-    BaselineName,
-    EMABaseline,
-    alignment_loss,
-    alignment_posterior,
-    dirichlet_alignment,
-    dirichlet_kl,
-    sample_alignments,
-)
+from .checks import check_scores, shape_of
+from .dirichlet import dirichlet_alignment, dirichlet_kl
+from .estimators import EMABaseline
+from .factors import AlignmentFactors
+from .objectives import evaluate, objective_for, split_sampled
+from .queries import alignment_posterior, sample_alignments
+from .typing import ATTENTION_MODES, SCORE_KINDS, AttentionMode, BaselineName, ScoreKind
 
 __all__ = [
     "ATTENTION_MODES",
@@ -55,31 +72,21 @@ __all__ = [
     "topk_alignments",
 ]
 
-#: Score functions by name (:func:`make_score`).
-ScoreKind = Literal["additive", "dot", "scaled-dot", "general", "bilinear"]
-#: Modes of :class:`LatentAlignmentAttention`: ``"soft"`` plus the objectives of
-#: :func:`attention.functional.alignment_loss`.
-AttentionMode = Literal[
-    "soft", "marginal", "hard-enum", "variational-enum", "hard-sample", "variational-sample",
-    "gumbel",
-]
-SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
-ATTENTION_MODES: tuple[str, ...] = get_args(AttentionMode)
 _VARIATIONAL = ("variational-enum", "variational-sample")
 
 
-def _shape(x: Tensor) -> tuple[int, ...]:
-    return tuple(x.shape)
-
-
 def _check_pair(query: Tensor, memory: Tensor, query_dim: int, memory_dim: int) -> None:
+    """Check a score's inputs: ``query (..., T, query_dim)`` and ``memory (..., S, memory_dim)``.
+
+    :raises ValueError: naming both shapes.
+    """
     if query.dim() < 2 or memory.dim() < 2:
         raise ValueError(f"query must be (..., T, {query_dim}) and memory (..., S, {memory_dim}); "
-                         f"got query {_shape(query)} and memory {_shape(memory)}")
+                         f"got query {shape_of(query)} and memory {shape_of(memory)}")
     if query.shape[-1] != query_dim or memory.shape[-1] != memory_dim:
         raise ValueError(f"query must end in query_dim={query_dim} and memory in "
-                         f"memory_dim={memory_dim}; got query {_shape(query)} and memory "
-                         f"{_shape(memory)}")
+                         f"memory_dim={memory_dim}; got query {shape_of(query)} and memory "
+                         f"{shape_of(memory)}")
 
 
 # -- scores ---------------------------------------------------------------------------------------
@@ -167,10 +174,10 @@ def make_score(kind: ScoreKind, query_dim: int, memory_dim: int,
                hidden: int | None = None) -> nn.Module:
     """A score module by name.
 
-    :param kind: one of :data:`SCORE_KINDS`: ``"additive"`` (:class:`AdditiveScore`, ``hidden``
-        defaults to ``memory_dim``), ``"dot"`` / ``"scaled-dot"`` (:class:`DotScore`, needs
-        ``query_dim == memory_dim``), ``"general"`` (:class:`GeneralScore`), ``"bilinear"``
-        (:class:`BilinearScore`).
+    :param kind: one of :data:`~attention.typing.SCORE_KINDS`: ``"additive"``
+        (:class:`AdditiveScore`, ``hidden`` defaults to ``memory_dim``), ``"dot"`` /
+        ``"scaled-dot"`` (:class:`DotScore`, needs ``query_dim == memory_dim``), ``"general"``
+        (:class:`GeneralScore`), ``"bilinear"`` (:class:`BilinearScore`).
     :param hidden: the tanh layer of ``"additive"``; must be ``None`` for the others.
     :raises ValueError: on an unknown kind, a ``hidden`` the kind does not use, or mismatched
         dims for a dot score.
@@ -215,8 +222,8 @@ def topk_alignments(prior_logits: Tensor, mask: Tensor | None, k: int) -> tuple[
     try:
         mask = mask.expand(logits.shape)
     except RuntimeError as e:
-        raise ValueError(f"mask {_shape(mask)} does not broadcast to prior_logits "
-                         f"{_shape(logits)}") from e
+        raise ValueError(f"mask {shape_of(mask)} does not broadcast to prior_logits "
+                         f"{shape_of(logits)}") from e
     indices = logits.masked_fill(~mask, -math.inf).topk(k, dim=-1).indices
     return indices, mask.gather(-1, indices)
 
@@ -243,6 +250,12 @@ class AttentionOutput(NamedTuple):
     :ivar topk_indices: K-max only: ``(B, [H,] [T,] K)`` the K best positions under the prior.
     :ivar topk_mask: K-max only: ``(B, [H,] [T,] K)`` bool, ``False`` for padding picks.
     :ivar topk_values: K-max only: ``(B, [H,] [T,] K, D)`` the values at ``topk_indices``.
+    :ivar log_probs: latent modes: ``(B, [H,] [T,] S)`` :math:`\\log p(z \\mid x)`, normalised
+        by ``forward`` in torch (``probs`` is its ``exp``): ``-inf`` at masked positions, all
+        ``-inf`` for a query without any real position. :meth:`LatentAlignmentAttention.loss`
+        uses it as the prior instead of normalising ``prior_logits`` again. ``None`` in
+        ``"soft"`` mode and in an output built without it (whose loss then normalises
+        ``prior_logits``).
     """
 
     context: Tensor
@@ -254,6 +267,7 @@ class AttentionOutput(NamedTuple):
     topk_indices: Tensor | None = None
     topk_mask: Tensor | None = None
     topk_values: Tensor | None = None
+    log_probs: Tensor | None = None
 
     def gather_topk(self, x: Tensor) -> Tensor:
         """Select the K-max positions of ``x (..., S)`` -> ``(..., K)`` (e.g. a ``log_lik``
@@ -312,10 +326,11 @@ class LatentAlignmentAttention(nn.Module):
 
     :param query_dim: ``Dq``, the decoder state size.
     :param memory_dim: ``Dm``, the encoder state size.
-    :param score: a name of :data:`SCORE_KINDS` or a score module (maps ``(..., T, Dq')`` and
-        ``(..., S, Dm')`` to ``(..., T, S)``, where ``Dq' = Dm' = head_dim`` when ``heads > 1``).
+    :param score: a name of :data:`~attention.typing.SCORE_KINDS` or a score module (maps
+        ``(..., T, Dq')`` and ``(..., S, Dm')`` to ``(..., T, S)``, where
+        ``Dq' = Dm' = head_dim`` when ``heads > 1``).
     :param heads: ``H``.
-    :param mode: one of :data:`ATTENTION_MODES`.
+    :param mode: one of :data:`~attention.typing.ATTENTION_MODES`.
     :param score_hidden: the tanh layer of an ``"additive"`` score.
     :param head_dim: per-head size of the query/key/value projections (``heads > 1`` only;
         default ``memory_dim // heads``).
@@ -374,9 +389,9 @@ class LatentAlignmentAttention(nn.Module):
                 f"mode={self.mode!r}, k_max={self.k_max}")
 
     def _split(self, x: Tensor, proj: nn.Linear) -> Tensor:
-        """(B, L, D) -> (B, H, L, head_dim)."""
-        b, n, _ = x.shape
-        return proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        """Project ``x`` ``(B, L, D)`` by ``proj``, split into heads: ``(B, H, L, head_dim)``."""
+        batch, length, _ = x.shape
+        return proj(x).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(self, query: Tensor, memory: Tensor, mask: Tensor | None = None,
                 posterior_logits: Tensor | None = None) -> AttentionOutput:
@@ -394,80 +409,96 @@ class LatentAlignmentAttention(nn.Module):
         """
         if query.dim() not in (2, 3) or memory.dim() != 3:
             raise ValueError(f"query must be (B, T, Dq) or (B, Dq) and memory (B, S, Dm); got "
-                             f"query {_shape(query)} and memory {_shape(memory)}")
+                             f"query {shape_of(query)} and memory {shape_of(memory)}")
         step = query.dim() == 2
-        q = query.unsqueeze(1) if step else query
-        b, t, s = q.shape[0], q.shape[1], memory.shape[1]
-        if q.shape[-1] != self.query_dim or memory.shape[-1] != self.memory_dim \
-                or memory.shape[0] != b:
+        queries = query.unsqueeze(1) if step else query  # (B, T, Dq)
+        batch, tgt_len, src_len = queries.shape[0], queries.shape[1], memory.shape[1]
+        if queries.shape[-1] != self.query_dim or memory.shape[-1] != self.memory_dim \
+                or memory.shape[0] != batch:
             raise ValueError(f"query must be (B, [T,] {self.query_dim}) and memory "
                              f"(B, S, {self.memory_dim}) with the same B; got query "
-                             f"{_shape(query)} and memory {_shape(memory)}")
+                             f"{shape_of(query)} and memory {shape_of(memory)}")
         # scores (B, [H,] T, S) and values (B, [H,] S, D)
         if self.heads == 1:
-            scores = self.score(q, memory)
+            scores = self.score(queries, memory)
             values = memory
         else:
             assert self.q_proj is not None and self.k_proj is not None
             assert self.v_proj is not None
-            scores = self.score(self._split(q, self.q_proj), self._split(memory, self.k_proj))
+            scores = self.score(self._split(queries, self.q_proj), self._split(memory, self.k_proj))
             values = self._split(memory, self.v_proj)
         if mask is None:
             full_mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
         else:
-            full_mask = self._expand_mask(mask, query, b, t, s).expand(scores.shape)
-        logits = scores.masked_fill(~full_mask, -math.inf)
-        # probabilities without NaN for rows with no real position: fill masked scores with the
-        # most negative finite value (exp underflows to exactly 0 next to any real score), then
-        # zero masked entries, so an all-masked row gives zeros instead of 0/0.
-        finite = scores.masked_fill(~full_mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(finite, dim=-1) * full_mask
+            full_mask = self._expand_mask(mask, query, batch, tgt_len, src_len).expand(scores.shape)
+        masked = ~full_mask
+        logits = scores.masked_fill(masked, -math.inf)
+        # Normalise without NaN for rows with no real position: masked scores at the most
+        # negative finite value (exp underflows to exactly 0 next to any real score; a row
+        # without one is normalised over constants), so no -inf - -inf, forward or backward.
+        finite = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
+        log_probs: Tensor | None = None
+        if self.mode == "soft":  # soft attention, exactly: probs all 0 in a row without one
+            probs = torch.softmax(finite, dim=-1) * full_mask
+        else:  # the prior normalised once, here; the loss reuses it
+            log_probs = torch.log_softmax(finite, dim=-1).masked_fill(masked, -math.inf)
+            probs = log_probs.exp()
         context = probs @ values  # (B, [H,] T, D)
         if self.heads > 1:
             assert self.out_proj is not None
-            context = self.out_proj(context.transpose(1, 2).reshape(b, t, -1))
+            context = self.out_proj(context.transpose(1, 2).reshape(batch, tgt_len, -1))
         post = None
         if posterior_logits is not None:
             want = logits.shape[:-2] + logits.shape[-1:] if step else logits.shape
             if posterior_logits.shape != want:
                 raise ValueError(f"posterior_logits must be {tuple(want)} (like prior_logits), got "
-                                 f"{_shape(posterior_logits)}")
-            pl = posterior_logits.unsqueeze(-2) if step else posterior_logits
-            post = pl.masked_fill(~full_mask, -math.inf)
+                                 f"{shape_of(posterior_logits)}")
+            posterior = posterior_logits.unsqueeze(-2) if step else posterior_logits
+            post = posterior.masked_fill(masked, -math.inf)
         topk_idx = topk_mask = topk_values = None
         if self.k_max is not None:
             topk_idx, topk_mask = topk_alignments(logits, full_mask, self.k_max)
-            d = values.shape[-1]
+            value_dim = values.shape[-1]
             # (B, [H,] S, D) -> (B, [H,] T, K, D), gathering from a broadcast view
-            src = values.unsqueeze(-3).expand(values.shape[:-2] + (t, s, d))
-            topk_values = src.gather(-2, topk_idx.unsqueeze(-1).expand(topk_idx.shape + (d,)))
+            spread = values.unsqueeze(-3).expand(values.shape[:-2] + (tgt_len, src_len, value_dim))
+            topk_values = spread.gather(
+                -2, topk_idx.unsqueeze(-1).expand(topk_idx.shape + (value_dim,)))
         out = AttentionOutput(context, probs, logits, full_mask, values, post, topk_idx,
-                              topk_mask, topk_values)
+                              topk_mask, topk_values, log_probs)
         return self._squeeze_step(out) if step else out
 
-    def _expand_mask(self, mask: Tensor, query: Tensor, b: int, t: int, s: int) -> Tensor:
-        """``(B, S)`` or ``(B, T, S)`` -> ``(B, [1,] T or 1, S)``."""
+    def _expand_mask(self, mask: Tensor, query: Tensor, batch: int, tgt_len: int, src_len: int
+                     ) -> Tensor:
+        """The user's mask ``(B, S)`` or ``(B, T, S)`` as ``(B, [1,] T or 1, S)``, broadcastable
+        to the scores.
+
+        :raises ValueError: if it is not bool or has another shape.
+        """
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor (True = real position), got {mask.dtype}")
-        if mask.shape == (b, s):
-            m = mask.unsqueeze(1)
-        elif query.dim() == 3 and mask.shape == (b, t, s):
-            m = mask
+        if mask.shape == (batch, src_len):
+            expanded = mask.unsqueeze(1)
+        elif query.dim() == 3 and mask.shape == (batch, tgt_len, src_len):
+            expanded = mask
         else:
-            allowed = f"({b}, {s})" + (f" or ({b}, {t}, {s})" if query.dim() == 3 else "")
-            raise ValueError(f"mask must be {allowed} for query {_shape(query)}, got "
-                             f"{_shape(mask)}")
-        return m.unsqueeze(1) if self.heads > 1 else m
+            allowed = f"({batch}, {src_len})" + (
+                f" or ({batch}, {tgt_len}, {src_len})" if query.dim() == 3 else "")
+            raise ValueError(f"mask must be {allowed} for query {shape_of(query)}, got "
+                             f"{shape_of(mask)}")
+        return expanded.unsqueeze(1) if self.heads > 1 else expanded
 
     @staticmethod
     def _squeeze_step(out: AttentionOutput) -> AttentionOutput:
+        """``out`` of a one-step query ``(B, Dq)`` without its ``T = 1`` dim, field by field."""
         def sq(x: Tensor | None, dim: int) -> Tensor | None:
+            """``x`` without ``dim``, or ``None``."""
             return None if x is None else x.squeeze(dim)
 
         return AttentionOutput(
             out.context.squeeze(1), out.probs.squeeze(-2), out.prior_logits.squeeze(-2),
             out.mask.squeeze(-2), out.values, sq(out.posterior_logits, -2),
-            sq(out.topk_indices, -2), sq(out.topk_mask, -2), sq(out.topk_values, -3))
+            sq(out.topk_indices, -2), sq(out.topk_mask, -2), sq(out.topk_values, -3),
+            sq(out.log_probs, -2))
 
     # -- latent faces -----------------------------------------------------------------------------
 
@@ -478,15 +509,15 @@ class LatentAlignmentAttention(nn.Module):
             if samples is not None and log_lik.shape == samples.shape:
                 return out.prior_logits, out.mask, out.posterior_logits
             if log_lik.shape != out.prior_logits.shape:
-                raise ValueError(f"log_lik must be {_shape(out.prior_logits)} (like "
-                                 f"prior_logits), got {_shape(log_lik)}")
+                raise ValueError(f"log_lik must be {shape_of(out.prior_logits)} (like "
+                                 f"prior_logits), got {shape_of(log_lik)}")
             return out.prior_logits, out.mask, out.posterior_logits
         assert out.topk_mask is not None
         if log_lik.shape != out.topk_indices.shape:
-            raise ValueError(f"with k_max, log_lik must be {_shape(out.topk_indices)} (one value "
+            raise ValueError(f"with k_max, log_lik must be {shape_of(out.topk_indices)} (one value "
                              f"per K-max position, in the order of topk_indices; use "
                              f"out.gather_topk on a full (..., S) log_lik), got "
-                             f"{_shape(log_lik)}")
+                             f"{shape_of(log_lik)}")
         prior = out.gather_topk(out.prior_logits)
         post = None if out.posterior_logits is None else out.gather_topk(out.posterior_logits)
         return prior, out.topk_mask, post
@@ -498,12 +529,18 @@ class LatentAlignmentAttention(nn.Module):
              samples: Tensor | None = None) -> Tensor:
         """The loss of ``self.mode`` per query position and head (latent modes).
 
+        Equal to :func:`attention.objectives.alignment_loss` of ``out``'s scores, without its
+        repeated work: the prior is ``out.log_probs`` (normalised once, by ``forward``; with
+        ``k_max`` the truncated prior is renormalised), the prior and posterior are not masked
+        again, and the mask is applied once, to ``log_lik``. The module docstring says which
+        modes are engine queries.
+
         :param out: this module's output.
         :param log_lik: :math:`\\log p(y_t \\mid x, z = s)`, shaped like ``out.prior_logits``
             ``(B, [H,] [T,] S)``, or like ``out.topk_indices`` ``(B, [H,] [T,] K)`` with
             ``k_max``. Values at masked positions are ignored.
         :return: ``(B, [H,] [T])``; with heads, ``.sum(1)`` is the heads-as-plate loss.
-            Keyword options are those of :func:`attention.functional.alignment_loss`;
+            Keyword options are those of :func:`attention.objectives.alignment_loss`;
             ``out.posterior_logits`` is used by the variational modes and ``"gumbel"`` (which
             then samples from :math:`q`) and ignored by the others. In the sampling modes,
             ``samples`` from :meth:`sample` let ``log_lik`` be ``(K, B, [H,] [T])``, the
@@ -524,10 +561,17 @@ class LatentAlignmentAttention(nn.Module):
                              "network's scores to forward(..., posterior_logits=...)")
         if self.mode not in _VARIATIONAL and self.mode != "gumbel":
             post = None  # kept on the output for inspection; these objectives do not use q
-        return alignment_loss(
-            prior, log_lik, mask, self.mode, post, num_samples=num_samples, baseline=baseline,
-            baseline_log_lik=baseline_log_lik, ema=ema, temperature=temperature,
-            straight_through=straight_through, generator=generator, samples=samples)
+        full_log_lik, sampled_log_lik = split_sampled(prior, log_lik, samples)
+        check_scores("log_lik", full_log_lik, prior.shape, prior.dtype)
+        objective = objective_for(self.mode, post is not None, num_samples, baseline,
+                                  baseline_log_lik, ema, temperature, straight_through,
+                                  generator, samples, sampled_log_lik)
+        # forward's normalised prior, unless K-max truncates it (then the engine renormalises)
+        log_probs = out.log_probs if out.topk_indices is None else None
+        factors = AlignmentFactors.from_masked(
+            prior if log_probs is None else log_probs, full_log_lik, mask, post,
+            prior_normalized=log_probs is not None)
+        return evaluate(objective, factors)
 
     def sample(self, out: AttentionOutput, num_samples: int = 1,
                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -546,12 +590,12 @@ class LatentAlignmentAttention(nn.Module):
                                           out.posterior_logits is not None) else out.prior_logits
         z = sample_alignments(logits, out.mask, num_samples, generator)
         vals = out.values  # (B, [H,] S, D)
-        d = vals.shape[-1]
+        value_dim = vals.shape[-1]
         step = logits.dim() < vals.dim()
-        zz = z.unsqueeze(-1) if step else z  # (K, B, [H,] T', ) with T' = 1 for a step
-        idx = zz.unsqueeze(-1).expand(*zz.shape, d)  # (K, B, [H,] T', D)
-        src = vals.unsqueeze(0).expand((num_samples,) + tuple(vals.shape))
-        picked = src.gather(-2, idx)
+        drawn = z.unsqueeze(-1) if step else z  # (K, B, [H,] T', ) with T' = 1 for a step
+        idx = drawn.unsqueeze(-1).expand(*drawn.shape, value_dim)  # (K, B, [H,] T', D)
+        spread = vals.unsqueeze(0).expand((num_samples,) + tuple(vals.shape))
+        picked = spread.gather(-2, idx)
         return z, (picked.squeeze(-2) if step else picked)
 
     def relaxed_context(self, out: AttentionOutput, posterior_logits: Tensor | None = None, *,
@@ -560,11 +604,11 @@ class LatentAlignmentAttention(nn.Module):
 
         The alignment is a reparameterised sample :math:`w \sim \mathrm{Dir}(\alpha_q)` over
         the unmasked positions, with :math:`\alpha = \mathrm{softplus}(\text{scores}) +
-        \alpha_{\min}` (:func:`attention.functional.dirichlet_alignment`); the context is
+        \alpha_{\min}` (:func:`attention.dirichlet.dirichlet_alignment`); the context is
         :math:`\sum_s w_s v_s`. The objective is :math:`-\log p(y \mid x, c) +
         \mathrm{KL}(\mathrm{Dir}(\alpha_q) \,\|\, \mathrm{Dir}(\alpha_p))`, with the
         decoder's log-likelihood at this context and the returned KL; warm it up with the Jensen
-        bound first, as the paper does (:class:`attention.functional.JensenWarmup`).
+        bound first, as the paper does (:class:`attention.estimators.JensenWarmup`).
 
         :param out: this module's output (its prior scores give :math:`\alpha_p`).
         :param posterior_logits: scores of :math:`q`, shaped like ``out.prior_logits``; without
@@ -579,7 +623,7 @@ class LatentAlignmentAttention(nn.Module):
         else:
             if posterior_logits.shape != out.prior_logits.shape:
                 raise ValueError(f"posterior_logits must be {tuple(out.prior_logits.shape)} (like "
-                                 f"prior_logits), got {_shape(posterior_logits)}")
+                                 f"prior_logits), got {shape_of(posterior_logits)}")
             q = posterior_logits.masked_fill(~mask, 0.0)
         w = dirichlet_alignment(q, mask, min_concentration)
         kl = dirichlet_kl(q, prior, mask, min_concentration)
@@ -649,28 +693,28 @@ class AlignmentInferenceNetwork(nn.Module):
         :return: ``(B, [H,] T, S)`` logits, ``-inf`` at masked source positions.
         """
         if target.dim() != 3 or target.shape[-1] != self.target_dim:
-            raise ValueError(f"target must be (B, T, {self.target_dim}), got {_shape(target)}")
-        b, t, _ = target.shape
-        if memory.dim() != 3 or memory.shape[0] != b or memory.shape[-1] != self.memory_dim:
-            raise ValueError(f"memory must be ({b}, S, {self.memory_dim}) for target "
-                             f"{_shape(target)}, got {_shape(memory)}")
-        s = memory.shape[1]
-        if memory_mask is not None and (memory_mask.shape != (b, s)
+            raise ValueError(f"target must be (B, T, {self.target_dim}), got {shape_of(target)}")
+        batch, tgt_len, _ = target.shape
+        if memory.dim() != 3 or memory.shape[0] != batch or memory.shape[-1] != self.memory_dim:
+            raise ValueError(f"memory must be ({batch}, S, {self.memory_dim}) for target "
+                             f"{shape_of(target)}, got {shape_of(memory)}")
+        src_len = memory.shape[1]
+        if memory_mask is not None and (memory_mask.shape != (batch, src_len)
                                         or memory_mask.dtype != torch.bool):
-            raise ValueError(f"memory_mask must be a bool ({b}, {s}), got "
-                             f"{_shape(memory_mask)} {memory_mask.dtype}")
+            raise ValueError(f"memory_mask must be a bool ({batch}, {src_len}), got "
+                             f"{shape_of(memory_mask)} {memory_mask.dtype}")
         if target_mask is None:
             enc, _ = self.lstm(target)
         else:
-            if target_mask.shape != (b, t) or target_mask.dtype != torch.bool:
-                raise ValueError(f"target_mask must be a bool ({b}, {t}), got "
-                                 f"{_shape(target_mask)} {target_mask.dtype}")
+            if target_mask.shape != (batch, tgt_len) or target_mask.dtype != torch.bool:
+                raise ValueError(f"target_mask must be a bool ({batch}, {tgt_len}), got "
+                                 f"{shape_of(target_mask)} {target_mask.dtype}")
             lengths = target_mask.sum(-1).clamp(min=1).cpu()
             packed = pack_padded_sequence(target, lengths, batch_first=True, enforce_sorted=False)
             enc_packed, _ = self.lstm(packed)
-            enc, _ = pad_packed_sequence(enc_packed, batch_first=True, total_length=t)
-        e = self.proj(enc).view(b, t, self.heads, self.memory_dim).transpose(1, 2)
-        logits = e @ memory.unsqueeze(1).transpose(-1, -2)  # (B, H, T, S)
+            enc, _ = pad_packed_sequence(enc_packed, batch_first=True, total_length=tgt_len)
+        states = self.proj(enc).view(batch, tgt_len, self.heads, self.memory_dim).transpose(1, 2)
+        logits = states @ memory.unsqueeze(1).transpose(-1, -2)  # (B, H, T, S)
         if memory_mask is not None:
             logits = logits.masked_fill(~memory_mask[:, None, None, :], -math.inf)
         return logits.squeeze(1) if self.heads == 1 else logits

@@ -231,13 +231,25 @@ class PlatedFactorGraph:
             posterior.
         :raises GraphError: for an index that is not a factor's.
         """
+        return self.log_partition_and_factor_marginals(which)[1]
+
+    def log_partition_and_factor_marginals(self, which: Sequence[int] | None = None
+                                           ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """:math:`\\log Z` (every variable eliminated, as without ``keep_vars``) and
+        :meth:`factor_marginals`, from one forward and one backward pass; both differentiable.
+
+        An ELBO needs both (the entropy of a chain is :math:`\\log Z` minus the expected
+        log potentials under the pairwise marginals).
+        """
         grads, logz = self._factor_marginals(which)
-        return {k: torch.where(self._alive(logz, self.factors[k].dims), g, torch.zeros_like(g))
-                for k, g in grads.items()}
+        alive = logz.detach()
+        return logz, {k: torch.where(self._alive(alive, self.factors[k].dims), g,
+                                     torch.zeros_like(g)) for k, g in grads.items()}
 
     def _factor_marginals(self, which: Sequence[int] | None
                           ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """The raw gradients of :meth:`factor_marginals` and the detached :math:`\\log Z`."""
+        """The raw gradients of :meth:`factor_marginals` and :math:`\\log Z` (differentiable
+        in the factors; its graph also reaches the zero probes, which is harmless)."""
         plan = self.plan("log")
         self._check()
         used = sorted(set(range(len(self.factors)) if which is None else which))
@@ -255,7 +267,8 @@ class PlatedFactorGraph:
             assert logz is not None
             grads = torch.autograd.grad(logz.sum(), [probes[k] for k in used],
                                         create_graph=create)
-        return dict(zip(used, grads, strict=True)), logz.detach()
+        # without create_graph the backward pass freed log Z's graph: it is a constant then
+        return dict(zip(used, grads, strict=True)), logz if create else logz.detach()
 
     def _alive(self, logz: torch.Tensor, dims: Sequence[str]) -> torch.Tensor:
         """Where :math:`\\log Z` is finite, laid out to broadcast along ``dims``: a posterior is
@@ -287,6 +300,7 @@ class PlatedFactorGraph:
                     pick[d] = k
                     pick_n[d] = nplates
         by_factor, logz = self._factor_marginals(sorted(set(pick.values())))
+        logz = logz.detach()
         out = {}
         plate_names = {p.name for p in self.plates}
         for v, k in pick.items():

@@ -93,3 +93,22 @@ def test_factor_marginals_bad_index_names_the_count() -> None:
     factors, plates = _graph(0)
     with pytest.raises(GraphError, match="factor index 7 is out of range; the graph has 3"):
         PlatedFactorGraph(factors, plates).factor_marginals([7])
+
+
+def test_log_partition_and_factor_marginals_agree_with_the_separate_queries() -> None:
+    gen = torch.Generator().manual_seed(3)
+    trans = torch.randn(4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    init = torch.randn(3, generator=gen, dtype=torch.float64)
+    g = PlatedFactorGraph([Factor(init, ("z0",)), Factor(trans, ("t", "z0", "z"))],
+                          [Plate("t", 4, sequential=True, prev={"z": "z0"})])
+    log_z, marginals = g.log_partition_and_factor_marginals([1])
+    torch.testing.assert_close(log_z, g.log_partition())
+    torch.testing.assert_close(marginals[1], g.factor_marginals([1])[1])
+    # both differentiable: d log Z / d trans is the pairwise marginal itself
+    (grad,) = torch.autograd.grad(log_z, trans, retain_graph=True)
+    torch.testing.assert_close(grad, marginals[1])
+    (second,) = torch.autograd.grad(marginals[1][0, 0, 0], trans)
+    assert second.abs().sum() > 0
+    # with nothing to differentiate, log Z is a constant (no freed graph behind it)
+    log_z, _ = PlatedFactorGraph([Factor(init, ("z0",))]).log_partition_and_factor_marginals()
+    assert not log_z.requires_grad
