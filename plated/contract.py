@@ -298,6 +298,13 @@ def einsum_structures(
     :raises GraphError: as :func:`einsum` does, for a malformed equation or output.
     """
     inputs, outputs = _parse(equation, operands, plates)
+    return _structures(inputs, outputs, operands, plates, ring, memory_cap)
+
+
+def _structures(inputs: list[str], outputs: list[str], operands: Sequence[torch.Tensor],
+                plates: str, ring: RingName, memory_cap: int | None
+                ) -> tuple[list[Structure], dict[str, int]]:
+    """:func:`einsum_structures` of a parsed equation."""
     plate_set = set(plates)
     labels = tuple(f"{k}:{dims}" for k, dims in enumerate(inputs))
     sizes = dim_sizes(zip(inputs, (tuple(x.shape) for x in operands), labels, strict=True))
@@ -362,10 +369,9 @@ def einsum(
     :raises IntractableError: if the contraction has no polynomial-time elimination.
     """
     inputs, outputs = _parse(equation, operands, plates)
-    labels = tuple(f"{k}:{dims}" for k, dims in enumerate(inputs))
     r = get_ring(ring)
-    structures, sizes = einsum_structures(equation, *operands, plates=plates, ring=r.name,
-                                          memory_cap=memory_cap)
+    structures, sizes = _structures(inputs, outputs, operands, plates, r.name, memory_cap)
+    labels = structures[0].labels  # an equation has at least one output
     plans = [make_plan(structure) for structure in structures]
     # every structural error (tractability included) is raised above, before any tensor work
     if validate:

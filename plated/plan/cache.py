@@ -2,19 +2,19 @@
 
 A plan depends only on a :class:`~plated.plan.ir.Structure` (names, shapes and options, no
 values), so :func:`make_plan` is a pure function of it, cached as einops caches its recipes.
-Factor labels are left out of the key: they only word error messages, so graphs that differ only in
-their factors' labels (Pyro models that differ only in site names) share one plan. A structure that
-fails to plan is planned again with its labels, so the error names the user's factors.
+Factor labels take no part in the key (:class:`~plated.plan.ir.Structure` compares without them):
+they only word error messages, so graphs that differ only in their factors' labels (Pyro models
+that differ only in site names) share one plan. Errors are never cached, so a structure that fails
+to plan fails with its own labels.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
 
-from ..errors import GraphError, PlatedError
+from ..errors import GraphError
 from .eliminate import build_plan
 from .ir import Plan, Structure
 
@@ -23,13 +23,7 @@ __all__ = ["make_plan", "clear_plan_cache", "set_plan_cache_size", "plan_cache_i
 _DEFAULT_SIZE = 256
 
 
-def _unlabelled(structure: Structure) -> Plan:
-    """:func:`build_plan` of a structure whose labels are stand-ins (the cache's key)."""
-    n = len(structure.inputs)
-    return build_plan(dataclasses.replace(structure, labels=tuple(f"#{k}" for k in range(n))))
-
-
-_recipe = functools.lru_cache(maxsize=_DEFAULT_SIZE)(_unlabelled)
+_recipe = functools.lru_cache(maxsize=_DEFAULT_SIZE)(build_plan)
 
 
 def make_plan(structure: Structure) -> Plan:
@@ -43,11 +37,7 @@ def make_plan(structure: Structure) -> Plan:
         # Dynamo traces plain Python once, the plan's values becoming constants of the compiled
         # graph, but it cannot call through an lru_cache wrapper (it warns, and ignores the cache)
         return build_plan(structure)
-    try:
-        return _recipe(dataclasses.replace(structure, labels=()))
-    except PlatedError:
-        pass
-    return build_plan(structure)  # fails again, and the error names the factors by their labels
+    return _recipe(structure)
 
 
 def clear_plan_cache() -> None:
@@ -66,7 +56,7 @@ def set_plan_cache_size(size: int) -> None:
     if size < 0:
         raise GraphError(f"plan cache size must be >= 0, got {size}")
     _recipe.cache_clear()
-    _recipe = functools.lru_cache(maxsize=size)(_unlabelled)
+    _recipe = functools.lru_cache(maxsize=size)(build_plan)
 
 
 def plan_cache_info() -> dict[str, int]:

@@ -47,7 +47,8 @@ class Structure:
 
     :ivar plates: the declared plates, in order (this order lays out every result's plate dims).
     :ivar inputs: per factor, its dim names and shape.
-    :ivar labels: per factor, the label used in error messages (not part of the plan's key).
+    :ivar labels: per factor, the label used in error messages. Labels take no part in equality
+        or hashing, so structures that differ only in labels share one cached plan.
     :ivar keep_plates: plates kept in the result (not product-reduced).
     :ivar keep_vars: variables kept in the result (not eliminated), as einsum outputs keep them.
     :ivar ring: the ring the plan runs in (memory estimates differ by ring).
@@ -57,7 +58,7 @@ class Structure:
 
     plates: tuple[Plate, ...]
     inputs: tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]
-    labels: tuple[str, ...]
+    labels: tuple[str, ...] = field(compare=False)
     keep_plates: tuple[str, ...] = ()
     keep_vars: tuple[str, ...] = ()
     ring: RingName = "log"
