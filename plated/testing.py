@@ -187,6 +187,6 @@ def random_einsum(seed: int, **kwargs: object) -> tuple[str, list[torch.Tensor],
     for p in plate_letters:
         if p in used and rng.random() < 0.2:
             out.add(p)
-    order = list(out)
+    order = sorted(out)  # sorted first: a set's order varies with PYTHONHASHSEED
     rng.shuffle(order)
     return inputs + "->" + "".join(order), [f.tensor for f in factors], plate_letters

@@ -229,8 +229,13 @@ def interrupt_run(command: Sequence[str], checkpoint: Path, env: Mapping[str, st
     import subprocess
     import time
 
+    def default_sigint() -> None:
+        # a suite started in the background (``cmd &``) runs with SIGINT ignored, which children
+        # inherit, and Python installs its Ctrl-C handler only where SIGINT is not ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen(list(command), cwd=REPO, env=dict(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + wait
         while not checkpoint.is_file():
