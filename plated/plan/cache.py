@@ -3,9 +3,9 @@
 A plan depends only on a :class:`~plated.plan.ir.Structure` (names, shapes and options, no
 values), so :func:`make_plan` is a pure function of it, cached as einops caches its recipes.
 Factor labels take no part in the key (:class:`~plated.plan.ir.Structure` compares without them):
-they only word error messages, so graphs that differ only in their factors' labels (Pyro models
-that differ only in site names) share one plan. Errors are never cached, so a structure that fails
-to plan fails with its own labels.
+they only word error messages, so graphs that differ only in their factors' labels share one
+plan. (Dim names are part of the key: Pyro models whose site names differ also differ in dims.)
+Errors are never cached, so a structure that fails to plan fails with its own labels.
 """
 
 from __future__ import annotations
