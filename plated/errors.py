@@ -31,9 +31,9 @@ class IntractableError(PlatedError, NotImplementedError):
     Raised by the planner before any tensor work. Subclasses :class:`NotImplementedError`, which is
     what :func:`pyro.ops.contract.einsum` raises in the same situation.
 
-    The message is ``problem``, then ``". Way out: "`` and the remedies joined by ``", or "``;
-    with a ``context`` (a front end's, such as ``"In a Pyro model"``) it is ``problem``, then
-    ``".\n{context} the ways out are: "`` and the remedies as a list.
+    The message is ``problem``, then ``". Way out: "`` and the remedies joined by ``", or "``.
+    With a ``context`` (a front end's, such as ``"In a Pyro model"``) it is ``problem`` and a
+    full stop, then on a new line ``"{context} the ways out are: "`` and the remedies as a list.
 
     :ivar problem: what cannot be eliminated and why, without the remedies.
     :ivar plates: the plates involved, sorted.
