@@ -10,6 +10,10 @@ facts about a set of named factors, and they get them here:
   :func:`pyro.ops.contract.einsum`. Inside sequential plate ``t`` a previous-value dim refers to
   the chain variable one step back, so a factor inside ``t`` does not put that dim in ``t``.
 
+On top of these, :func:`analyse` checks a whole :class:`~plated.plan.ir.Structure` once and
+returns its :class:`Analysis` (sizes, ordinals, canonical order, chains) for the planner, and
+:func:`connected_components` is the one union-find of the planner and the Pyro ELBO.
+
 :mod:`plated.naive` keeps its own copy on purpose: it is the independent twin.
 """
 
