@@ -135,8 +135,11 @@ class PlatedFactorGraph:
     def result_dims(self) -> tuple[str, ...]:
         """The dims of :meth:`log_partition`'s result: the kept plates in declaration order, then
         ``keep_vars`` in the order given."""
-        dims = self.plan("log", keep_vars=True).result_dims
-        plates = tuple(p.name for p in self.plates if p.name in dims)
+        return self._result_dims(self.plan("log", keep_vars=True))
+
+    def _result_dims(self, plan: Plan) -> tuple[str, ...]:
+        """:meth:`result_dims` of the log-partition ``plan`` already at hand."""
+        plates = tuple(p.name for p in self.plates if p.name in plan.result_dims)
         return plates + self.keep_vars
 
     def variables(self) -> dict[str, tuple[int, tuple[str, ...]]]:
@@ -169,7 +172,7 @@ class PlatedFactorGraph:
         out = vals[plan.result]
         assert out is not None
         if self.keep_vars:
-            want = self.result_dims()
+            want = self._result_dims(plan)
             out = out.permute([plan.result_dims.index(d) for d in want])
         return out
 

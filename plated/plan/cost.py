@@ -70,6 +70,6 @@ def cost_report(slots: Sequence[Slot], steps: Sequence[Step], n_inputs: int, ite
                 live -= slots[i].numel
         flops += step.flops
         backward += step.backward_flops
-        lines.append(step.describe(list(slots)))
+        lines.append(step.describe(slots))
     return CostReport(flops=flops, peak_bytes=peak * itemsize, peak_bytes_saved=saved * itemsize,
                       steps=lines, backward_flops=backward)

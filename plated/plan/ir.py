@@ -24,6 +24,7 @@ other steps' working memory is predicted but not yet checked against the cap.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -222,7 +223,7 @@ class Step:
         """The variables the step sums (or maxes) out; chosen again by the backward pass."""
         return ()
 
-    def describe(self, slots: list[Slot]) -> str:
+    def describe(self, slots: Sequence[Slot]) -> str:
         """One line of the cost report."""
         ins = " x ".join("(" + ",".join(slots[i].dims) + ")" for i in self.ins)
         what = f"sum out {list(self.eliminated())} " if self.eliminated() else ""
@@ -256,7 +257,7 @@ class PairStep(_Contraction):
     def eliminated(self) -> tuple[str, ...]:
         return self.elim
 
-    def describe(self, slots: list[Slot]) -> str:
+    def describe(self, slots: Sequence[Slot]) -> str:
         line = super().describe(slots)
         if self.slice_dim is None:
             return line
@@ -309,7 +310,7 @@ class ScanStep(_Contraction):
     def eliminated(self) -> tuple[str, ...]:
         return self.layout.curr
 
-    def describe(self, slots: list[Slot]) -> str:
+    def describe(self, slots: Sequence[Slot]) -> str:
         ins = "(" + ",".join(slots[self.ins[0]].dims) + ")"
         return (f"{self.label:9s} {ins} -> ({','.join(slots[self.out].dims)})  {self.note}")
 
@@ -325,7 +326,7 @@ class ChainStep(_Contraction):
     def eliminated(self) -> tuple[str, ...]:
         return self.layout.vars
 
-    def describe(self, slots: list[Slot]) -> str:
+    def describe(self, slots: Sequence[Slot]) -> str:
         return (f"{self.label:9s} {len(self.ins)} factors -> "
                 f"({','.join(slots[self.out].dims)})  {self.note}")
 
