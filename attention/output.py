@@ -183,8 +183,9 @@ class AlignedOutputLayer(nn.Module):
             out = out.squeeze(1)
         return out.squeeze(-2) if step else out
 
-    def log_probs(self, dec_hidden: Tensor, values: Tensor, probs: Tensor, *,
-                  gathered: bool = False, max_bytes: int | None = None) -> Tensor:
+    def log_probs(self, dec_hidden: Tensor, values: Tensor, probs: Tensor | None = None, *,
+                  log_prior: Tensor | None = None, gathered: bool = False,
+                  max_bytes: int | None = None) -> Tensor:
         r""":math:`\log \sum_s p(z = s)\, p(y \mid x, z = s)` for every word ``y``, in chunks.
 
         The next-word distribution of a latent-alignment decoder (for beam search). Single head
@@ -195,14 +196,24 @@ class AlignedOutputLayer(nn.Module):
             step ``(B, K, D)`` is just ``(B, S, D)``).
         :param probs: ``(B, [T,] S or K)`` alignment probabilities (``AttentionOutput.probs``;
             for K-max the truncated prior over ``topk_indices``). Zeros drop a position.
+        :param log_prior: instead of ``probs``, their logs (``AttentionOutput.log_probs``): exact
+            where a probability underflows (a prior ``1e-48`` is 0 in float32, its log is not),
+            so pass this one when you have it. ``-inf`` drops a position.
         :param max_bytes: cap on a chunk's working set (default ``self.max_bytes``); a chunk is a
             block of queries times a block of positions, reduced with a running ``logaddexp``.
         :return: ``(B, [T,] V)`` log-probabilities (``-inf`` rows where ``probs`` is all 0).
-        :raises ValueError: on a shape mismatch.
+        :raises ValueError: on a shape mismatch, or unless exactly one of ``probs`` and
+            ``log_prior`` is given.
         """
+        if (probs is None) == (log_prior is None):
+            raise ValueError("give exactly one of probs (alignment probabilities) and log_prior "
+                             "(their logs, exact where probabilities underflow)")
+        given = log_prior if probs is None else probs
+        name = "probs" if probs is not None else "log_prior"
+        assert given is not None
         step = dec_hidden.dim() == 2
         h = dec_hidden.unsqueeze(1) if step else dec_hidden
-        p = probs.unsqueeze(1) if step else probs
+        p = given.unsqueeze(1) if step else given
         if step:
             gathered = False
         if h.dim() != 3 or h.shape[-1] != self.hidden_dim:
@@ -218,12 +229,12 @@ class AlignedOutputLayer(nn.Module):
                              f"{_shape(dec_hidden)}, got {_shape(values)}")
         s = values.shape[-2]
         if p.shape != (b, t, s):
-            raise ValueError(f"probs must be {(b, s) if step else (b, t, s)} for values "
-                             f"{_shape(values)}, got {_shape(probs)}")
+            raise ValueError(f"{name} must be {(b, s) if step else (b, t, s)} for values "
+                             f"{_shape(values)}, got {_shape(given)}")
         hid = self.hidden_proj(h).reshape(b * t, 1, self.proj_dim)
         val = self.memory_proj(values)  # (B, S, P) or (B, T, K, P)
         val = val.reshape(b * t, s, self.proj_dim) if gathered else val
-        log_p = torch.log(p.reshape(b * t, s)).unsqueeze(-1)
+        log_p = (p if probs is None else torch.log(p)).reshape(b * t, s).unsqueeze(-1)
         cap = self.max_bytes if max_bytes is None else max_bytes
         per_pair = self.chunk_rows(hid.dtype, cap)
         sn = min(s, per_pair)

@@ -11,17 +11,40 @@ commutative, :math:`\\otimes` distributes over :math:`\\oplus`, and plates reduc
 Handling of ``-inf`` (a hard zero): the shift used before exponentiating is the detached max of
 each slice, replaced by 0 where the whole slice is ``-inf``, so ``-inf - shift`` is ``-inf`` (never
 ``-inf - -inf = NaN``); logs of exact zeros go through :func:`safe_log`, whose gradient at 0 is 0.
+
+Exactness when operands peak apart: a contraction of two operands shifts each by its *own* max
+over the eliminated dims, then multiplies the exponentials. When the two peak at different
+positions every product may be tiny, and the sum underflows (to 0, or to a subnormal number that
+has lost its precision) although the true value is finite: ``[0, -800]`` against ``[-800, 0]``
+is ``-800 + log 2``, not ``-inf``. Each such contraction checks the smallest entry of its result
+(one reduction and, for the branch, one host-device sync per step). An entry under
+``tiny / eps`` of the dtype (``1e-292`` in float64, ``1e-31`` in float32), and not a true zero, is
+*repaired*: recomputed from the broadcast sum of its operands' slices, shifted by its own joint
+max (:func:`repair_entries`). Above that threshold the underflowed terms of the sum add at most
+``tiny`` each, a relative error no larger than the sum's own rounding, so ordinary inputs keep
+the fast path and hard ones stay exact. The repair costs, per repaired entry, the size of the
+eliminated dims, in chunks of at most :data:`REPAIR_CHUNK` elements, each recomputed in the
+backward pass rather than kept.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .errors import GraphError
 from .plan.ir import PairLayout
 from .typing import RingName
 
-__all__ = ["RingName", "Semiring", "LogRing", "MaxRing", "get_ring", "safe_log", "finite_shift"]
+__all__ = ["RingName", "Semiring", "LogRing", "MaxRing", "get_ring", "safe_log", "finite_shift",
+           "repair_entries", "finite_indicator", "smallest_entry",
+           "REPAIR_CHUNK"]
+
+#: Elements of broadcast sum one chunk of a repair holds (see :func:`repair_entries`).
+REPAIR_CHUNK = 2**20
 
 class _SafeLog(torch.autograd.Function):
     @staticmethod
@@ -37,6 +60,111 @@ class _SafeLog(torch.autograd.Function):
         return torch.where(x > 0, g / x, torch.zeros_like(g))
 
 
+def underflow_threshold(dtype: torch.dtype) -> float:
+    """The smallest shifted sum a contraction trusts: ``tiny / eps`` of ``dtype`` (see the module
+    docstring); an entry under it is recomputed by :func:`repair_entries`."""
+    info = torch.finfo(dtype)
+    return info.tiny / info.eps
+
+
+def smallest_entry(raw: torch.Tensor) -> float:
+    """The smallest entry of a shifted sum of products (``inf`` when it is empty): the one
+    scalar each log-space contraction reads to decide whether to repair (a host-device sync on an
+    accelerator). Tests that check a plan runs without syncs replace this function."""
+    return float(raw.amin()) if raw.numel() else math.inf
+
+
+def finite_indicator(x: torch.Tensor) -> torch.Tensor:
+    """1 where ``x`` is finite (not a hard zero), else 0, in ``x``'s dtype (detached)."""
+    return (x.detach() > -torch.inf).to(x.dtype)
+
+
+def _lse_rows(joint: torch.Tensor) -> torch.Tensor:
+    """``log sum exp`` of each row of ``joint`` ``(n, R)``, shifted by the row's own max: exact,
+    ``-inf`` with a zero gradient for an all ``-inf`` row."""
+    shift = finite_shift(joint.amax(dim=-1, keepdim=True))
+    return safe_log((joint - shift).exp().sum(dim=-1)) + shift.squeeze(-1)
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor, kept: list[int], red: list[int]
+                 ) -> torch.Tensor:
+    """The slices of ``x`` (laid along the union of dims, extent 1 where it lacks one) at the
+    output entries ``idx`` ``(n, len(kept))``: shape ``(n, *x's extents along red)``."""
+    xp = x.permute(kept + red)
+    cols = tuple(idx[:, j].clamp(max=xp.shape[j] - 1) for j in range(len(kept)))
+    return xp[cols]
+
+
+def _repaired_values(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, red: tuple[int, ...]
+                     ) -> torch.Tensor:
+    """Exact ``log sum exp`` over ``red`` of ``a + b`` (both laid along the union of dims) at
+    the output entries ``idx``, in chunks of at most :data:`REPAIR_CHUNK` elements."""
+    nd = a.dim()
+    red_list = [d % nd for d in red]
+    kept = [d for d in range(nd) if d not in red_list]
+    width = math.prod(max(a.shape[d], b.shape[d]) for d in red_list)
+    rows = max(1, REPAIR_CHUNK // max(width, 1))
+    grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+
+    def chunk(part: torch.Tensor) -> torch.Tensor:
+        ga = _gather_rows(a, part, kept, red_list)
+        gb = _gather_rows(b, part, kept, red_list)
+        return _lse_rows((ga + gb).reshape(part.shape[0], -1))
+
+    parts = []
+    for start in range(0, idx.shape[0], rows):  # chunks of repaired entries, not plate elements
+        part = idx[start:start + rows]
+        if grad and idx.shape[0] > rows:  # several chunks: recompute each in the backward pass
+            parts.append(checkpoint(chunk, part, use_reentrant=False))
+        else:
+            parts.append(chunk(part))
+    return torch.cat(parts)
+
+
+def repair_entries(
+    out: torch.Tensor,
+    raw: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    red: tuple[int, ...],
+    support: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """Recompute exactly the entries of a log-space contraction that underflowed.
+
+    :param out: the fast result, ``log(raw) + shifts``, over the union of dims less ``red``.
+    :param raw: the shifted sum of products behind ``out`` (same shape, nonnegative).
+    :param a: the first operand laid along the union of dims (extent 1 where it lacks one);
+        likewise ``b``. Either may have fewer leading dims (they broadcast).
+    :param red: the eliminated positions in the union.
+    :param support: computes the same contraction of the operands' indicators of finiteness
+        (:func:`finite_indicator`), positive where some term is finite: called only when ``raw``
+        has exact zeros, to tell a true zero from an underflow.
+    :return: ``out`` with every entry whose ``raw`` is under :func:`underflow_threshold`, and
+        whose true value is not ``-inf``, replaced by the log of its sum computed from the
+        broadcast sum shifted by its own max. Without such entries ``out`` itself (one
+        reduction and one host-device sync).
+    """
+    raw = raw.detach()
+    smallest = smallest_entry(raw)  # the one scalar read: ordinary inputs stop here
+    if smallest >= underflow_threshold(raw.dtype):
+        return out
+    threshold = underflow_threshold(raw.dtype)
+    nd = max(a.dim(), b.dim())
+    a = a.reshape((1,) * (nd - a.dim()) + tuple(a.shape))
+    b = b.reshape((1,) * (nd - b.dim()) + tuple(b.shape))
+    suspect = raw < threshold
+    if smallest == 0.0:  # an exact zero is an underflow only where some term is finite
+        with torch.no_grad():
+            suspect &= (raw > 0) | (support() > 0)
+    idx = suspect.nonzero()
+    if idx.shape[0] == 0:
+        return out
+    values = _repaired_values(a, b, idx, red).to(out.dtype)
+    if out.dim() == 0:  # a scalar result: the one entry is repaired
+        return values.reshape(())
+    return out.index_put(tuple(idx.t()), values)
+
+
 class _LogMatmul(torch.autograd.Function):
     r"""``C = log(exp(A) @ exp(B))`` with shifts, and a fused backward.
 
@@ -44,25 +172,27 @@ class _LogMatmul(torch.autograd.Function):
     of ``B``) and :math:`P = E_a E_b`, the gradients are
     :math:`\partial A = E_a \odot ((G / P) E_b^\top)` and
     :math:`\partial B = E_b \odot (E_a^\top (G / P))`, with :math:`G / P := 0` where
-    :math:`P = 0` (a hard zero), so no NaN appears.
+    :math:`P = 0` (a hard zero), so no NaN appears. It returns ``C`` and (not differentiable)
+    ``P``, which :func:`log_matmul` checks for underflow.
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, b: torch.Tensor
-                ) -> torch.Tensor:
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         sa = finite_shift(a.amax(dim=-1, keepdim=True))
         sb = finite_shift(b.amax(dim=-2, keepdim=True))
         ea = torch.sub(a, sa).exp_()  # in place on fresh temporaries: fewer large allocations
         eb = torch.sub(b, sb).exp_()
         p = torch.matmul(ea, eb)
         ctx.save_for_backward(a, b, ea, eb, p)
-        return p.log().add_(sa).add_(sb)
+        ctx.mark_non_differentiable(p)
+        return p.log().add_(sa).add_(sb), p
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         a, b, ea, eb, p = ctx.saved_tensors  # type: ignore[attr-defined]
-        (g,) = grads
+        g = grads[0]  # the raw product is not differentiable
         if torch.is_grad_enabled():  # double backward: differentiate a differentiable twin
             with torch.enable_grad():
                 ga, gb = torch.autograd.grad(_log_matmul_twin(a, b), (a, b), g,
@@ -82,8 +212,11 @@ def _log_matmul_twin(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def log_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    r"""Batched :math:`\log(e^A e^B)`: the log ring's matrix product (see ``_LogMatmul``)."""
-    return _LogMatmul.apply(a, b)
+    r"""Batched :math:`\log(e^A e^B)`: the log ring's matrix product (see ``_LogMatmul``), exact
+    where the shifted product underflows (:func:`repair_entries`)."""
+    out, raw = _LogMatmul.apply(a, b)
+    return repair_entries(out, raw, a.unsqueeze(-1), b.unsqueeze(-3), (-2,),
+                          lambda: torch.matmul(finite_indicator(a), finite_indicator(b)))
 
 
 def safe_log(x: torch.Tensor) -> torch.Tensor:
@@ -163,8 +296,12 @@ class LogRing(Semiring):
             return a.reshape(spec.view_a) + b.reshape(spec.view_b)
         sa = finite_shift(a.amax(dim=spec.red_a, keepdim=True) if spec.red_a else a)
         sb = finite_shift(b.amax(dim=spec.red_b, keepdim=True) if spec.red_b else b)
-        out = torch.einsum(spec.equation, (a - sa).exp(), (b - sb).exp())
-        return safe_log(out) + sa.reshape(spec.shift_a) + sb.reshape(spec.shift_b)
+        raw = torch.einsum(spec.equation, (a - sa).exp(), (b - sb).exp())
+        out = safe_log(raw) + sa.reshape(spec.shift_a) + sb.reshape(spec.shift_b)
+        return repair_entries(out, raw, a.reshape(spec.view_a), b.reshape(spec.view_b),
+                              spec.red_union,
+                              lambda: torch.einsum(spec.equation, finite_indicator(a),
+                                                   finite_indicator(b)))
 
     def reduce(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         if not dims:

@@ -353,8 +353,9 @@ class Seq2Seq(nn.Module):
         if att.topk_indices is not None:
             assert att.topk_values is not None and att.topk_mask is not None
             prior = att.gather_topk(att.prior_logits).masked_fill(~att.topk_mask, -math.inf)
-            return self.output.log_probs(hq, att.topk_values, torch.softmax(prior, -1)), new
-        return self.output.log_probs(hq, att.values, att.probs), new
+            return self.output.log_probs(hq, att.topk_values,
+                                         log_prior=torch.log_softmax(prior, -1)), new
+        return self.output.log_probs(hq, att.values, log_prior=att.log_probs), new
 
     def _markov_step(self, last: Tensor, hq: Tensor, memory: Tensor, mask: Tensor,
                      state: dict[str, Tensor], new: dict[str, Tensor]
