@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import pyro.distributions as dist
 import torch
+from pyro import poutine
+from pyro.distributions.util import is_identically_zero
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
 
 from ..errors import GraphError, IntractableError
 from ..factor import Factor, Plate
@@ -174,6 +179,15 @@ def elbo_particle(model_trace: Any, guide_trace: Any, max_plate_nesting: int,
     return _expectation(costs, collected.dice, collected.log_denom)
 
 
+#: Pyro's warning when nothing is enumerated, word for word, then ours.
+_NOTHING_ENUMERATED = (
+    "TraceEnum_ELBO found no sample sites configured for enumeration. If you want to enumerate "
+    'sites, you need to @config_enumerate or set infer={"enumerate": "sequential"} or '
+    'infer={"enumerate": "parallel"}? If you do not want to enumerate, consider using '
+    "Trace_ELBO instead. (TVE_ELBO found no sample sites marked for enumeration.)"
+)
+
+
 def _checked(loss: float) -> float:
     """``loss``, after warning (as Pyro does) if it is NaN."""
     if math.isnan(loss):
@@ -187,35 +201,43 @@ class TVE_ELBO(ELBO):
     Use it in :class:`pyro.infer.SVI` exactly as ``TraceEnum_ELBO``: mark discrete model sites
     ``infer={"enumerate": "parallel"}`` (or enumerate discrete guide sites), declare plates with
     :class:`pyro.plate`, and loop with :func:`pyro.markov` — or, much faster, run the loop body once
-    inside a :class:`~plated.pyro.markov_plate`. Subsampled plates, ``poutine.mask`` and
-    ``poutine.scale`` follow Pyro's semantics; the loss and its gradients equal
+    inside a :class:`~plated.pyro.markov_plate`. Subsampled plates, ``poutine.mask``,
+    ``poutine.scale``, multiple sampling of guide sites (``infer={"num_samples": k}``) and
+    vectorized particles follow Pyro's semantics; the loss and its gradients equal
     ``TraceEnum_ELBO``'s.
 
+    The arguments are :class:`pyro.infer.ELBO`'s, plus ``validate``.
+
     :param num_particles: the number of guide samples averaged per step.
-    :param max_plate_nesting: the number of plate dims of the model, required: enumeration uses
-        the dims to their left.
-    :param vectorize_particles: not supported (raises).
-    :param strict_enumeration_warning: warn when nothing is enumerated.
+    :param max_plate_nesting: the number of plate dims of the model (enumeration uses the dims
+        to their left); guessed, as Pyro does, by tracing the model and guide once if omitted.
+    :param vectorize_particles: draw the ``num_particles`` samples at once, in an outer plate
+        ``num_particles_vectorized`` left of every model plate (as Pyro does).
+    :param strict_enumeration_warning: warn when nothing is enumerated (under validation, as
+        Pyro does).
+    :param retain_graph: accepted for Pyro's signature; ``loss_and_grads`` retains the graph of
+        each particle, as ``TraceEnum_ELBO`` does.
     :param validate: check factor values for NaN and ``+inf`` (one host-device sync per step);
         defaults to Pyro's validation setting.
-    :raises GraphError: on a missing or too small ``max_plate_nesting``, an enumerate annotation
-        on a continuous site, enumeration dim conflicts, or a guide that enumerates a site the
-        model lacks (each message names the Pyro site or plate).
+    :raises GraphError: (a :class:`ValueError`) on a too small ``max_plate_nesting``, an
+        enumerate annotation on a continuous site, enumeration dim conflicts, or a guide that
+        enumerates a site the model lacks (each message names the Pyro site or plate).
     :raises IntractableError: if the enumerated sites admit no polynomial-time elimination.
     """
 
-    def __init__(self, num_particles: int = 1, max_plate_nesting: int | None = None,
-                 vectorize_particles: bool = False, strict_enumeration_warning: bool = True,
-                 validate: bool | None = None) -> None:
-        if vectorize_particles:
-            raise NotImplementedError(
-                "TVE_ELBO(vectorize_particles=True) is not supported; use num_particles with "
-                "vectorize_particles=False"
-            )
+    def __init__(self, num_particles: int = 1, max_plate_nesting: float | None = float("inf"),
+                 max_iarange_nesting: int | None = None, vectorize_particles: bool = False,
+                 strict_enumeration_warning: bool = True, ignore_jit_warnings: bool = False,
+                 jit_options: dict[str, Any] | None = None, retain_graph: bool | None = None,
+                 tail_adaptive_beta: float = -1.0, *, validate: bool | None = None) -> None:
         super().__init__(num_particles=num_particles,
                          max_plate_nesting=float("inf") if max_plate_nesting is None
                          else max_plate_nesting,
-                         strict_enumeration_warning=strict_enumeration_warning)
+                         max_iarange_nesting=max_iarange_nesting,
+                         vectorize_particles=vectorize_particles,
+                         strict_enumeration_warning=strict_enumeration_warning,
+                         ignore_jit_warnings=ignore_jit_warnings, jit_options=jit_options,
+                         retain_graph=retain_graph, tail_adaptive_beta=tail_adaptive_beta)
         self.validate = validate
 
     def _get_trace(self, model: Callable[..., Any], guide: Callable[..., Any],
@@ -223,64 +245,165 @@ class TVE_ELBO(ELBO):
         """One traced (model, guide) pair (the first, under sequential guide enumeration)."""
         return next(iter(self._traces(model, guide, args, kwargs)))
 
-    def _nesting(self) -> int:
-        """``max_plate_nesting``, checked (:func:`~plated.pyro.trace.check_max_plate_nesting`)."""
+    def _nesting(self, model: Callable[..., Any], guide: Callable[..., Any],
+                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        """``max_plate_nesting``, guessed first if it is unknown (Pyro's ``inf``), by tracing
+        the model and guide once as Pyro does; then checked
+        (:func:`~plated.pyro.trace.check_max_plate_nesting`)."""
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
         return check_max_plate_nesting(self.max_plate_nesting)
 
     def _traces(self, model: Callable[..., Any], guide: Callable[..., Any],
                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
         """The traced (model, guide) pairs of every particle (several per particle under
-        sequential guide enumeration)."""
-        nesting = self._nesting()
-        for _ in range(self.num_particles):
+        sequential guide enumeration; one pair for all particles with
+        ``vectorize_particles``).
+
+        :raises NotImplementedError: for a :class:`pyro.infer.GuideMessenger` guide, as Pyro.
+        """
+        if isinstance(poutine.unwrap(guide), Messenger):
+            raise NotImplementedError(
+                "TraceEnum_ELBO does not support GuideMessenger (nor does TVE_ELBO): write the "
+                "guide as a function or a PyroModule")
+        nesting = self._nesting(model, guide, args, kwargs)
+        if self.vectorize_particles:
+            model = self._vectorized_num_particles(model)
+            guide = self._vectorized_num_particles(guide)
+        for _ in range(1 if self.vectorize_particles else self.num_particles):
             yield from get_traces(model, guide, args, kwargs, nesting)
 
     def _particles(self, model: Callable[..., Any], guide: Callable[..., Any],
                    args: tuple[Any, ...], kwargs: dict[str, Any]
                    ) -> Iterator[tuple[torch.Tensor | float, bool]]:
-        """Per traced pair, its ELBO and whether the pair holds a ``param`` site; warns when
-        nothing is enumerated (with ``strict_enumeration_warning``)."""
+        """Per traced pair, its ELBO and whether the pair holds a ``param`` site; under
+        validation, warns when nothing is enumerated (with ``strict_enumeration_warning``)."""
         validate = is_validation_enabled() if self.validate is None else self.validate
-        nesting = self._nesting()
         for model_trace, guide_trace in self._traces(model, guide, args, kwargs):
             traces = (model_trace, guide_trace)
-            if self.strict_enumeration_warning and not any(
+            if is_validation_enabled() and self.strict_enumeration_warning and not any(
                     site["type"] == "sample" and site["infer"].get("enumerate")
                     for trace in traces for site in trace.nodes.values()):
-                warnings.warn("TVE_ELBO found no sample sites marked for enumeration; "
-                              "mark discrete sites infer={'enumerate': 'parallel'}", stacklevel=3)
+                warnings.warn(_NOTHING_ENUMERATED, stacklevel=3)
             params = any(site["type"] == "param" for trace in traces
                          for site in trace.nodes.values())
-            yield elbo_particle(model_trace, guide_trace, nesting, validate), params
+            yield (elbo_particle(model_trace, guide_trace, self.max_plate_nesting, validate),
+                   params)
 
     def loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
              **kwargs: Any) -> float:
-        """The negative ELBO, a float (no gradients are recorded)."""
+        """The negative ELBO, a float (no gradients are recorded); warns if it is NaN."""
         elbo = 0.0
         with torch.no_grad():
             for particle, _ in self._particles(model, guide, args, kwargs):
+                if is_identically_zero(particle):
+                    continue
                 elbo += float(particle) / self.num_particles
         return _checked(-elbo)
 
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any],
                             *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The negative ELBO as a differentiable tensor."""
+        """The negative ELBO as a differentiable tensor.
+
+        :raises ValueError: if the ELBO is not differentiable (for example identically zero),
+            as Pyro does.
+        """
         elbo: torch.Tensor | float = 0.0
         for particle, _ in self._particles(model, guide, args, kwargs):
+            if is_identically_zero(particle):
+                continue
             elbo = elbo + particle
         elbo = elbo / self.num_particles
         if not isinstance(elbo, torch.Tensor) or not elbo.requires_grad:
-            raise ValueError(f"the ELBO cannot be differentiated: {elbo}")
+            raise ValueError(f"ELBO is cannot be differentiated: {elbo} (TVE_ELBO: the model "
+                             "and guide have no parameters it depends on)")
         return -elbo  # no NaN check here: it would cost a host-device sync
 
     def loss_and_grads(self, model: Callable[..., Any], guide: Callable[..., Any],
                        *args: Any, **kwargs: Any) -> float:
-        """The negative ELBO as a float; accumulates its gradients into the parameters."""
+        """The negative ELBO as a float; accumulates its gradients into the parameters (each
+        particle's graph is retained, as in ``TraceEnum_ELBO``, so that a guide may itself
+        differentiate through shared tensors); warns if it is NaN."""
         elbo = 0.0
         for particle, params in self._particles(model, guide, args, kwargs):
-            if not isinstance(particle, torch.Tensor):
+            if not isinstance(particle, torch.Tensor) or is_identically_zero(particle):
                 continue
             elbo += particle.item() / self.num_particles
             if params and particle.requires_grad:
-                (-particle / self.num_particles).backward(retain_graph=self.retain_graph)
+                (-particle / self.num_particles).backward(retain_graph=True)
         return _checked(-elbo)
+
+    def _one_posterior(self, what: str, model: Callable[..., Any], guide: Callable[..., Any],
+                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
+        """The traced pair and engine queries (:class:`~plated.pyro.Posterior`) of one run.
+
+        :raises NotImplementedError: with Pyro's wording, for several particles or guide
+            enumeration.
+        """
+        from .query import Posterior, _check_no_multiple_sampling
+
+        if self.num_particles != 1:
+            raise NotImplementedError(
+                f"TraceEnum_ELBO.{what}() is not compatible with multiple particles "
+                f"(TVE_ELBO: num_particles={self.num_particles}; use num_particles=1)")
+        model_trace, guide_trace = next(iter(self._traces(model, guide, args, kwargs)))
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and (
+                    "_enumerate_dim" in site["infer"] or "_enum_total" in site["infer"]):
+                raise NotImplementedError(
+                    f"TraceEnum_ELBO.{what}() is not compatible with guide enumeration "
+                    f"(TVE_ELBO: guide site {name!r} is enumerated; enumerate it in the model)")
+        validate = is_validation_enabled() if self.validate is None else self.validate
+        collected = collect(model_trace, guide_trace, self.max_plate_nesting)
+        _check_no_multiple_sampling(collected)
+        return model_trace, guide_trace, Posterior(collected, validate=validate)
+
+    def compute_marginals(self, model: Callable[..., Any], guide: Callable[..., Any],
+                          *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Marginal distributions of each model-enumerated site, as ``TraceEnum_ELBO`` returns
+        them: a dict from site name to a distribution of the site's type with ``logits``, all
+        from one engine pass (:meth:`plated.pyro.Posterior.marginals`).
+
+        :raises NotImplementedError: for several particles or guide enumeration, as Pyro.
+        """
+        _, _, post = self._one_posterior("compute_marginals", model, guide, args, kwargs)
+        probs = post.marginals() if post.sites else {}
+        out: dict[str, Any] = OrderedDict()
+        for name in post.sites:
+            fn = post._collected.model_enum[name]["fn"]
+            logits = probs[name].log()
+            if isinstance(fn, dist.Bernoulli):
+                logits = logits[..., 1] - logits[..., 0]
+            out[name] = type(fn)(logits=logits)
+        return out
+
+    def sample_posterior(self, model: Callable[..., Any], guide: Callable[..., Any],
+                         *args: Any, **kwargs: Any) -> Any:
+        """Run the model once with every model-enumerated site set to a joint posterior sample
+        (one engine pass, :meth:`plated.pyro.Posterior.sample`) and the guide's values
+        replayed; return what the model returns, as ``TraceEnum_ELBO.sample_posterior``.
+
+        :raises NotImplementedError: for several particles or guide enumeration, as Pyro.
+        """
+        with poutine.block(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Found vars in model but not guide")
+            _, guide_trace, post = self._one_posterior("sample_posterior", model, guide, args,
+                                                       kwargs)
+            samples = post.sample(1) if post.sites else {}
+            values = {name: value[0] for name, value in samples.items()}
+        return _SetValues(values)(poutine.replay(model, trace=guide_trace))(*args, **kwargs)
+
+
+class _SetValues(Messenger):
+    """Sets the value of each named sample site (a posterior sample) and marks it done."""
+
+    def __init__(self, values: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg: Any) -> None:
+        """Give a site in ``values`` its value."""
+        value = self.values.get(msg["name"])
+        if value is not None:
+            msg["value"] = value
+            msg["done"] = True

@@ -164,4 +164,17 @@ def posterior(model: Callable[..., Any], *args: Any, max_plate_nesting: int,
             f"posterior queries do not support guide enumeration (guide enumerates "
             f"{sorted(collected.guide_enum)}); enumerate these sites in the model instead"
         )
+    _check_no_multiple_sampling(collected)
     return Posterior(collected, validate=validate)
+
+
+def _check_no_multiple_sampling(collected: Collected) -> None:
+    """:raises NotImplementedError: naming the site, for a model site sampled several times
+    (``num_samples``): its values are samples, not its support, which the queries report."""
+    for name, site in collected.model_enum.items():
+        if site["infer"].get("num_samples") is not None:
+            raise NotImplementedError(
+                f"posterior queries do not support multiple sampling: model site {name!r} has "
+                f"num_samples={site['infer']['num_samples']}; enumerate it exactly (drop "
+                "num_samples)"
+            )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import queue
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
-from pyro.util import check_model_guide_match
+from pyro.util import check_model_guide_match, check_site_shape, check_traceenum_requirements
 from torch.distributions.utils import probs_to_logits
 
 from ..errors import GraphError, IntractableError
@@ -167,24 +168,24 @@ class _SiteChecks(Messenger):
         for frame in msg["cond_indep_stack"]:
             if frame.vectorized and frame.dim is not None and frame.dim < -self.max_plate_nesting:
                 raise GraphError(
-                    f"{self.role} site {name!r} is inside plate {frame.name!r} at dim {frame.dim}, "
-                    f"but max_plate_nesting={self.max_plate_nesting}; pass "
-                    f"max_plate_nesting={-frame.dim} (the number of plate dims the model uses)"
+                    f'at site "{name}", plate stack overflow: {self.role} site {name!r} is '
+                    f"inside plate {frame.name!r} at dim {frame.dim}, but max_plate_nesting="
+                    f"{self.max_plate_nesting}. Try increasing max_plate_nesting to at least "
+                    f"{-frame.dim}: pass max_plate_nesting={-frame.dim} (the number of plate dims "
+                    "the model uses), or omit it to have "
+                    "it guessed"
                 )
         infer = msg["infer"] or {}
         if infer.get("enumerate") and not msg["is_observed"] and not msg["done"]:
             fn = msg["fn"]
-            if not getattr(fn, "has_enumerate_support", False):
+            if infer.get("num_samples") is None and not getattr(fn, "has_enumerate_support",
+                                                                False):
                 raise GraphError(
                     f"{self.role} site {name!r} is marked infer={{'enumerate': "
                     f"{infer['enumerate']!r}}} but its distribution {type(fn).__name__} has no "
                     "enumerable support; only discrete sites can be enumerated (remove the "
-                    "annotation, or give the site a guide)"
-                )
-            if infer.get("num_samples") is not None:
-                raise GraphError(
-                    f"{self.role} site {name!r} asks for num_samples={infer['num_samples']} "
-                    "(multiple sampling); plated.pyro enumerates exactly: drop num_samples"
+                    "annotation, give the site a guide, or sample it several times with "
+                    "infer={'enumerate': 'parallel', 'num_samples': k})"
                 )
 
 
@@ -234,7 +235,77 @@ def get_traces(model: Callable[..., Any], guide: Callable[..., Any], args: tuple
                 site["value"], *site["args"], **site["kwargs"]).scale_and_mask(
                 site["scale"], site["mask"])
             site["log_prob"] = site["score_parts"].log_prob
+        _check_traces(model_trace, guide_trace, max_plate_nesting)
         yield model_trace, guide_trace
+
+
+def _check_traces(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> None:
+    """Pyro's checks of a traced pair, with its errors and warnings.
+
+    Always (it reads shapes only): an enumerated site whose distribution has a batch dim of size
+    > 1 at its enumeration dim, as a ``pyro.markov`` history too short for the model makes it.
+    Under validation: Pyro's site shape checks, its warnings on possibly invalid plate
+    dependencies (``check_traceenum_requirements``) and on multiple sampling.
+
+    :raises GraphError: (a :class:`ValueError`) for an enumeration dim conflict, naming the site.
+    :raises ValueError: Pyro's, for a log-probability of the wrong shape.
+    """
+    for role, trace in (("model", model_trace), ("guide", guide_trace)):
+        for name, site in _sample_sites(trace):
+            dim = site["infer"].get(ENUM_DIM)
+            batch = tuple(site["fn"].batch_shape)
+            if dim is not None and len(batch) >= -dim and batch[dim] != 1:
+                raise GraphError(
+                    f'Enumeration dim conflict at site "{name}"\n  Try increasing pyro.markov '
+                    f"history size: the distribution of {role} site {name!r} has batch shape "
+                    f"{batch}, of size {batch[dim]} at its enumeration dim {dim}, so it depends "
+                    "on an enumerated site that its pyro.markov context has forgotten (pass "
+                    "history= at least the order of the chain)"
+                )
+    if not is_validation_enabled():
+        return
+    check_traceenum_requirements(model_trace, guide_trace)
+    _warn_multiple_sampling(model_trace, guide_trace)
+
+
+def _check_site_shapes(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> None:
+    """Under validation, Pyro's site shape checks (``check_site_shape``) of a traced pair, after
+    :func:`collect`'s own, which name the dims at fault.
+
+    :raises ValueError: Pyro's, for a log-probability of the wrong shape.
+    """
+    if not is_validation_enabled():
+        return
+    for role, trace in (("model", model_trace), ("guide", guide_trace)):
+        for _, site in _sample_sites(trace):
+            log_prob = site["log_prob"] if role == "guide" else _log_prob(site)
+            shape = log_prob.shape
+            for extra in (site["mask"], site["scale"]):
+                if isinstance(extra, torch.Tensor):
+                    shape = torch.broadcast_shapes(shape, extra.shape)
+            check_site_shape({**site, "log_prob": torch.empty(shape, device="meta")},
+                             max_plate_nesting)
+
+
+def _warn_multiple_sampling(model_trace: Trace, guide_trace: Trace) -> None:
+    """Pyro's warnings on multiple sampling (``infer={"num_samples": k}``): different ``k`` at
+    parallel guide sites, and a model site sampled several times (whose gradients are biased,
+    in Pyro as here)."""
+    counts = {site["infer"].get("num_samples") for _, site in _sample_sites(guide_trace)
+              if site["infer"].get("enumerate") == "parallel"
+              and site["infer"].get("num_samples") is not None}
+    if len(counts) > 1:
+        warnings.warn(
+            "Using different numbers of Monte Carlo samples for different guide sites in "
+            "TraceEnum_ELBO.\nThis may be biased if the guide is not factorized "
+            f"(TVE_ELBO: num_samples {sorted(counts)})", UserWarning, stacklevel=4)
+    for name, site in _sample_sites(model_trace):
+        if (site["infer"].get("enumerate") == "parallel" and site["infer"].get("num_samples")
+                and name not in guide_trace):
+            warnings.warn(
+                f"Site {name} is multiply sampled in model,\nexpect incorrect gradient estimates "
+                "from TraceEnum_ELBO.\nConsider using exact enumeration or guide sampling if "
+                "possible.", RuntimeWarning, stacklevel=4)
 
 
 def _sample_sites(trace: Trace) -> Iterator[tuple[str, Any]]:
@@ -309,10 +380,17 @@ def collect(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> C
     # Phase 3: each model site's log-probability; one over no model-enumerated variable is a cost
     costs: list[PlacedFactor] = []
     over_variables: list[tuple[str, Any, torch.Tensor, tuple[str, ...]]] = []
+    site_dims: list[tuple[str, ...]] = []  # of each over_variables entry, its mask's included
     for name, site in _sample_sites(model_trace):
         tensor, dims = named(_log_prob(site), name, site, "log-probability")
-        if name in model_enum or not variables.isdisjoint(dims):
+        mask = site["mask"]
+        # a site depends on enumerated variables through its log-probability or its mask
+        mask_dims = (named(mask, name, site, "mask")[1] if isinstance(mask, torch.Tensor)
+                     else ())
+        if (name in model_enum or not variables.isdisjoint(dims)
+                or not variables.isdisjoint(mask_dims)):
             over_variables.append((name, site, tensor, dims))
+            site_dims.append(dims + tuple(d for d in mask_dims if d not in dims))
             continue
         if site["mask"] is not None or not _is_one(site["scale"]):
             tensor, dims = named(scale_and_mask(_log_prob(site), site["scale"], site["mask"]),
@@ -324,17 +402,16 @@ def collect(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> C
     # first, as the engine would product-reduce them first anyway, so that the mask is applied
     # to the smaller tensor; a term that uses a previous-value dim of a sequential plate is a
     # transition of that plate's chain and is never summed along it.
-    ordinals = variable_ordinals([dims for _, _, _, dims in over_variables],
-                                 list(plates.values()))
+    ordinals = variable_ordinals(site_dims, list(plates.values()))
     prev_plate = {prev: plate.name for plate in plates.values() for _, prev in plate.prev}
     factors: list[tuple[str, PlacedFactor]] = []
     scales: list[tuple[str, Any]] = []
-    for name, site, tensor, dims in over_variables:
+    for (name, site, tensor, dims), full_dims in zip(over_variables, site_dims, strict=True):
         scales.append((name, site["scale"]))
         if name not in model_enum:  # Pyro's semantics: enumerated sites are never masked
             chains_used = {prev_plate[d] for d in dims if d in prev_plate}
             free = [d for d in dims if d in plates and d not in chains_used and all(
-                d not in ordinals[v] for v in dims if v in variables)]
+                d not in ordinals[v] for v in full_dims if v in variables)]
             mask = site["mask"]
             mask_named = (named(mask, name, site, "mask") if isinstance(mask, torch.Tensor)
                           else None)
@@ -358,9 +435,18 @@ def collect(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> C
         # DiCE weights: probabilities of enumerated values, score-function terms of sites
         # sampled without reparameterization (value 1, gradient of log q)
         score = site["score_parts"].score_function
+        how = site["infer"].get("enumerate")
+        num_samples = site["infer"].get("num_samples") if how else None
+        if num_samples is not None:  # multiple sampling: weight 1 / k per sample (Pyro's Dice)
+            if not is_identically_zero(score):
+                score = score - score.detach()
+            score = torch.broadcast_tensors(torch.as_tensor(score, dtype=log_q.dtype,
+                                                            device=log_q.device),
+                                            log_q)[0] - math.log(num_samples)
+            dice.append(PlacedFactor(pack(score, name, site, "score function"), ordinal))
+            continue
         if is_identically_zero(score):
             continue
-        how = site["infer"].get("enumerate")
         if not how:
             score = score - score.detach()
         elif how == "sequential":
@@ -369,6 +455,7 @@ def collect(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> C
         dice.append(PlacedFactor(pack(score, name, site, "score function"), ordinal))
 
     # Phase 6: checks across sites
+    _check_site_shapes(model_trace, guide_trace, max_plate_nesting)
     scale = _common_scale(scales)
     if model_enum and guide_enum:
         _check_guide_more_global(model_enum, guide_enum)
@@ -483,6 +570,7 @@ def _enumerated_categorical(site: Any) -> torch.Tensor | None:
     fn = site["fn"]
     dim = site["infer"].get(ENUM_DIM)
     if (dim is None or type(fn) is not dist.Categorical or site["args"] or site["kwargs"]
+            or site["infer"].get("num_samples") is not None
             or site["value"].dim() != -dim):
         return None
     batch = tuple(fn.batch_shape)
@@ -551,10 +639,11 @@ def _check_guide_more_global(model_enum: Mapping[str, Any], guide_enum: Mapping[
             if plate not in min_ordinal:
                 model_site = next(n for n, s in model_enum.items() if plate not in _ordinal(s))
                 raise GraphError(
-                    f"guide site {name!r} is enumerated inside plate {plate!r}, but model site "
-                    f"{model_site!r} is enumerated outside it; model enumeration must be no more "
-                    "global than guide enumeration (enumerate such sites in the guide, or move "
-                    "the guide site out of the plate)"
+                    "Expected model enumeration to be no more global than guide enumeration, "
+                    f"but found model enumeration sites upstream of guide site '{name}' in "
+                    f"plate('{plate}'): model site {model_site!r} is enumerated outside plate "
+                    f"{plate!r}. Try converting some model enumeration sites to guide "
+                    "enumeration sites, or move the guide site out of the plate"
                 )
 
 
@@ -709,4 +798,7 @@ def _markov_factors(chains: Iterable[_Chain], model_enum: Mapping[str, Any],
 def intractable_hint(err: IntractableError) -> IntractableError:
     """An engine :class:`~plated.IntractableError` with the ways out a Pyro model has instead of
     the engine's (same problem, plates and variables)."""
-    return err.with_remedies(_PYRO_REMEDIES, context="In a Pyro model")
+    # Pyro's own wording for this case comes first, so that code matching it still does
+    return err.with_remedies(
+        _PYRO_REMEDIES,
+        context="Expected tree-structured plate nesting, as Pyro says. In a Pyro model")
