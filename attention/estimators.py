@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_baseline_log_lik, check_num_samples, shape_of
-from .factors import AlignmentFactors
+from .factors import AlignmentFactors, weighted_sum
 from .queries import engine_sample
 from .typing import BASELINES, BaselineName, Phase
 
@@ -43,7 +43,9 @@ class EMABaseline:
         v \\leftarrow \\text{decay}\\, v + (1 - \\text{decay})\\, \\bar r \\ \\text{(later)}.
 
     Before the first update the baseline is 0. :attr:`value` stays a tensor on the reward's
-    device (no host-device sync).
+    device (no host-device sync). A reward of :math:`-\\infty` (a sample where the
+    log-likelihood is :math:`-\\infty`) is left out of :math:`\\bar r`, so one such sample cannot
+    make the baseline :math:`-\\infty` for every later call.
 
     :param decay: the weight of the old value, in ``[0, 1)``.
     :raises ValueError: if ``decay`` is outside ``[0, 1)``.
@@ -157,8 +159,14 @@ class Reinforce:
     :ivar sampled_log_lik: ``(K, ...)`` :math:`\ell` at ``samples`` only, or ``None`` (read from
         the factors' full ``log_lik``).
     :raises ValueError: on an unknown baseline, a baseline without the data it needs, data for a
-        baseline not chosen, ``num_samples < 1``, ``"loo"`` with :math:`K < 2`, or ``samples``
-        that are not long or come with ``num_samples`` or ``generator``.
+        baseline not chosen, ``num_samples < 1``, ``"loo"`` with :math:`K < 2`, ``samples``
+        that are not long or come with ``num_samples`` or ``generator``, or a
+        ``sampled_log_lik`` without ``samples`` or not shaped like them.
+
+    A sample whose reward :math:`\ell_{z_k}` is :math:`-\infty` gives the query a loss of
+    :math:`+\infty`; its score-function term (whose weight :math:`\ell_{z_k} - b_k` is not
+    finite) is dropped, so that the loss is :math:`+\infty`, not NaN, and a row left out of the
+    summed loss gets zero gradients.
     """
 
     num_samples: int = 1
@@ -178,6 +186,17 @@ class Reinforce:
             if self.generator is not None or self.num_samples not in (1, samples.shape[0]):
                 raise ValueError("with samples given, draw them with your generator and leave "
                                  "num_samples and generator unset")
+        sampled = self.sampled_log_lik
+        if sampled is not None:
+            if samples is None:
+                raise ValueError("sampled_log_lik (the log-likelihood at given alignments) needs "
+                                 "samples=z, those alignments (K, ...)")
+            if not isinstance(sampled, Tensor) or not sampled.dtype.is_floating_point:
+                what = sampled.dtype if isinstance(sampled, Tensor) else type(sampled).__name__
+                raise ValueError(f"sampled_log_lik must be a floating tensor, got {what}")
+            if sampled.shape != samples.shape:
+                raise ValueError(f"sampled_log_lik has shape {shape_of(sampled)}; it must be "
+                                 f"shaped like samples {shape_of(samples)} (K, ...)")
         baseline = self.baseline
         if baseline is not None and baseline not in BASELINES:
             raise ValueError(
@@ -231,15 +250,24 @@ class Reinforce:
             drawn = engine_sample(log_sampled.detach(), draws, self.generator)  # (K, N)
         else:
             drawn = self.samples.reshape(draws, num_queries)
-        if self.sampled_log_lik is None:
-            reward_log_lik = _pick(factors.log_lik, drawn)  # (N, K)
-        else:
-            reward_log_lik = self.sampled_log_lik.reshape(draws, num_queries).transpose(0, 1)
-        log_sampled_at = _pick(log_sampled, drawn)
+        try:
+            if self.sampled_log_lik is None:
+                reward_log_lik = _pick(factors.log_lik, drawn)  # (N, K)
+            else:
+                reward_log_lik = self.sampled_log_lik.reshape(draws, num_queries).transpose(0, 1)
+            log_sampled_at = _pick(log_sampled, drawn)
+        except RuntimeError as err:  # gather's own bounds check (on the CPU): name the culprit
+            if self.samples is None or "out of bounds" not in str(err):
+                raise
+            raise _out_of_range(self.samples, log_sampled.shape[-1]) from err
         reward = reward_log_lik.detach()
         baseline = self._baseline(reward, factors)
         score = log_sampled_at - log_sampled_at.detach()  # value 0, gradient of log r(z)
-        loss = -(reward_log_lik + (reward - baseline) * score).mean(-1)
+        # a reward of -inf makes the loss +inf whatever the weight; its weight (inf or NaN)
+        # would turn score's value 0 into NaN, so it is dropped
+        advantage = reward - baseline
+        advantage = torch.where(torch.isfinite(advantage), advantage, 0.0)
+        loss = -(reward_log_lik + advantage * score).mean(-1)
         return loss if factors.log_posterior is None else loss + factors.kl()
 
     def _baseline(self, reward: Tensor, factors: AlignmentFactors) -> Tensor | float:
@@ -253,11 +281,12 @@ class Reinforce:
                     .reshape(factors.num_queries, 1))
         if ema is not None:  # "ema"
             value: Tensor | float = 0.0 if ema.value is None else ema.value.to(reward)
-            if factors.row_ok is None:
-                mean = reward.mean()
-            else:
-                weight = factors.row_ok.unsqueeze(-1).to(reward.dtype)
-                mean = (reward * weight).sum() / (weight.sum() * self.draws).clamp(min=1.0)
+            counted = torch.isfinite(reward)  # a -inf reward would poison every later baseline
+            if factors.row_ok is not None:
+                counted = counted & factors.row_ok.unsqueeze(-1)
+            weight = counted.to(reward.dtype)
+            mean = (torch.where(counted, reward, 0.0).sum()
+                    / weight.sum().clamp(min=1.0))
             ema.update(mean)
             return value
         if self.baseline == "loo":
@@ -280,6 +309,12 @@ class Gumbel:
     :ivar straight_through: hard forward, relaxed backward.
     :ivar generator: random generator of the Gumbel noise, or ``None`` (torch's global RNG).
     :raises ValueError: if ``num_samples < 1`` or ``temperature <= 0``.
+
+    The weighted sum reads the log-likelihood only where a draw's weight is not exactly 0
+    (``0 * anything = 0``; the straight-through weights still get the gradient
+    :math:`\ell_z` everywhere it is finite), and a :math:`-\infty` log-likelihood at a weighted
+    position makes the loss :math:`+\infty`, a constant with zero gradients
+    (:func:`~attention.factors.weighted_sum`), not NaN.
     """
 
     num_samples: int = 1
@@ -312,8 +347,24 @@ class Gumbel:
         :math:`-\sum_z w_z \ell_z`, plus the exact :math:`\mathrm{KL}(q \,\|\, p)` with a
         posterior."""
         weights = self.weights(factors.sampling_logits())
-        loss = -(weights * factors.log_lik).sum(-1).mean(0)
+        log_lik = factors.log_lik
+        support = (weights != 0) | torch.isfinite(log_lik)
+        loss = -weighted_sum(weights, log_lik, support).mean(0)
         return loss if factors.log_posterior is None else loss + factors.kl()
+
+
+def _out_of_range(samples: Tensor, size: int) -> ValueError:
+    """The error for given alignments outside ``[0, size)``, naming the first such alignment and
+    its position. Built only once :func:`torch.gather` has refused them (on the CPU, where its
+    bounds check is free): checking beforehand would cost a host-device sync on every call, and
+    on an accelerator gather's own check is a device-side assert."""
+    bad = (samples < 0) | (samples >= size)
+    where = tuple(int(i) for i in bad.nonzero()[0])
+    return ValueError(
+        f"samples[{', '.join(map(str, where))}] = {int(samples[where])} is not a source "
+        f"position: alignments must lie in [0, {size}) (S = {size}, prior_logits' last dim); "
+        "draw them with sample_alignments on the same scores"
+    )
 
 
 def _pick(values: Tensor, drawn: Tensor) -> Tensor:

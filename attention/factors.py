@@ -22,7 +22,7 @@ from torch import Tensor
 from .checks import check_mask, check_scores
 from .queries import log_normalize, mask_values
 
-__all__ = ["AlignmentFactors"]
+__all__ = ["AlignmentFactors", "expect", "weighted_sum"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,5 +146,24 @@ class AlignmentFactors:
 def expect(probs: Tensor, values: Tensor) -> Tensor:
     """``sum_z probs * values`` over the last dim, with the convention ``0 * anything = 0``:
     values where the probability is 0 (``-inf``, a masked NaN) touch neither the value nor the
-    gradient."""
-    return (probs * torch.where(probs > 0, values, 0.0)).sum(-1)
+    gradient.
+
+    A row where a positive probability meets an infinite value (a log-likelihood of ``-inf``
+    where the prior is positive) is that infinity, as a constant: zero gradients in that row,
+    never ``0 * inf = NaN`` in the backward pass, so a row left out of a summed loss stays out.
+    """
+    return weighted_sum(probs, values, probs > 0)
+
+
+def weighted_sum(weights: Tensor, values: Tensor, support: Tensor) -> Tensor:
+    """``sum_z weights * values`` over the last dim, reading ``values`` only on ``support``.
+
+    A row where ``support`` meets a value that is not finite is the sum of those values (``inf``
+    or ``-inf``, NaN if both or a NaN), as a constant with zero gradients; elsewhere the product
+    is the plain one, and ``weights`` get the gradient ``values`` on ``support``.
+    """
+    finite = torch.isfinite(values)
+    inner = (weights * torch.where(support & finite, values, 0.0)).sum(-1)
+    infinite = support & ~finite
+    constant = torch.where(infinite, values.detach(), 0.0).sum(-1)
+    return torch.where(infinite.any(-1), constant, inner)

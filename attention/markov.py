@@ -360,7 +360,8 @@ class MarkovAlignment:
         ELBO is :math:`-\\infty`. The ELBO equals :meth:`log_marginal` exactly when :math:`q` is
         the exact posterior, and is below it otherwise.
 
-        :return: ``(B,)``.
+        :return: ``(B,)``; :math:`-\\infty`, as :meth:`log_marginal`, with zero gradients for a
+            sentence with a real target step but no real source position (no alignment exists).
         :raises ValueError: on a wrong shape, dtype or device of the posterior's logits.
         """
         batch, steps, size = self.shape
@@ -377,15 +378,27 @@ class MarkovAlignment:
                 f"posterior_init_logits has dtype {posterior_init_logits.dtype}; it must match "
                 f"init_logits ({self.init_logits.dtype})"
             )
-        p_trans, emit = self.transition_log_probs(), self.emission()
-        q_trans = _transitions(posterior_init_logits, posterior_trans_logits, self.source_mask,
-                               self.target_mask)
-        mu, log_z_q = _pairwise_marginals(q_trans, self.target_mask, validate)
+        # a sentence with a real target step and no real source position has no alignment: its
+        # ELBO is -inf. Its chains would be all -inf (NaN in the terms below), so they are
+        # computed on a constant stand-in (zero logits, every position real) and replaced.
+        target = self.target_mask
+        dead = target.any(1) & ~self.source_mask.any(1)
+        source = self.source_mask | dead[:, None]
+
+        def alive(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(dead.view((-1,) + (1,) * (x.dim() - 1)), 0.0, x)
+
+        p_trans = _transitions(alive(self.init_logits), alive(self.trans_logits), source, target)
+        emit = self.emission()  # 0 at every masked source position, so in dead sentences
+        q_trans = _transitions(alive(posterior_init_logits), alive(posterior_trans_logits),
+                               source, target)
+        mu, log_z_q = _pairwise_marginals(q_trans, target, validate)
         support = mu > 0
         diff = torch.where(support, p_trans - q_trans, torch.zeros_like(p_trans))
         nu = mu.sum(-2)
         emit_on_support = torch.where(nu > 0, emit, torch.zeros_like(emit))
-        return (mu * diff).sum((1, 2, 3)) + (nu * emit_on_support).sum((1, 2)) + log_z_q
+        elbo = (mu * diff).sum((1, 2, 3)) + (nu * emit_on_support).sum((1, 2)) + log_z_q
+        return torch.where(dead, -math.inf, elbo)
 
     def marginals(self, *, validate: bool = False) -> torch.Tensor:
         """Posterior marginals :math:`p(z_t = s \\mid x, y)` (engine ``marginals``, by autograd).

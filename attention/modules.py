@@ -502,17 +502,22 @@ class LatentAlignmentAttention(nn.Module):
 
     # -- latent faces -----------------------------------------------------------------------------
 
-    def _factors(self, out: AttentionOutput, log_lik: Tensor, samples: Tensor | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(prior_logits, mask, posterior_logits) over the positions ``log_lik`` is given for."""
+    def _factors(self, out: AttentionOutput, log_lik: Tensor | None,
+                 samples: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(prior_logits, mask, posterior_logits) over the positions ``log_lik`` is given for
+        (every position when it is ``None``: ``sampled_log_lik`` stands in for it)."""
         if out.topk_indices is None:
-            if samples is not None and log_lik.shape == samples.shape:
-                return out.prior_logits, out.mask, out.posterior_logits
-            if log_lik.shape != out.prior_logits.shape:
+            if log_lik is not None and log_lik.shape != out.prior_logits.shape:
+                hint = ("; the log-likelihood at samples (K, ...) goes in sampled_log_lik= "
+                        "(with log_lik=None)"
+                        if samples is not None and log_lik.shape == samples.shape else "")
                 raise ValueError(f"log_lik must be {shape_of(out.prior_logits)} (like "
-                                 f"prior_logits), got {shape_of(log_lik)}")
+                                 f"prior_logits), got {shape_of(log_lik)}{hint}")
             return out.prior_logits, out.mask, out.posterior_logits
         assert out.topk_mask is not None
+        if log_lik is None:
+            raise ValueError(f"with k_max, log_lik must be {shape_of(out.topk_indices)} (one value "
+                             "per K-max position, in the order of topk_indices), got None")
         if log_lik.shape != out.topk_indices.shape:
             raise ValueError(f"with k_max, log_lik must be {shape_of(out.topk_indices)} (one value "
                              f"per K-max position, in the order of topk_indices; use "
@@ -522,11 +527,11 @@ class LatentAlignmentAttention(nn.Module):
         post = None if out.posterior_logits is None else out.gather_topk(out.posterior_logits)
         return prior, out.topk_mask, post
 
-    def loss(self, out: AttentionOutput, log_lik: Tensor, *, num_samples: int = 1,
+    def loss(self, out: AttentionOutput, log_lik: Tensor | None, *, num_samples: int = 1,
              baseline: BaselineName | None = None, baseline_log_lik: Tensor | None = None,
              ema: EMABaseline | None = None, temperature: float = 1.0,
              straight_through: bool = False, generator: torch.Generator | None = None,
-             samples: Tensor | None = None) -> Tensor:
+             samples: Tensor | None = None, sampled_log_lik: Tensor | None = None) -> Tensor:
         """The loss of ``self.mode`` per query position and head (latent modes).
 
         Equal to :func:`attention.objectives.alignment_loss` of ``out``'s scores, without its
@@ -538,13 +543,15 @@ class LatentAlignmentAttention(nn.Module):
         :param out: this module's output.
         :param log_lik: :math:`\\log p(y_t \\mid x, z = s)`, shaped like ``out.prior_logits``
             ``(B, [H,] [T,] S)``, or like ``out.topk_indices`` ``(B, [H,] [T,] K)`` with
-            ``k_max``. Values at masked positions are ignored.
+            ``k_max``. Values at masked positions are ignored. ``None`` exactly when
+            ``sampled_log_lik`` is given.
         :return: ``(B, [H,] [T])``; with heads, ``.sum(1)`` is the heads-as-plate loss.
             Keyword options are those of :func:`attention.objectives.alignment_loss`;
             ``out.posterior_logits`` is used by the variational modes and ``"gumbel"`` (which
             then samples from :math:`q`) and ignored by the others. In the sampling modes,
-            ``samples`` from :meth:`sample` let ``log_lik`` be ``(K, B, [H,] [T])``, the
-            log-likelihood at the sampled alignments only (see :meth:`sample`).
+            ``samples`` from :meth:`sample` with ``sampled_log_lik`` ``(K, B, [H,] [T])``, the
+            log-likelihood at the sampled alignments only, replace ``log_lik`` (pass ``None``;
+            see :meth:`sample`).
         :raises ValueError: in ``"soft"`` mode (train soft attention with the decoder's
             cross-entropy on ``out.context``), without ``posterior_logits`` in a variational
             mode, or on shape mismatches.
@@ -561,7 +568,7 @@ class LatentAlignmentAttention(nn.Module):
                              "network's scores to forward(..., posterior_logits=...)")
         if self.mode not in _VARIATIONAL and self.mode != "gumbel":
             post = None  # kept on the output for inspection; these objectives do not use q
-        full_log_lik, sampled_log_lik = split_sampled(prior, log_lik, samples)
+        full_log_lik = split_sampled(prior, log_lik, samples, sampled_log_lik)
         check_scores("log_lik", full_log_lik, prior.shape, prior.dtype)
         objective = objective_for(self.mode, post is not None, num_samples, baseline,
                                   baseline_log_lik, ema, temperature, straight_through,
@@ -580,8 +587,8 @@ class LatentAlignmentAttention(nn.Module):
         The cheap REINFORCE step: draw ``z`` from :math:`q` (variational modes, with
         ``out.posterior_logits``) or :math:`p`, evaluate the output layer at the sampled values
         only (e.g. ``AlignedOutputLayer.log_lik(h, values, y, gathered=True)`` after moving ``K``
-        next to ``T``), and pass ``samples=z`` with that ``(K, B, [H,] [T])`` log-likelihood to
-        :meth:`loss`.
+        next to ``T``), and pass ``samples=z`` with that ``(K, B, [H,] [T])`` log-likelihood as
+        ``sampled_log_lik`` to :meth:`loss` (``log_lik=None``).
 
         :return: ``(z, values)``: ``z`` ``(K, B, [H,] [T])`` long and the sampled values
             ``(K, B, [H,] [T,] D)``.

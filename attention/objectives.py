@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .checks import check_num_samples, check_scores
+from .checks import broadcasts_to, check_num_samples, check_scores, shape_of
 from .estimators import EMABaseline, Gumbel, Reinforce
 from .factors import AlignmentFactors, expect
 from .queries import alignment_graph
@@ -147,11 +147,12 @@ def elbo_loss(prior_logits: Tensor, log_lik: Tensor, mask: Tensor | None = None,
     return evaluate(Elbo(), factors)
 
 
-def reinforce_loss(prior_logits: Tensor, log_lik: Tensor, mask: Tensor | None = None,
+def reinforce_loss(prior_logits: Tensor, log_lik: Tensor | None, mask: Tensor | None = None,
                    posterior_logits: Tensor | None = None, *, num_samples: int = 1,
                    baseline: BaselineName | None = None, baseline_log_lik: Tensor | None = None,
                    ema: EMABaseline | None = None, generator: torch.Generator | None = None,
-                   samples: Tensor | None = None) -> Tensor:
+                   samples: Tensor | None = None, sampled_log_lik: Tensor | None = None
+                   ) -> Tensor:
     r"""The REINFORCE surrogate of the Jensen bound, or with ``posterior_logits`` of the ELBO
     (``mode="hard-sample"`` / ``"variational-sample"`` of :func:`alignment_loss`).
 
@@ -165,13 +166,14 @@ def reinforce_loss(prior_logits: Tensor, log_lik: Tensor, mask: Tensor | None = 
     :param baseline_log_lik: ``(...)`` soft-attention log-likelihood, for ``baseline="soft"``.
     :param ema: the running mean for ``baseline="ema"``; updated in place (a side effect).
     :param generator: random generator of the engine's sampler.
-    :param samples: ``(K, ...)`` alignments already drawn from :math:`r`; ``log_lik`` may then be
-        ``(K, ...)``, the log-likelihood at those alignments only.
+    :param samples: ``(K, ...)`` alignments already drawn from :math:`r`, each in ``[0, S)``.
+    :param sampled_log_lik: ``(K, ...)``, the log-likelihood at ``samples`` only, in place of
+        ``log_lik`` (which is then ``None``); see :func:`alignment_loss`.
     :return: ``prior_logits.shape[:-1]``; exactly 0 for a query with no unmasked position.
     :raises ValueError: as :class:`~attention.estimators.Reinforce` and :func:`marginal_loss`
-        do.
+        do, and as :func:`alignment_loss` does for ``log_lik`` and ``sampled_log_lik``.
     """
-    full_log_lik, sampled_log_lik = split_sampled(prior_logits, log_lik, samples)
+    full_log_lik = split_sampled(prior_logits, log_lik, samples, sampled_log_lik)
     objective = Reinforce(num_samples, baseline, baseline_log_lik, ema, generator, samples,
                           sampled_log_lik)
     factors = AlignmentFactors.from_scores(prior_logits, full_log_lik, mask, posterior_logits)
@@ -203,19 +205,47 @@ def gumbel_loss(prior_logits: Tensor, log_lik: Tensor, mask: Tensor | None = Non
 # -- the dispatcher -------------------------------------------------------------------------------
 
 
-def split_sampled(prior_logits: Tensor, log_lik: Tensor, samples: Tensor | None
-                  ) -> tuple[Tensor, Tensor | None]:
-    """``(full, sampled)``: ``(log_lik, None)``, or, when ``log_lik`` is shaped like ``samples``
-    (given at the sampled alignments only), a zero stand-in for the full ``(..., S)``
-    log-likelihood (read nowhere) and ``log_lik``.
+def split_sampled(prior_logits: Tensor, log_lik: Tensor | None, samples: Tensor | None,
+                  sampled_log_lik: Tensor | None) -> Tensor:
+    """The full ``(..., S)`` log-likelihood the factors are built from: ``log_lik``, or, with
+    ``sampled_log_lik`` (the log-likelihood at ``samples`` only), a zero stand-in read nowhere.
 
-    :raises ValueError: if ``prior_logits`` is not a valid score tensor (the stand-in needs it).
+    The two are separate arguments because a shape cannot tell them apart: a ``(K, N)``
+    ``sampled_log_lik`` and an ``(N, S)`` ``log_lik`` look alike when ``K = N = S``.
+
+    :raises ValueError: if neither or both are given, if ``sampled_log_lik`` comes without
+        ``samples``, or if ``log_lik`` is shaped like ``samples`` but not like the scores (the
+        sampled log-likelihood passed in the wrong place); or if ``prior_logits`` is not a valid
+        score tensor (the stand-in needs it).
     """
-    if not (isinstance(samples, Tensor) and isinstance(log_lik, Tensor)
-            and log_lik.shape == samples.shape):
-        return log_lik, None
+    if sampled_log_lik is None:
+        if log_lik is None:
+            raise ValueError(
+                "log_lik is None: pass log_lik (..., S), the log-likelihood of every alignment, "
+                "or, with samples=z, sampled_log_lik=(K, ...), the log-likelihood at z only"
+            )
+        if (isinstance(samples, Tensor) and isinstance(log_lik, Tensor)
+                and isinstance(prior_logits, Tensor) and log_lik.shape == samples.shape
+                and not broadcasts_to(log_lik.shape, prior_logits.shape)):
+            raise ValueError(
+                f"log_lik has shape {shape_of(log_lik)}, that of samples (K, ...), not of "
+                f"prior_logits {shape_of(prior_logits)} (..., S); pass the log-likelihood at the "
+                "samples as sampled_log_lik= (and log_lik=None)"
+            )
+        return log_lik
+    if samples is None:
+        raise ValueError(
+            "sampled_log_lik (the log-likelihood at given alignments) needs samples=z, those "
+            "alignments (K, ...); without samples pass log_lik (..., S)"
+        )
+    if log_lik is not None:
+        raise ValueError(
+            "give either log_lik (..., S), the log-likelihood of every alignment, or "
+            "sampled_log_lik (K, ...), the log-likelihood at samples only, not both; pass "
+            "log_lik=None with sampled_log_lik"
+        )
     check_scores("prior_logits", prior_logits, None, None)
-    return prior_logits.new_zeros(()).expand(prior_logits.shape), log_lik
+    return prior_logits.new_zeros(()).expand(prior_logits.shape)
 
 
 def objective_for(mode: str, posterior: bool, num_samples: int, baseline: BaselineName | None,
@@ -227,8 +257,8 @@ def objective_for(mode: str, posterior: bool, num_samples: int, baseline: Baseli
     same list, in the same order) into one typed objective, shared by both.
 
     :param posterior: whether posterior logits come with the call.
-    :param sampled_log_lik: ``log_lik`` when given at ``samples`` only (see
-        :func:`split_sampled`), else ``None``.
+    :param sampled_log_lik: the log-likelihood at ``samples`` only (``(K, ...)``), else
+        ``None``.
     :raises ValueError: on an unknown mode, a variational mode without a posterior, an option
         that ``mode`` would ignore (each error says which modes take it), or an invalid option of
         the mode's own (raised by :class:`~attention.estimators.Reinforce` /
@@ -277,7 +307,7 @@ def objective_for(mode: str, posterior: bool, num_samples: int, baseline: Baseli
 
 def alignment_loss(
     prior_logits: Tensor,
-    log_lik: Tensor,
+    log_lik: Tensor | None,
     mask: Tensor | None = None,
     mode: Mode = "marginal",
     posterior_logits: Tensor | None = None,
@@ -290,6 +320,7 @@ def alignment_loss(
     straight_through: bool = False,
     generator: torch.Generator | None = None,
     samples: Tensor | None = None,
+    sampled_log_lik: Tensor | None = None,
 ) -> Tensor:
     r"""The latent-alignment loss of each query position (Deng et al., 2018).
 
@@ -345,7 +376,8 @@ def alignment_loss(
 
     :param prior_logits: ``(..., S)`` unnormalised scores of :math:`p(z \mid x)`.
     :param log_lik: ``(..., S)`` (broadcastable) :math:`\log p(y \mid x, z)` per alignment, same
-        dtype. Values at masked positions are ignored, even NaN or ``inf``.
+        dtype. Values at masked positions are ignored, even NaN or ``inf``. ``None`` exactly
+        when ``sampled_log_lik`` is given.
     :param mask: ``(..., S)`` (broadcastable) bool, ``True`` for real source positions.
     :param mode: one of :data:`~attention.typing.MODES`.
     :param posterior_logits: ``(..., S)`` (broadcastable) unnormalised scores of :math:`q(z)`;
@@ -359,18 +391,25 @@ def alignment_loss(
     :param straight_through: hard forward, relaxed backward (``"gumbel"``).
     :param generator: random generator for the sampling modes and ``"gumbel"`` (see
         :func:`~attention.queries.sample_alignments` for how the engine's sampler uses it).
-    :param samples: sampling modes only: ``(K, ...)`` alignments already drawn from :math:`r`
-        (with :func:`~attention.queries.sample_alignments` on the same scores; ``K`` replaces
-        ``num_samples``). ``log_lik`` may then be ``(K, ...)``, the log-likelihood at those
-        alignments only, so the output layer runs for ``K`` alignments instead of all ``S``;
-        given as ``(..., S)`` it is read at the samples only.
+    :param samples: sampling modes only: ``(K, ...)`` alignments in ``[0, S)`` already drawn
+        from :math:`r` (with :func:`~attention.queries.sample_alignments` on the same scores;
+        ``K`` replaces ``num_samples``). ``log_lik`` ``(..., S)`` is then read at the samples
+        only. An alignment outside ``[0, S)`` is named by a :class:`ValueError` on the CPU; on an
+        accelerator it trips :func:`torch.gather`'s device-side assert (checking beforehand
+        would cost a host-device sync on every call).
+    :param sampled_log_lik: with ``samples`` only: ``(K, ...)``, the log-likelihood at those
+        alignments, given in place of ``log_lik`` (pass ``log_lik=None``), so the output layer
+        runs for ``K`` alignments instead of all ``S``. A separate argument because shapes
+        cannot tell the two apart (``(K, N)`` and ``(N, S)`` when ``K = N = S``).
     :return: the loss per query, shape ``prior_logits.shape[:-1]``, differentiable; exactly 0 for
         a query with no unmasked position.
     :raises ValueError: on shape or dtype mismatches, an unknown mode or baseline, a variational
         mode without ``posterior_logits``, ``"loo"`` with ``num_samples < 2``, ``"soft"`` without
-        ``baseline_log_lik``, ``"ema"`` without ``ema``, or an argument the mode would ignore.
+        ``baseline_log_lik``, ``"ema"`` without ``ema``, an argument the mode would ignore,
+        neither or both of ``log_lik`` and ``sampled_log_lik``, or ``samples`` outside
+        ``[0, S)`` (named with the first bad value).
     """
-    full_log_lik, sampled_log_lik = split_sampled(prior_logits, log_lik, samples)
+    full_log_lik = split_sampled(prior_logits, log_lik, samples, sampled_log_lik)
     objective = objective_for(mode, posterior_logits is not None, num_samples, baseline,
                               baseline_log_lik, ema, temperature, straight_through, generator,
                               samples, sampled_log_lik)

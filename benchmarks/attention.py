@@ -20,7 +20,7 @@ it would reach an encoder and a decoder; no padding, so no masks are passed). Th
 5. ``variational-sample``: REINFORCE with 1 sample and an EMA baseline, the output layer
    evaluated at the *sampled* alignment only: ``LatentAlignmentAttention.sample`` draws ``z`` and
    its values, ``AlignedOutputLayer.log_lik(..., gathered=True)`` scores them, and the loss takes
-   them with ``samples=z``.
+   them with ``samples=z, sampled_log_lik=...``.
 5'. ``variational-sample (all S)``: the same loss through the module API as documented, with
    ``log_lik`` of every alignment (informational, not a target row).
 6. ``Markov prior``: exact :math:`-\log p(y \mid x)` under a first-order Markov alignment prior
@@ -250,8 +250,8 @@ class Bench:
         g_draw, _ = self._generator()
         z, vals = a.sample(out, 1, generator=g_draw)  # (1, B, T), (1, B, T, D)
         ll_z = self.out.log_lik(self.dec, vals.movedim(0, -2), self.target, gathered=True)
-        return a.loss(out, ll_z.movedim(-1, 0), baseline="ema", ema=self.emas[VSAMPLE],
-                      samples=z).sum()
+        return a.loss(out, None, sampled_log_lik=ll_z.movedim(-1, 0), baseline="ema",
+                      ema=self.emas[VSAMPLE], samples=z).sum()
 
     def vsample_all(self) -> Tensor:
         a = self.attn["variational-sample"]

@@ -28,10 +28,12 @@ from .plan import (
     ReduceStep,
     ScanStep,
     Structure,
+    check_query_memory,
     make_plan,
 )
 from .plan.analysis import dim_sizes, variable_ordinals
 from .rings import Semiring, get_ring
+from .sliced import SliceSpec, run_sliced
 from .typing import RingName
 
 __all__ = ["run_plan", "run_backward", "einsum", "einsum_structures", "check_values"]
@@ -43,8 +45,23 @@ Saved = tuple[list[torch.Tensor], list[int], torch.Tensor | None]
 def check_values(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
     """Check dtypes, devices and values of factors (one host-device sync for the values).
 
+    Tensors on the ``meta`` device have no values: only their dtypes and devices are checked.
+
     :raises GraphError: naming the first factor with a non-floating dtype, a dtype or device that
         differs from the first factor's, or a NaN or ``+inf`` entry.
+    """
+    check_types(tensors, labels)
+    if tensors[0].device.type == "meta":  # shapes only (e.g. to trace or plan): no values
+        return
+    if bool(value_suspects(tensors)):  # the one sync
+        name_bad_values(tensors, labels)
+
+
+def check_types(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+    """The dtype and device part of :func:`check_values` (no tensor work, no sync).
+
+    :raises GraphError: naming the first factor with a non-floating dtype, or a dtype or device
+        that differs from the first factor's.
     """
     if not tensors:
         raise GraphError("a plated factor graph needs at least one factor")
@@ -65,39 +82,67 @@ def check_values(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None
                 f"factor {lab} is on {t.device} but factor {labels[0]} is on {device}; move all "
                 "factors to one device"
             )
-    # one reduction per factor and one sync: a NaN or +inf anywhere makes its sum NaN or +inf
-    # (-inf alone gives -inf); on suspicion, look factor by factor
+
+
+def value_suspects(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor, ``True`` when some factor may hold a NaN or ``+inf``; no sync.
+
+    One reduction per factor: a NaN or ``+inf`` anywhere makes its sum NaN or ``+inf`` (``-inf``
+    alone gives ``-inf``), so ``False`` proves every factor clean; on ``True``, call
+    :func:`name_bad_values`.
+    """
     total = torch.stack([t.detach().sum(dtype=torch.float64) for t in tensors])
-    suspect = torch.isnan(total) | (total == torch.inf)
-    if bool(suspect.any()):
-        for k, t in enumerate(tensors):
-            has_nan = bool(t.isnan().any())
-            if has_nan or bool((t == torch.inf).any()):
-                raise GraphError(
-                    f"factor {labels[k]} contains {'NaN' if has_nan else '+inf'}; factors are "
-                    "log potentials, finite or -inf (a hard zero)"
-                )
+    return (torch.isnan(total) | (total == torch.inf)).any()
+
+
+def name_bad_values(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+    """Look factor by factor for a NaN or ``+inf`` (after :func:`value_suspects` said so).
+
+    :raises GraphError: naming the first factor that holds one.
+    """
+    for k, t in enumerate(tensors):
+        has_nan = bool(t.isnan().any())
+        if has_nan or bool((t == torch.inf).any()):
+            raise GraphError(
+                f"factor {labels[k]} contains {'NaN' if has_nan else '+inf'}; factors are "
+                "log potentials, finite or -inf (a hard zero)"
+            )
 
 
 def _sliced_pair(ring: Semiring, plan: Plan, step: PairStep, a: torch.Tensor, b: torch.Tensor
                  ) -> torch.Tensor:
-    """Run a pairwise step in ``step.slice_chunks`` slices along its output dim ``slice_dim``."""
-    assert step.slice_dim is not None  # a sliced step's invariant (run_plan checks it)
+    """Run a pairwise step in ``step.slice_chunks`` slices along its output dim ``slice_dim``,
+    or whole, recomputed by its gradient (:func:`~plated.sliced.run_sliced`)."""
+    if step.slice_dim is None:
+        return run_sliced(lambda parts, n: ring.pair(parts[0], parts[1], step.layout),
+                          SliceSpec.whole(2), (a, b))
     out = plan.slots[step.out]
     dim = out.dims[step.slice_dim]
     dims_a, dims_b = plan.slots[step.ins[0]].dims, plan.slots[step.ins[1]].dims
     union = sorted(set(dims_a) | set(dims_b), key=plan.order.__getitem__)
     union_pos = union.index(dim)
-    size = out.shape[step.slice_dim]
-    per_slice = -(-size // step.slice_chunks)
-    parts = []
-    for start in range(0, size, per_slice):  # the plan chose these slices, under its memory cap
-        n = min(per_slice, size - start)
-        part_a = a.narrow(dims_a.index(dim), start, n) if dim in dims_a else a
-        part_b = b.narrow(dims_b.index(dim), start, n) if dim in dims_b else b
-        parts.append(ring.pair(part_a, part_b,
-                               step.layout.narrowed(step.slice_dim, union_pos, n)))
-    return torch.cat(parts, dim=step.slice_dim)
+    spec = SliceSpec((dims_a.index(dim) if dim in dims_a else None,
+                      dims_b.index(dim) if dim in dims_b else None),
+                     step.slice_dim, out.shape[step.slice_dim], step.slice_chunks)
+    slice_dim = step.slice_dim
+
+    def one(parts: Sequence[torch.Tensor], n: int) -> torch.Tensor:
+        return ring.pair(parts[0], parts[1], step.layout.narrowed(slice_dim, union_pos, n))
+
+    return run_sliced(one, spec, (a, b))
+
+
+def _sliced_reduce(ring: Semiring, plan: Plan, step: ReduceStep, x: torch.Tensor
+                   ) -> torch.Tensor:
+    """Run a reduction in ``step.slice_chunks`` slices along its output dim ``slice_dim``, or
+    whole, recomputed by its gradient."""
+    if step.slice_dim is None:
+        spec = SliceSpec.whole(1)
+    else:
+        out = plan.slots[step.out]
+        dim = plan.slots[step.ins[0]].dims.index(out.dims[step.slice_dim])
+        spec = SliceSpec((dim,), step.slice_dim, out.shape[step.slice_dim], step.slice_chunks)
+    return run_sliced(lambda parts, n: ring.reduce(parts[0], step.dims), spec, (x,))
 
 
 def _live(vals: list[torch.Tensor | None], slot: int) -> torch.Tensor:
@@ -127,12 +172,14 @@ def run_plan(
         match step:
             case PairStep():
                 y = ins[1]
-                if step.slice_dim is None:
+                if step.slice_dim is None and not step.recompute:
                     result = ring.pair(x, y, step.layout)
                 else:
                     result = _sliced_pair(ring, plan, step, x, y)
             case ReduceStep():
-                result = ring.reduce(x, step.dims)
+                result = (ring.reduce(x, step.dims)
+                          if step.slice_dim is None and not step.recompute
+                          else _sliced_reduce(ring, plan, step, x))
             case PlateProduct():
                 result = ring.product(x, step.dims)
             case ChainStep():
@@ -179,6 +226,63 @@ def _gather(x: torch.Tensor, dims: tuple[str, ...], ctx: dict[str, torch.Tensor]
     return x[tuple(idx)]
 
 
+def _choose_jointly(ring: Semiring, logits: torch.Tensor, elim: tuple[str, ...],
+                    sizes: tuple[int, ...], plate_sizes: tuple[int, ...], num_samples: int
+                    ) -> dict[str, torch.Tensor]:
+    """Choose ``elim`` jointly from ``logits`` ``(S|1, *plates|1, *sizes)``; each choice is
+    ``(num_samples, *plate_sizes)``."""
+    flat = logits.reshape(tuple(logits.shape[: logits.dim() - len(sizes)]) + (-1,))
+    picked = ring.choose(flat, num_samples)
+    full = (num_samples,) + plate_sizes
+    if tuple(picked.shape) != full:
+        picked = picked.expand(full).contiguous()
+    return dict(zip(elim, unravel(picked, sizes), strict=True))
+
+
+def _choose_eliminated(plan: Plan, step: PairStep | ReduceStep, vals: list[torch.Tensor | None],
+                       ctx: dict[str, torch.Tensor], out_plates: tuple[str, ...], ring: Semiring,
+                       num_samples: int) -> dict[str, torch.Tensor]:
+    """The backward choice of the variables a pair or reduce step eliminated, given ``ctx``.
+
+    A pair step's eliminated variables are chosen in two stages, so that no tensor spans the
+    union of both operands' dims: first those the operands share, from the product of each
+    operand with its private variables eliminated (the step's own forward order); then each
+    operand's private variables, given the shared ones. Both rings factor this way: it is an
+    exact joint sample (log ring) or a joint argmax (max ring).
+    """
+    sizes = plan.var_sizes
+    plate_sizes = tuple(plan.slots[step.out].shape[k] for k, d in
+                        enumerate(plan.slots[step.out].dims) if d in out_plates)
+    if isinstance(step, ReduceStep) or len(step.ins) == 1:
+        (only,) = step.ins
+        gathered = _gather(_live(vals, only), plan.slots[only].dims, ctx, out_plates, step.elim)
+        return _choose_jointly(ring, gathered, step.elim, tuple(sizes[e] for e in step.elim),
+                               plate_sizes, num_samples)
+    a, b = step.ins
+    dims_a, dims_b = plan.slots[a].dims, plan.slots[b].dims
+    shared = tuple(e for e in step.elim if e in dims_a and e in dims_b)
+    own = [tuple(e for e in step.elim if e in dims and e not in shared)
+           for dims in (dims_a, dims_b)]
+    picked: dict[str, torch.Tensor] = {}
+    if shared:
+        logits: torch.Tensor | None = None
+        for slot, private in zip((a, b), own, strict=True):
+            g = _gather(_live(vals, slot), plan.slots[slot].dims, ctx, out_plates,
+                        shared + private)
+            g = ring.reduce(g, tuple(range(g.dim() - len(private), g.dim())))
+            logits = g if logits is None else logits + g
+        assert logits is not None
+        picked.update(_choose_jointly(ring, logits, shared, tuple(sizes[e] for e in shared),
+                                      plate_sizes, num_samples))
+    given = {**ctx, **picked}
+    for slot, private in zip((a, b), own, strict=True):
+        if private:
+            g = _gather(_live(vals, slot), plan.slots[slot].dims, given, out_plates, private)
+            picked.update(_choose_jointly(ring, g, private, tuple(sizes[e] for e in private),
+                                          plate_sizes, num_samples))
+    return picked
+
+
 def run_backward(
     plan: Plan,
     vals: list[torch.Tensor | None],
@@ -202,17 +306,7 @@ def run_backward(
         match step:
             case PairStep() | ReduceStep():
                 # choose the eliminated variables given everything chosen after this step
-                elim = step.elim
-                logits = None
-                for i in step.ins:
-                    g = _gather(_live(vals, i), plan.slots[i].dims, ctx, out_plates, elim)
-                    logits = g if logits is None else logits + g
-                assert logits is not None
-                lsizes = tuple(plates[p] for p in out_plates)
-                esizes = tuple(plan.var_sizes[e] for e in elim)
-                logits = logits.expand((num_samples,) + lsizes + esizes).reshape(
-                    (num_samples,) + lsizes + (-1,))
-                picked = dict(zip(elim, unravel(ring.choose(logits), esizes), strict=True))
+                picked = _choose_eliminated(plan, step, vals, ctx, out_plates, ring, num_samples)
                 chosen.update(picked)
                 new = {**ctx, **picked}
                 for i in step.ins:
@@ -273,6 +367,22 @@ def _parse(equation: str, operands: Sequence[torch.Tensor], plates: str
                 f"einsum operand {k} ({dims!r}) has {x.dim()} dims, shape {tuple(x.shape)}; the "
                 "equation names one letter per dim"
             )
+        repeated = sorted({d for d in dims if dims.count(d) > 1}, key=dims.index)
+        if repeated:  # Pyro's einsum refuses these too
+            first = dims.index(repeated[0])
+            second = dims.index(repeated[0], first + 1)
+            raise GraphError(
+                f"einsum operand {k} ({dims!r}) repeats dim {repeated[0]!r}; a repeated index "
+                f"(a diagonal) is not supported: take the diagonal first (x.diagonal(dim1={first}"
+                f", dim2={second}) puts it last) and name each dim once"
+            )
+        for d, n in zip(dims, x.shape, strict=True):
+            if n == 0:
+                raise GraphError(
+                    f"einsum operand {k} ({dims!r}) has dim {d!r} of size 0 (shape "
+                    f"{tuple(x.shape)}); every dim needs at least one element: drop the dim or "
+                    "the operand"
+                )
     known = set("".join(inputs))
     for out in outputs:
         for d in out:
@@ -373,6 +483,9 @@ def einsum(
     structures, sizes = _structures(inputs, outputs, operands, plates, r.name, memory_cap)
     labels = structures[0].labels  # an equation has at least one output
     plans = [make_plan(structure) for structure in structures]
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in operands)
+    for plan in plans:
+        check_query_memory(plan, "gradient" if grad else "log_partition")
     # every structural error (tractability included) is raised above, before any tensor work
     if validate:
         check_values(operands, labels)

@@ -19,9 +19,13 @@ class PlatedError(Exception):
 class GraphError(PlatedError, ValueError):
     """A plated factor graph or einsum equation is malformed.
 
-    Raised before any tensor work for: a dim with two sizes, a plate dim whose size differs from
-    the plate's, a plate used as a variable, unknown names, NaN or ``+inf`` in a factor, and
-    factors of mixed dtypes or devices.
+    Raised before any tensor work for: a dim with two sizes or of size 0, a plate dim whose size
+    differs from the plate's, a plate size that is not an int, a plate used as a variable,
+    unknown names or rings, an einsum input that repeats an index, NaN or ``+inf`` in a factor,
+    factors of mixed dtypes or devices, and bad query arguments (``sample``'s ``num_samples``
+    and ``generator``, marginals under :func:`torch.inference_mode`). Also raised by ``sample``
+    where log Z is -inf (checked with validation, after the forward pass): there is
+    no distribution to sample.
     """
 
 

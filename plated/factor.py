@@ -8,6 +8,7 @@ the plates of all factors that mention it, as in :func:`pyro.ops.contract.einsum
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ class Factor:
         ``-inf`` entries are hard zeros; NaN and ``+inf`` are rejected when the graph is checked.
     :param dims: the name of each dim of ``tensor``, in order. Names must be unique.
     :param name: an optional label used in error messages (defaults to the dims joined).
-    :raises GraphError: if ``len(dims) != tensor.dim()`` or a name repeats.
+    :raises GraphError: if ``len(dims) != tensor.dim()``, a name repeats or a dim has size 0.
     """
 
     tensor: torch.Tensor
@@ -50,6 +51,13 @@ class Factor:
             )
         if len(set(dims)) != len(dims):
             raise GraphError(f"factor {self.label} repeats a dim name in {dims}")
+        for d, n in zip(dims, self.tensor.shape, strict=True):
+            if n == 0:
+                raise GraphError(
+                    f"factor {self.label} has dim {d!r} of size 0 (shape "
+                    f"{tuple(self.tensor.shape)}); a variable needs at least one value and a plate "
+                    "at least one element: drop the dim or the factor"
+                )
 
     @property
     def label(self) -> str:
@@ -69,12 +77,13 @@ class Plate:
     distribution).
 
     :param name: the plate's dim name.
-    :param size: the number of elements, at least 1.
+    :param size: the number of elements, an integer (``int``, a NumPy integer or a 0-dim integer
+        tensor; not ``bool``, a float or a string) of at least 1.
     :param sequential: whether the plate is a Markov chain. Requires ``prev``.
     :param prev: for a sequential plate, a mapping from each chain variable to the dim name of its
         previous value.
-    :raises GraphError: on a nonpositive size, a sequential plate without ``prev``, or ``prev``
-        on an independent plate.
+    :raises GraphError: on a size that is not an integer or not positive, a sequential plate
+        without ``prev``, or ``prev`` on an independent plate.
     """
 
     name: str
@@ -97,7 +106,7 @@ class Plate:
         else:
             pairs = tuple((str(k), str(v)) for k, v in prev)
         object.__setattr__(self, "name", name)
-        object.__setattr__(self, "size", int(size))
+        object.__setattr__(self, "size", _plate_size(name, size))
         object.__setattr__(self, "sequential", bool(sequential))
         object.__setattr__(self, "prev", pairs)
         if not isinstance(name, str) or not name:
@@ -120,3 +129,20 @@ class Plate:
                 f"plate {name!r} is used as a variable in its own prev={dict(pairs)}; "
                 "chain variables must be variable names, not plate names"
             )
+
+
+def _plate_size(name: object, size: object) -> int:
+    """``size`` as an ``int``: anything with ``__index__`` (an ``int``, a NumPy integer, a 0-dim
+    integer tensor) but ``bool``; a float or a string is refused, not truncated or parsed.
+
+    :raises GraphError: naming the plate and the size given.
+    """
+    if not isinstance(size, bool):
+        try:
+            return operator.index(size)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise GraphError(
+        f"plate {name!r} has size {size!r} ({type(size).__name__}); a plate's size is an int "
+        "(the number of its elements), e.g. Plate(name, int(n))"
+    )

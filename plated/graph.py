@@ -9,15 +9,24 @@ backward by autograd.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 
 import torch
 
-from .contract import check_values, run_backward, run_plan
+from .contract import (
+    check_types,
+    check_values,
+    name_bad_values,
+    run_backward,
+    run_plan,
+    value_suspects,
+)
 from .errors import GraphError
 from .factor import Factor, Plate
-from .plan import CostReport, Plan, Structure, make_plan
-from .rings import LOG, MAX, LogRing, Semiring
+from .plan import CostReport, Plan, Structure, check_query_memory, make_plan
+from .plan.cost import Query
+from .rings import LOG, MAX, LogRing, Semiring, get_ring
 from .typing import RingName
 from .unroll import unroll_plates
 
@@ -54,7 +63,8 @@ class PlatedFactorGraph:
         size. Unrolled plates disappear from the results (their variables are named
         ``"{var}[{i}]"``).
     :param memory_cap: optional cap in bytes on one step's working memory (see :mod:`plated.plan`).
-    :param validate: check factor values for NaN and ``+inf`` on each query (one host-device sync).
+    :param validate: check factor values for NaN and ``+inf`` on each query, and for
+        :meth:`sample` that :math:`\\log Z > -\\infty` (one host-device sync per query).
     :raises GraphError: if the graph is malformed (names the factor, dim, variable or plate).
     :raises IntractableError: if the graph has no polynomial-time elimination (raised on the first
         query or :meth:`cost`, before any tensor work).
@@ -104,9 +114,12 @@ class PlatedFactorGraph:
     def structure(self, ring: RingName = "log", keep_vars: bool = False) -> Structure:
         """The hashable structure that keys this graph's plan in the plan cache.
 
+        :param ring: ``"log"`` or ``"max"``.
         :param keep_vars: whether the plan keeps ``keep_vars`` (the plan of :meth:`log_partition`)
             or eliminates every variable (the plan of the other queries).
+        :raises GraphError: for another ring name (as :func:`~plated.contract.einsum` does).
         """
+        ring = get_ring(ring).name  # an unknown name is refused here, as einsum refuses it
         t0 = self._tensors[0]
         return Structure(
             plates=self.plates,
@@ -128,6 +141,8 @@ class PlatedFactorGraph:
 
         With ``keep_vars``, the log ring's report is that of :meth:`log_partition`.
 
+        :param ring: ``"log"`` (sum-product) or ``"max"`` (max-product).
+        :raises GraphError: for another ring name.
         :raises IntractableError: if the graph has no polynomial-time elimination.
         """
         return self.plan(ring, keep_vars=ring == "log").cost
@@ -146,6 +161,12 @@ class PlatedFactorGraph:
         """Each variable's domain size and plates (in declaration order)."""
         p = self.plan()
         return {v: (p.var_sizes[v], p.var_plates(v)) for v in p.var_sizes}
+
+    def _log_z_query(self) -> Query:
+        """Which query a log Z (or max-product value) is: with its gradient when autograd will
+        differentiate it."""
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in self._tensors)
+        return "gradient" if grad else "log_partition"
 
     def _check(self) -> None:
         if self.validate:
@@ -167,6 +188,7 @@ class PlatedFactorGraph:
             per assignment of ``keep_vars``, with dims :meth:`result_dims`.
         """
         plan = self.plan("log", keep_vars=True)  # structural errors first, before tensor work
+        check_query_memory(plan, self._log_z_query())
         self._check()
         vals, _ = run_plan(plan, self._tensors, LOG)
         out = vals[plan.result]
@@ -183,6 +205,7 @@ class PlatedFactorGraph:
 
         :return: for each variable, a long tensor shaped by its plates (declaration order).
         """
+        check_query_memory(self.plan("max"), "map")
         plan, vals, saved = self._run(MAX, keep=True)
         with torch.no_grad():
             picked = run_backward(plan, vals, saved, MAX, 1)
@@ -192,6 +215,7 @@ class PlatedFactorGraph:
 
     def max_log_density(self) -> torch.Tensor:
         """The max-product value :math:`\\max_x \\log \\prod_f f(x)` (the MAP's log density)."""
+        check_query_memory(self.plan("max"), self._log_z_query())
         plan, vals, _ = self._run(MAX, keep=False)
         out = vals[plan.result]
         assert out is not None
@@ -204,19 +228,80 @@ class PlatedFactorGraph:
         Forward sum-product, then the plan backward with the log ring's sampling step
         (forward-filter backward-sample generalised to plates).
 
+        :param num_samples: how many joint samples, an int ``>= 1``.
         :param generator: the random number generator to draw with (on the factors' device;
             default: torch's global one).
         :return: for each variable, a long tensor ``(num_samples, *plate sizes)``.
+        :raises GraphError: on a ``num_samples`` that is not a positive int, a ``generator``
+            that is not a :class:`torch.Generator` on the factors' device, or where
+            :math:`\\log Z = -\\infty` (at some element of ``keep_plates``): no assignment has
+            positive weight, so there is no distribution to sample. That last check reads the
+            forward pass's result on the host, so it is made with ``validate`` only, in the one
+            host-device sync that the value check costs anyway; with ``validate=False`` (no
+            sync) such a graph gives arbitrary samples.
         """
-        if num_samples < 1:
-            raise GraphError(f"num_samples must be >= 1, got {num_samples}")
-        plan, vals, saved = self._run(LOG, keep=True)
+        count = _sample_count(num_samples)
+        device = self._tensors[0].device
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise GraphError(
+                f"generator must be a torch.Generator (on {device}, the factors' device) or "
+                f"None, got {type(generator).__name__} {generator!r}"
+            )
+        if (generator is not None and device.type != "meta"
+                and generator.device.type != device.type):
+            raise GraphError(
+                f"generator is on {generator.device} but the factors are on {device}; pass "
+                f"torch.Generator(device={str(device)!r})"
+            )
+        plan = self.plan("log")  # structural errors first, before any tensor work
+        check_query_memory(plan, "sample", count)
+        if self.validate:  # the values are checked after the forward pass, in its one sync
+            check_types(self._tensors, self._labels)
+        else:
+            _check_types(self._tensors, self._labels)
+        vals, saved = run_plan(plan, self._tensors, LOG, keep=True)
+        self._check_sampleable(plan, vals)
         with torch.no_grad():
             return run_backward(plan, [None if v is None else v.detach() for v in vals],
                                 {k: ([x.detach() for x in lv], ln,
                                      None if st is None else st.detach())
                                  for k, (lv, ln, st) in saved.items()},
-                                LOG if generator is None else LogRing(generator), num_samples)
+                                LOG if generator is None else LogRing(generator), count)
+
+    def _check_sampleable(self, plan: Plan, vals: list[torch.Tensor | None]) -> None:
+        """:meth:`sample`'s value checks, after the forward pass and with ``validate`` only: NaN
+        and ``+inf`` in the factors and :math:`\\log Z = -\\infty`, in one host-device sync (the
+        one a validated query costs anyway; none without ``validate``).
+
+        :raises GraphError: naming the bad factor, or the plate element where
+            :math:`\\log Z = -\\infty` and the factors that are ``-inf`` on every assignment.
+        """
+        if not self.validate or self._tensors[0].device.type == "meta":
+            return
+        logz = vals[plan.result]
+        assert logz is not None
+        dead = torch.isneginf(logz.detach())
+        # the one sync of a validated sample: the value check and log Z read back together
+        bad_values, any_dead = torch.stack([value_suspects(self._tensors), dead.any()]).tolist()
+        if bad_values:
+            name_bad_values(self._tensors, self._labels)
+        if not any_dead:
+            return
+        kept = [p.name for p in self.plates if p.name in self.keep_plates]  # logz's dims
+        where = ""
+        if kept:
+            first = [int(i) for i in dead.nonzero()[0]]
+            where = f" at the element {dict(zip(kept, first, strict=True))} of the kept plates"
+        empty = [f.label for f in self.factors
+                 if bool(torch.isneginf(_max_over_vars(f, plan)).any())]
+        culprits = (f"factor(s) {', '.join(empty)} are -inf for every value of their "
+                    "variables" + (" (at some plate element)" if self.plates else "")
+                    if empty else "no single factor is -inf everywhere; their product is zero")
+        raise GraphError(
+            f"cannot sample: log Z is -inf{where}, so no assignment has positive weight and "
+            f"there is no distribution to sample ({culprits}); give some assignment a finite "
+            "weight in every factor"
+        )
 
     def factor_marginals(self, which: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
         """Posterior marginals over the dims of whole factors (pairwise marginals of a chain's
@@ -232,7 +317,8 @@ class PlatedFactorGraph:
             variables it is 1 at every plate element, or 0 everywhere where
             :math:`\\log Z = -\\infty`. With ``keep_plates`` each kept element is its own
             posterior.
-        :raises GraphError: for an index that is not a factor's.
+        :raises GraphError: for an index that is not a factor's, or under
+            :func:`torch.inference_mode` (use :func:`torch.no_grad`).
         """
         return self.log_partition_and_factor_marginals(which)[1]
 
@@ -254,17 +340,35 @@ class PlatedFactorGraph:
         """The raw gradients of :meth:`factor_marginals` and :math:`\\log Z` (differentiable
         in the factors; its graph also reaches the zero probes, which is harmless)."""
         plan = self.plan("log")
-        self._check()
+        if torch.is_inference_mode_enabled():
+            raise GraphError(
+                "marginals are the gradient of log Z, and torch.inference_mode() forbids "
+                "autograd; call marginals() / factor_marginals() under torch.no_grad() instead "
+                "(they need no gradient of their own)"
+            )
         used = sorted(set(range(len(self.factors)) if which is None else which))
         for k in used:
             if not 0 <= k < len(self.factors):
                 raise GraphError(
                     f"factor index {k} is out of range; the graph has {len(self.factors)} factors"
                 )
+        check_query_memory(plan, "gradient" if used else self._log_z_query())
+        self._check()
+        if not used:  # nothing to differentiate: log Z alone
+            vals, _ = run_plan(plan, self._tensors, LOG)
+            logz = vals[plan.result]
+            assert logz is not None
+            return {}, logz
         create = any(t.requires_grad for t in self._tensors)
         with torch.enable_grad():
-            probes = {k: torch.zeros_like(self._tensors[k], requires_grad=True) for k in used}
-            tensors = [t + probes[k] if k in probes else t for k, t in enumerate(self._tensors)]
+            if create:  # differentiable marginals: zero probes added to the factors
+                probes = {k: torch.zeros_like(self._tensors[k], requires_grad=True)
+                          for k in used}
+                tensors = [t + probes[k] if k in probes else t
+                           for k, t in enumerate(self._tensors)]
+            else:  # the factors' own storage, as leaves: no copy
+                probes = {k: self._tensors[k].detach().requires_grad_() for k in used}
+                tensors = [probes.get(k, t) for k, t in enumerate(self._tensors)]
             vals, _ = run_plan(plan, tensors, LOG)
             logz = vals[plan.result]
             assert logz is not None
@@ -290,7 +394,9 @@ class PlatedFactorGraph:
         pass gives all of them. The result is differentiable when a factor requires grad.
 
         :return: for each variable, probabilities ``(*plate sizes, size)`` summing to one; all
-            zeros where :math:`\\log Z = -\\infty` (no assignment has positive weight).
+            zeros where :math:`\\log Z = -\\infty` (no assignment has positive weight). A graph
+            without variables gives ``{}``.
+        :raises GraphError: under :func:`torch.inference_mode` (use :func:`torch.no_grad`).
         """
         plan = self.plan("log")
         # pick, per variable, a factor over it with the fewest plates
@@ -303,6 +409,8 @@ class PlatedFactorGraph:
                     pick[d] = k
                     pick_n[d] = nplates
         by_factor, logz = self._factor_marginals(sorted(set(pick.values())))
+        if not pick:  # no variables (the graph was checked as for every query): as map() gives
+            return {}
         logz = logz.detach()
         out = {}
         plate_names = {p.name for p in self.plates}
@@ -341,3 +449,29 @@ def _check_types(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None
                 f"factor {lab} has dtype {t.dtype} on {t.device}; every factor must share one "
                 f"floating dtype and device (factor {labels[0]}: {dtype} on {device})"
             )
+
+
+def _sample_count(num_samples: object) -> int:
+    """``num_samples`` as an ``int >= 1`` (anything with ``__index__``, but not ``bool``).
+
+    :raises GraphError: naming the value given.
+    """
+    count = None
+    if not isinstance(num_samples, bool):
+        try:
+            count = operator.index(num_samples)  # type: ignore[arg-type]
+        except TypeError:
+            count = None
+    if count is None or count < 1:
+        raise GraphError(
+            f"num_samples must be an int >= 1, got {num_samples!r} "
+            f"({type(num_samples).__name__}); e.g. sample(int(n))"
+        )
+    return count
+
+
+def _max_over_vars(factor: Factor, plan: Plan) -> torch.Tensor:
+    """``factor``'s maximum over its variables, at each element of its plates."""
+    dims = tuple(k for k, d in enumerate(factor.dims) if d in plan.var_sizes)
+    t = factor.tensor.detach()
+    return t.amax(dim=dims) if dims else t

@@ -252,7 +252,10 @@ class Semiring:
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - interface
 
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+    def choose(self, logits: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
+        """Pick an index per batch element from logits ``(S, *batch, K)``; with
+        ``num_samples`` the logits may instead be ``(1, *batch, K)``, shared by the ``S`` samples
+        (and are not copied ``S`` times). Returns ``(S, *batch)``."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def level(self, m: torch.Tensor) -> torch.Tensor:
@@ -296,8 +299,9 @@ class LogRing(Semiring):
             return a.reshape(spec.view_a) + b.reshape(spec.view_b)
         sa = finite_shift(a.amax(dim=spec.red_a, keepdim=True) if spec.red_a else a)
         sb = finite_shift(b.amax(dim=spec.red_b, keepdim=True) if spec.red_b else b)
-        raw = torch.einsum(spec.equation, (a - sa).exp(), (b - sb).exp())
-        out = safe_log(raw) + sa.reshape(spec.shift_a) + sb.reshape(spec.shift_b)
+        # exps in place on fresh temporaries: one allocation per operand
+        raw = torch.einsum(spec.equation, torch.sub(a, sa).exp_(), torch.sub(b, sb).exp_())
+        out = safe_log(raw).add_(sa.reshape(spec.shift_a)).add_(sb.reshape(spec.shift_b))
         return repair_entries(out, raw, a.reshape(spec.view_a), b.reshape(spec.view_b),
                               spec.red_union,
                               lambda: torch.einsum(spec.equation, finite_indicator(a),
@@ -307,17 +311,34 @@ class LogRing(Semiring):
         if not dims:
             return x
         s = finite_shift(x.amax(dim=dims, keepdim=True))
-        return safe_log((x - s).exp().sum(dim=dims)) + s.squeeze(dims)
+        return safe_log(torch.sub(x, s).exp_().sum(dim=dims)).add_(s.squeeze(dims))
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return log_matmul(a, b)
 
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device,
-                       generator=self.generator)
-        tiny = torch.finfo(logits.dtype).tiny
-        gumbel = -(-u.clamp(min=tiny, max=1 - torch.finfo(logits.dtype).eps).log()).log()
-        return (logits + gumbel).argmax(dim=-1)
+    def choose(self, logits: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
+        if num_samples is not None and logits.shape[0] != num_samples:
+            return self._draw(logits, num_samples)
+        # Gumbel noise -log(-log u), in place on one logits-sized tensor
+        noise = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device,
+                           generator=self.generator)
+        info = torch.finfo(logits.dtype)
+        noise.clamp_(min=info.tiny, max=1 - info.eps).log_().neg_().log_().neg_()
+        return noise.add_(logits).argmax(dim=-1)
+
+    def _draw(self, logits: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """``num_samples`` draws from logits ``(1, *batch, K)`` shared by every sample, without
+        materialising ``num_samples`` copies of them: ``(num_samples, *batch)``."""
+        batch, k = logits.shape[1:-1], logits.shape[-1]
+        if k > _MULTINOMIAL_MAX_CATEGORIES:  # torch.multinomial's limit: Gumbel-max on copies
+            return self.choose(logits.expand((num_samples,) + tuple(logits.shape[1:])))
+        rows = logits.reshape(-1, k)
+        weights = (rows - finite_shift(rows.amax(dim=-1, keepdim=True))).exp_()
+        # a row of zero weight (log Z = -inf) draws index 0, as Gumbel-max would
+        weights[:, :1] += weights.sum(dim=-1, keepdim=True) == 0
+        draws = torch.multinomial(weights, num_samples, replacement=True,
+                                  generator=self.generator)
+        return draws.t().reshape((num_samples,) + tuple(batch))
 
 
 class MaxRing(Semiring):
@@ -330,7 +351,16 @@ class MaxRing(Semiring):
     name: RingName = "max"
 
     def pair(self, a: torch.Tensor, b: torch.Tensor, spec: PairLayout) -> torch.Tensor:
-        joint = a.reshape(spec.view_a) + b.reshape(spec.view_b)
+        # eliminate the dims private to one operand first (as the sum ring's einsum does), so
+        # the broadcast sum spans only the dims the two share or keep
+        ja, jb = a.reshape(spec.view_a), b.reshape(spec.view_b)
+        own_a = tuple(u for u in spec.red_union if spec.view_b[u] == 1 and spec.view_a[u] > 1)
+        own_b = tuple(u for u in spec.red_union if spec.view_a[u] == 1 and spec.view_b[u] > 1)
+        if own_a:
+            ja = ja.amax(dim=own_a, keepdim=True)
+        if own_b:
+            jb = jb.amax(dim=own_b, keepdim=True)
+        joint = ja + jb
         return joint.amax(dim=spec.red_union) if spec.red_union else joint
 
     def reduce(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -339,8 +369,15 @@ class MaxRing(Semiring):
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.unsqueeze(-1) + b.unsqueeze(-3)).amax(dim=-2)
 
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(dim=-1)
+    def choose(self, logits: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
+        best = logits.argmax(dim=-1)
+        if num_samples is not None and best.shape[0] != num_samples:
+            best = best.expand((num_samples,) + tuple(best.shape[1:]))
+        return best
+
+
+#: the most categories :func:`torch.multinomial` draws from
+_MULTINOMIAL_MAX_CATEGORIES = 2**24
 
 
 LOG = LogRing()

@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 import random
 import string
+from collections.abc import Callable
 
 import torch
 
 from .errors import GraphError
 from .factor import Factor, Plate
 
-__all__ = ["random_graph", "random_einsum", "graph_to_einsum"]
+__all__ = ["random_graph", "random_einsum", "graph_to_einsum", "peak_allocated"]
 
 
 def _branches(parents: dict[str, str | None]) -> dict[str | None, frozenset[str]]:
@@ -190,3 +191,29 @@ def random_einsum(seed: int, **kwargs: object) -> tuple[str, list[torch.Tensor],
     order = sorted(out)  # sorted first: a set's order varies with PYTHONHASHSEED
     rng.shuffle(order)
     return inputs + "->" + "".join(order), [f.tensor for f in factors], plate_letters
+
+
+def peak_allocated(fn: Callable[[], object]) -> tuple[object, int]:
+    """Run ``fn()`` and return its result and the peak of the bytes its tensor allocations
+    held at once (net of what it freed), as the PyTorch profiler's memory events report them on
+    any device. Tensors that existed before the call (the inputs) are not counted; what the call
+    leaves allocated (its results, gradients it accumulates) is.
+
+    This is the measure a memory cap is checked against in the tests: exact, deterministic, and
+    blind to the allocator's caching and to Python objects (``benchmarks/memory.py`` measures
+    the process's resident set instead).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return result, peak

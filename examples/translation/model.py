@@ -213,8 +213,8 @@ class Seq2Seq(nn.Module):
             z, vals = self.attention.sample(out)  # (1, B, T), (1, B, T, D)
             ll = self.output.log_lik(hs, vals.permute(1, 2, 0, 3), y, gathered=True)
             soft = -self._soft_nll(self.drop(feeds), y)  # the soft baseline, trained jointly
-            est = self.attention.loss(out, ll.permute(2, 0, 1), samples=z, baseline="soft",
-                                      baseline_log_lik=soft.detach())
+            est = self.attention.loss(out, None, samples=z, sampled_log_lik=ll.permute(2, 0, 1),
+                                      baseline="soft", baseline_log_lik=soft.detach())
             loss = (est - soft).masked_fill(~tmask, 0.0).sum()
             return loss, est.detach().masked_fill(~tmask, 0.0).sum()
         else:

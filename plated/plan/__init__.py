@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from .cache import clear_plan_cache, make_plan, plan_cache_info, set_plan_cache_size
 from .chains import CHAIN_MIN_LENGTH
-from .cost import CostReport
+from .cost import CAP_MARGIN, CostReport, check_query_memory
 from .ir import (
     ChainLayout,
     ChainPart,
@@ -42,6 +42,7 @@ from .ir import (
 )
 
 __all__ = [
+    "CAP_MARGIN",
     "CHAIN_MIN_LENGTH",
     "ChainLayout",
     "ChainPart",
@@ -58,6 +59,7 @@ __all__ = [
     "Slot",
     "Step",
     "Structure",
+    "check_query_memory",
     "clear_plan_cache",
     "make_plan",
     "plan_cache_info",

@@ -27,7 +27,7 @@ from ..errors import IntractableError
 from .analysis import Analysis, analyse, connected_components, plate_str
 from .chains import scan_layout
 from .cost import cost_report
-from .emit import Emitter
+from .emit import Emitter, scan_cost
 from .ir import Plan, ScanStep, Structure, check_working_memory
 
 __all__ = ["build_plan"]
@@ -215,17 +215,14 @@ class _Elimination:
                 remedies=["make that variable a chain variable of the plate",
                           "move it out of the plate"])
         layout, out_dims = scan_layout(emitter.slots[transition], plate, leaf, outer, analysis)
-        # cost: the product tree does ~T (K, K) products per batch element; the log ring keeps
-        # two (K, K) matrices per product, the max ring the (K, K, K) broadcast
         batch = math.prod(layout.batch_shape)
         length, state = layout.length, layout.state
-        temp = (2 * length * batch * state * state if self.structure.ring == "log"
-                else length * batch * state ** 3)
+        cost = scan_cost(self.structure.ring, batch, length, state)
         out = emitter.new_slot(out_dims)
         emitter.emit(ScanStep(
-            ins=(transition,), out=out, flops=2 * length * batch * state ** 3, temp_numel=temp,
-            note=f"parallel scan along {plate!r} (length {length}, {state} states, "
-                 f"batch {batch})", layout=layout))
+            ins=(transition,), out=out, note=f"parallel scan along {plate!r} (length {length}, "
+            f"{state} states, batch {batch})", layout=layout, **cost))
+        temp = cost["temp_numel"]
         check_working_memory(f"the scan along sequential plate {plate!r}", temp,
                              self.structure.itemsize, self.structure.memory_cap)
         rest = emitter.vars_of(out)

@@ -11,13 +11,15 @@ the memory cap is sliced along its largest kept dim.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import opt_einsum
 
 from ..errors import MemoryCapError
 from .analysis import Analysis
 from .chains import find_chain
+from .cost import CAP_MARGIN
 from .ir import (
     ChainLayout,
     ChainStep,
@@ -32,8 +34,47 @@ from .ir import (
     fmt_bytes,
 )
 
-__all__ = ["Emitter"]
+__all__ = ["Emitter", "scan_cost"]
 
+
+def scan_cost(ring: str, batch: int, length: int, state: int, stacked: bool = False
+              ) -> dict[str, int]:
+    """Predicted cost of a parallel scan over ``length`` ``(state, state)`` matrices per batch
+    element (a sequential plate's chain, or a chain of variables), as measured on this
+    implementation (``benchmarks/cost_accuracy.py``): the levels of the product tree hold about
+    twice the first level; the log ring's products add shifted exponentials and their product,
+    the max ring's materialise the ``(state, state, state)`` broadcast of each product. Its
+    backward choice indexes the levels per sample. A chain of variables (``stacked``) first
+    stacks its factors into the first level, whose gradient is split back among them."""
+    n = batch * length * state * state
+    vectors = batch * length * state
+    if ring == "max":
+        temp = n * state // 2 + 2 * n
+        flops = 7 * n * state // 4 + 4 * n
+    else:
+        temp = (3 if stacked else 2) * n + n // 5
+        flops = 2 * n * state + 20 * n
+    return {"flops": flops, "backward_flops": flops, "temp_numel": temp,
+            "saved_numel": n, "backward_numel": (4 if stacked else 2) * n, "kept_numel": 2 * n,
+            "choose_numel": 2 * vectors, "choose_flops": 2 * vectors}
+
+
+@dataclass(frozen=True)
+class _Memory:
+    """Predicted working memory of one step, in elements (see :class:`~plated.plan.ir.Step`)."""
+
+    temp: int
+    saved: int = 0
+    backward: int = 0
+
+    @property
+    def peak(self) -> int:
+        """The larger of its forward and backward working memory."""
+        return max(self.temp, self.backward)
+
+#: The letters :func:`torch.einsum` accepts. Each pairwise step names only its own operands'
+#: dims, so a plan may have any number of dims; a step whose operands span more than these is
+#: split (see :meth:`Emitter.pair`).
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -88,7 +129,7 @@ class Emitter:
         if len(ins) == 2:
             return self.pair(ins[0], ins[1], out_dims, note)
         chain = find_chain(self.slots, ins, elim, out_dims, self.analysis)
-        if chain is not None:
+        if chain is not None and self._chain_fits(chain):
             return self.chain(ins, chain, note)
         symbols = {d: opt_einsum.get_symbol(k) for k, d in enumerate(self.canon(all_dims))}
         equation = (",".join("".join(symbols[d] for d in self.slots[i].dims) for i in ins) + "->"
@@ -120,36 +161,126 @@ class Emitter:
         (result,) = live
         return result
 
+    def _chain_fits(self, layout: ChainLayout) -> bool:
+        """Whether a chain's scan fits the memory cap, forward and backward (under a cap a chain
+        that does not fit is contracted pairwise instead, by steps that can be sliced)."""
+        cap = self.structure.memory_cap
+        if cap is None:
+            return True
+        cost = scan_cost(self.structure.ring, math.prod(layout.batch_shape),
+                         len(layout.vars) - 1, layout.size, stacked=True)
+        need = max(cost["temp_numel"], cost["saved_numel"] + cost["backward_numel"],
+                   cost["kept_numel"] + cost["choose_numel"])
+        return need * self.structure.itemsize * CAP_MARGIN <= cap
+
     def chain(self, ins: Sequence[int], layout: ChainLayout, note: str) -> int:
         """Emit the scan that eliminates the chain ``layout`` found among ``ins``."""
         batch = math.prod(layout.batch_shape)
-        steps = len(layout.vars) - 1
-        state = layout.size
-        # the log ring keeps two (K, K) matrices per product in the tree; the max ring
-        # materialises the (K, K, K) broadcast of each product
-        temp = (2 * batch * steps * state * state if self.structure.ring == "log"
-                else batch * steps * state ** 3)
         out = self.new_slot(layout.batch_dims)
         return self.emit(ChainStep(
-            ins=tuple(ins), out=out, flops=2 * batch * steps * state ** 3, temp_numel=temp,
-            note=f"{note}: chain of {len(layout.vars)} variables by parallel scan",
-            layout=layout))
+            ins=tuple(ins), out=out, note=f"{note}: chain of {len(layout.vars)} variables by "
+            "parallel scan", layout=layout,
+            **scan_cost(self.structure.ring, batch, len(layout.vars) - 1, layout.size,
+                        stacked=True)))
 
     def reduce(self, slot: int, out_dims: tuple[str, ...], note: str) -> int:
-        """Emit the elimination of every dim of ``slot`` not in ``out_dims``."""
+        """Emit the elimination of every dim of ``slot`` not in ``out_dims``.
+
+        Under a memory cap a reduction that does not fit is sliced along a kept dim; one that
+        keeps no dim it could slice first eliminates all but one of its variables (a reduction
+        that keeps that one, which it can slice), then that one.
+        """
         src = self.slots[slot]
         positions = tuple(k for k, d in enumerate(src.dims) if d not in out_dims)
+        elim = tuple(src.dims[k] for k in positions)
+        out_numel = math.prod([self.analysis.sizes[d] for d in out_dims])
+
+        def memory(chunks: int, recompute: bool, dim: str | None) -> _Memory:
+            x, o = -(-src.numel // chunks), -(-out_numel // chunks)
+            if self.structure.ring == "max":  # amax allocates its result only
+                return _Memory(temp=o)
+            # the shifted exponentials (in place), their sum and its log; autograd saves the
+            # exponentials and the sum, and their product with the output's gradient is the
+            # input's gradient
+            if recompute:  # saves nothing; its gradient recomputes one slice at a time
+                return _Memory(temp=x + 3 * o, backward=3 * x + 3 * o)
+            return _Memory(temp=x + 3 * o, saved=x + o, backward=2 * o)
+
+        fit = self._fit(out_dims, memory)
+        if fit is None:  # no kept dim to slice: keep the largest variable for a second step
+            keep = max(elim, key=lambda d: self.analysis.sizes[d])
+            if len(elim) > 1 and (out_numel * self.analysis.sizes[keep] * self.structure.itemsize
+                                  * CAP_MARGIN < self._cap()):
+                first = self.reduce(slot, self.canon(set(out_dims) | {keep}), note)
+                return self.reduce(first, out_dims, note)
+            need = memory(1, True, None)
+            how = (f"even cut into as many slices as its kept dims {out_dims} allow" if out_dims
+                   else "with no kept dim to slice")
+            raise MemoryCapError(
+                f"step '{note}' sums {list(elim)} out of a factor over {src.dims} and needs "
+                f"{fmt_bytes((out_numel + need.peak) * self.structure.itemsize)} of working "
+                f"memory, over the memory cap of {fmt_bytes(self._cap())} {how}; raise "
+                "memory_cap"
+            )
+        slice_dim, chunks, recompute = fit
+        m = memory(chunks, recompute, None if slice_dim is None else out_dims[slice_dim])
         out = self.new_slot(out_dims)
+        x = src.numel
+        flops, backward_flops = ((x, 2 * x) if self.structure.ring == "max"
+                                 else (4 * x + 3 * out_numel, 3 * x))
+        if recompute:
+            backward_flops += flops
         return self.emit(ReduceStep(
-            ins=(slot,), out=out, note=note, flops=2 * src.numel, temp_numel=2 * src.numel,
-            dims=positions, elim=tuple(src.dims[k] for k in positions)))
+            ins=(slot,), out=out, note=note, flops=flops, backward_flops=backward_flops,
+            temp_numel=m.temp, saved_numel=m.saved, backward_numel=m.backward,
+            **self._choice((slot,), out_dims), dims=positions, elim=elim,
+            slice_dim=slice_dim, slice_chunks=chunks, recompute=recompute))
 
     def pair(self, a: int, b: int, out_dims: tuple[str, ...], note: str) -> int:
-        """Emit ``a (x) b`` summed down to ``out_dims`` (sliced under the memory cap)."""
+        """Emit ``a (x) b`` summed down to ``out_dims`` (sliced under the memory cap).
+
+        :func:`torch.einsum` names dims by 52 letters, so when the two operands span more dims
+        than that, the step is split: first each operand's private eliminated dims are summed
+        out alone (exact: they meet no other factor here); if the rest still spans too many,
+        the two are combined by a broadcast product over their union (which needs no einsum)
+        and the shared eliminated dims are summed out of it.
+
+        Under a memory cap the private eliminated dims are summed out first too, each in its
+        own reduction, so that every step can be sliced (an operand that lacks the sliced dim
+        would otherwise be read whole by every slice).
+        """
+        union = self.canon(set(self.slots[a].dims) | set(self.slots[b].dims))
+        if len(union) > len(_LETTERS) or self.structure.memory_cap is not None:
+            return self._wide_pair(a, b, out_dims, note)
+        return self._pair(a, b, out_dims, note)
+
+    def _wide_pair(self, a: int, b: int, out_dims: tuple[str, ...], note: str) -> int:
+        """:meth:`pair` with each operand's private eliminated dims summed out first (operands
+        that span more dims than :func:`torch.einsum` has letters, or under a memory cap)."""
+        dims_a, dims_b = set(self.slots[a].dims), set(self.slots[b].dims)
+        keep = set(out_dims)
+        if (dims_a - dims_b) - keep:
+            a = self.reduce(a, self.canon(dims_a & (dims_b | keep)), note)
+        if (dims_b - dims_a) - keep:
+            b = self.reduce(b, self.canon(dims_b & (dims_a | keep)), note)
+        union = self.canon(set(self.slots[a].dims) | set(self.slots[b].dims))
+        if len(union) <= len(_LETTERS):
+            return self._pair(a, b, out_dims, note)
+        joint = self._pair(a, b, union, f"{note} (over {len(union)} dims: broadcast, then sum)")
+        return self.reduce(joint, out_dims, note) if union != out_dims else joint
+
+    def _pair(self, a: int, b: int, out_dims: tuple[str, ...], note: str) -> int:
+        """Emit one :class:`~plated.plan.ir.PairStep`: ``a (x) b`` summed down to ``out_dims``.
+
+        Its einsum equation names the union of the operands' dims; with more than 52 of them
+        nothing is eliminated (:meth:`pair` sees to it), so the rings compute a broadcast sum
+        and never run that equation, whose letters then go on past the 52 of ``torch.einsum``.
+        """
         slot_a, slot_b = self.slots[a], self.slots[b]
         sizes = self.analysis.sizes
         union = self.canon(set(slot_a.dims) | set(slot_b.dims))
-        letters = {d: _LETTERS[k] for k, d in enumerate(union)}
+        letters = {d: _LETTERS[k] if k < len(_LETTERS) else opt_einsum.get_symbol(k)
+                   for k, d in enumerate(union)}
         equation = ("".join(letters[d] for d in slot_a.dims) + ","
                     + "".join(letters[d] for d in slot_b.dims) + "->"
                     + "".join(letters[d] for d in out_dims))
@@ -164,52 +295,167 @@ class Emitter:
         layout = PairLayout(equation, reduced(slot_a), reduced(slot_b), along(slot_a, out_dims),
                             along(slot_b, out_dims), along(slot_a, union), along(slot_b, union),
                             tuple(k for k, d in enumerate(union) if d not in out_dims))
+        union_numel = math.prod([sizes[d] for d in union])
+        out_numel = math.prod([sizes[d] for d in out_dims])
+        own_a = [d for d in elim if d not in slot_b.dims]
+        own_b = [d for d in elim if d not in slot_a.dims]
+
+        # what torch.einsum multiplies once each operand's private dims are summed out
+        contracted = union_numel // math.prod([sizes[d] for d in own_a + own_b])
+        matmul = any(d in slot_a.dims and d in slot_b.dims for d in elim) and bool(out_dims)
+
+        def memory(chunks: int, recompute: bool, dim: str | None) -> _Memory:
+            def part(numel: int, dims: Iterable[str]) -> int:
+                return -(-numel // chunks) if dim is not None and dim in dims else numel
+
+            a_s, b_s = part(slot_a.numel, slot_a.dims), part(slot_b.numel, slot_b.dims)
+            o_s = -(-out_numel // chunks)
+            if not elim:  # a broadcast sum: only its output
+                return _Memory(temp=0)
+            if self.structure.ring == "max":  # private dims first, then the joint of the rest
+                return _Memory(temp=(part(slot_a.numel // math.prod([sizes[d] for d in own_a]),
+                                          slot_a.dims)
+                                     + part(slot_b.numel // math.prod([sizes[d] for d in own_b]),
+                                            slot_b.dims)
+                                     + part(contracted, out_dims) + o_s))
+            # the shifted exponentials of both operands (in place), the einsum's result, its
+            # log and the shifts added (in place); autograd saves the exponentials and the
+            # einsum's result; the gradient of a contraction over shared dims is one more
+            # operand-sized product before it meets the exponentials
+            temp = a_s + b_s + 3 * o_s
+            extra = max(a_s, b_s) if matmul else 0
+            if not recompute:
+                return _Memory(temp=temp, saved=a_s + b_s + o_s, backward=extra + 2 * o_s)
+            # its gradient recomputes a slice, then runs its backward; an operand that every
+            # slice reads whole gets a whole-sized gradient per slice
+            whole = (slot_a.numel if a_s == slot_a.numel and chunks > 1 else 0) + \
+                (slot_b.numel if b_s == slot_b.numel and chunks > 1 else 0)
+            return _Memory(temp=temp, backward=3 * (a_s + b_s) + extra + 4 * o_s + whole)
+
+        fit = self._fit(out_dims, memory)
+        if fit is None and elim:
+            # keep one eliminated variable (shared, if any: the contraction's own dim) so that
+            # the step can be sliced along it, and sum it out after, if its result fits
+            keep = max([d for d in elim if d in slot_a.dims and d in slot_b.dims] or elim,
+                       key=lambda d: sizes[d])
+            if out_numel * sizes[keep] * self.structure.itemsize * CAP_MARGIN < self._cap():
+                first = self._pair(a, b, self.canon(set(out_dims) | {keep}), note)
+                return self.reduce(first, out_dims, note)
+        if fit is None:
+            need = memory(1, False, None)
+            raise MemoryCapError(
+                f"step '{note}' contracting {slot_a.dims} with {slot_b.dims} needs "
+                f"{fmt_bytes((out_numel + need.temp) * self.structure.itemsize)} of working "
+                f"memory, over the memory cap of {fmt_bytes(self._cap())}, and no kept dim of "
+                f"{out_dims} can be split into enough slices; raise memory_cap"
+            )
+        slice_dim, chunks, recompute = fit
+        m = memory(chunks, recompute, None if slice_dim is None else out_dims[slice_dim])
         out = self.new_slot(out_dims)
-        union_numel = math.prod(sizes[d] for d in union)
-        if self.structure.ring == "max" or not elim:
-            temp = union_numel  # the broadcast sum is materialised
+        # an operand without the sliced dim is read whole by every slice
+        sliced = None if slice_dim is None else out_dims[slice_dim]
+        numel_a = slot_a.numel * (1 if sliced is None or sliced in slot_a.dims else chunks)
+        numel_b = slot_b.numel * (1 if sliced is None or sliced in slot_b.dims else chunks)
+        private = (numel_a if own_a else 0) + (numel_b if own_b else 0)
+        if not elim:
+            flops, backward_flops = out_numel, 2 * out_numel
+        elif self.structure.ring == "max":
+            flops = private + 2 * contracted
+            backward_flops = 2 * (numel_a + numel_b)
         else:
-            temp = slot_a.numel + slot_b.numel + self.slots[out].numel  # shifted exps
-        slice_dim, chunks = self._slicing(a, b, out, temp, note)
+            flops = 3 * (numel_a + numel_b) + private + 2 * contracted + 4 * out_numel
+            backward_flops = max(numel_a + numel_b + (4 * contracted if matmul else 0)
+                                 + out_numel, 3 * (numel_a + numel_b))
+        if recompute:
+            backward_flops += flops
         return self.emit(PairStep(
-            ins=(a, b), out=out, note=note, flops=2 * union_numel,
-            temp_numel=math.ceil(temp / chunks) if slice_dim is not None else temp,
-            layout=layout, elim=elim, slice_dim=slice_dim, slice_chunks=chunks))
+            ins=(a, b), out=out, note=note, flops=flops, backward_flops=backward_flops,
+            temp_numel=m.temp, saved_numel=m.saved, backward_numel=m.backward,
+            **self._choice((a, b), out_dims),
+            layout=layout, elim=elim, slice_dim=slice_dim, slice_chunks=chunks,
+            recompute=recompute))
 
-    def _slicing(self, a: int, b: int, out: int, temp: int, note: str
-                 ) -> tuple[int | None, int]:
-        """The slicing of a pairwise step with ``temp`` elements of working memory: ``(None, 1)``
-        when it fits the memory cap, else the output dim to slice and the number of slices.
+    def _cap(self) -> int:
+        """The memory cap (only called under one)."""
+        cap = self.structure.memory_cap
+        assert cap is not None
+        return cap
 
-        :raises MemoryCapError: when the output alone exceeds the cap, or no kept dim can be cut
-            into enough slices.
+    def _choice(self, ins: Sequence[int], out_dims: tuple[str, ...]) -> dict[str, int]:
+        """The cost of a step's backward choice (see :class:`~plated.plan.ir.Step`): each input
+        gathered at the values chosen for ``out_dims`` (one copy per sample where it has such a
+        variable), then, one input at a time, its private dims summed out or its index drawn
+        (log ring: through exponentials, or weights and their cumulative sum, or Gumbel noise;
+        max ring: an argmax)."""
+        chosen = {d for d in out_dims if d not in self.analysis.plates}
+        per = 1 if self.structure.ring == "max" else 3
+        per_sample = fixed = flops = flops_fixed = 0
+        for i in ins:
+            slot = self.slots[i]
+            gathered = math.prod([n for d, n in zip(slot.dims, slot.shape, strict=True)
+                                  if d not in chosen])
+            work = (2 if self.structure.ring == "max" else 5) * gathered
+            if chosen & set(slot.dims):
+                per_sample = max(per_sample, per * gathered)
+                flops += work
+            else:
+                fixed = max(fixed, per * gathered)
+                flops_fixed += work
+        return {"choose_numel": per_sample, "choose_fixed": fixed, "choose_flops": flops,
+                "choose_flops_fixed": flops_fixed}
+
+    def _fit(self, out_dims: tuple[str, ...],
+             memory: Callable[[int, bool, str | None], _Memory]
+             ) -> tuple[int | None, int, bool] | None:
+        """How a step fits the memory cap: ``(slice_dim, chunks, recompute)``, or ``None``
+        when no slicing of a kept dim fits its forward pass.
+
+        Without a cap: unsliced, its temporaries saved for the gradient. Under one: the
+        gradient recomputes the step (log ring), and the step is cut into the fewest slices
+        along its largest kept dim whose forward pass fits; more, if that lets the gradient
+        fit too (otherwise a gradient query refuses it, see :mod:`plated.plan.cost`).
         """
         cap = self.structure.memory_cap
         if cap is None:
-            return None, 1
+            return None, 1, False
         item = self.structure.itemsize
-        result = self.slots[out]
-        need = (temp + result.numel) * item
-        if need <= cap:
-            return None, 1
-        available = cap - result.numel * item
-        if available <= 0:
-            raise MemoryCapError(
-                f"step '{note}' produces a result over dims {result.dims} of "
-                f"{fmt_bytes(result.numel * item)}, over the memory cap of {fmt_bytes(cap)}; "
-                "raise memory_cap"
-            )
-        chunks = math.ceil(temp * item / available)
-        fits = [k for k, n in enumerate(result.shape) if n >= chunks]
-        if not fits:
-            raise MemoryCapError(
-                f"step '{note}' contracting {self.slots[a].dims} with {self.slots[b].dims} needs "
-                f"{fmt_bytes(need)} of working memory, over the cap of {fmt_bytes(cap)}, and no "
-                f"kept dim of {result.dims} can be split into {chunks} slices; raise memory_cap"
-            )
-        best = max(fits, key=lambda k: result.shape[k])
-        per_slice = math.ceil(result.shape[best] / chunks)
-        return best, math.ceil(result.shape[best] / per_slice)
+        recompute = self.structure.ring == "log"
+        out_numel = math.prod([self.analysis.sizes[d] for d in out_dims])
+
+        def call(chunks: int, dim: str | None) -> _Memory:
+            return memory(chunks, recompute, dim)
+
+        def fits(m: _Memory, grad: bool) -> bool:
+            need = out_numel + (max(m.temp, m.backward) if grad else m.temp)
+            return need * item * CAP_MARGIN <= cap
+
+        whole = call(1, None)
+        if fits(whole, grad=True):
+            return None, 1, recompute
+        if not out_dims:
+            return (None, 1, recompute) if fits(whole, grad=False) else None
+        dim = max(out_dims, key=lambda d: self.analysis.sizes[d])
+        size = self.analysis.sizes[dim]
+
+        def least(grad: bool) -> int | None:
+            # the fewest slices that fit (the need falls as the slices grow in number)
+            if not fits(call(size, dim), grad):
+                return None
+            lo, hi = 1, size
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if fits(call(mid, dim), grad):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return lo
+
+        chunks = least(grad=True) or least(grad=False)
+        if chunks is None:
+            return (None, 1, recompute) if fits(whole, grad=False) else None
+        per = -(-size // chunks)
+        chunks = -(-size // per)
+        return out_dims.index(dim), chunks, recompute
 
     def product(self, slot: int, plates: frozenset[str], note: str) -> int:
         """Emit the product over ``plates`` of ``slot`` (nothing when ``plates`` is empty)."""
@@ -219,12 +465,15 @@ class Emitter:
         positions = tuple(k for k, d in enumerate(src.dims) if d in plates)
         out = self.new_slot([d for d in src.dims if d not in plates])
         return self.emit(PlateProduct(ins=(slot,), out=out, note=note, flops=src.numel,
-                                      temp_numel=0, dims=positions))
+                                      backward_flops=src.numel, temp_numel=0, dims=positions))
 
     def normalize(self, term: int, total: int, kept: set[str], note: str) -> int:
         """Emit ``term`` divided by its ``total`` over the variables ``kept``."""
         src = self.slots[term]
         positions = tuple(k for k, d in enumerate(src.dims) if d in kept)
         out = self.new_slot(src.dims)
-        return self.emit(NormalizeStep(ins=(term, total), out=out, note=note, flops=src.numel,
-                                       temp_numel=0, dims=positions))
+        total_numel = self.slots[total].numel
+        return self.emit(NormalizeStep(ins=(term, total), out=out, note=note,
+                                       flops=src.numel + 3 * total_numel,
+                                       backward_flops=2 * src.numel, temp_numel=3 * total_numel,
+                                       backward_numel=src.numel, dims=positions))

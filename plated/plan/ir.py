@@ -194,8 +194,24 @@ class Step:
     :ivar ins: the slots it reads.
     :ivar out: the slot it writes.
     :ivar note: what the step is for, as the cost report prints it.
-    :ivar flops: predicted floating-point operations of the forward step.
-    :ivar temp_numel: predicted elements of working memory beyond its inputs and output.
+    :ivar flops: predicted floating-point operations of the forward step, counted as the step
+        runs them: a matrix product as its multiply-adds, an elementwise operation or a
+        reduction as one per element.
+    :ivar backward_flops: predicted floating-point operations of its gradient.
+    :ivar temp_numel: predicted elements of working memory beyond its inputs and output, in the
+        forward pass.
+    :ivar saved_numel: predicted elements that autograd keeps from the forward pass for the
+        backward pass (temporaries of the step, not its inputs or output).
+    :ivar backward_numel: predicted elements of working memory of the step's gradient, beyond
+        what it saved and the gradients of its inputs and output.
+    :ivar choose_numel: predicted elements of working memory of the step's backward choice (MAP
+        or sampling) for its inputs over variables chosen before it, per sample drawn in
+        parallel (one sample for a step whose choice every sample shares).
+    :ivar choose_fixed: the same for its other inputs, which every sample shares.
+    :ivar choose_flops: predicted floating-point operations of its backward choice, per sample
+        drawn in parallel (and ``choose_flops_fixed``, shared by all samples).
+    :ivar kept_numel: predicted elements the step keeps for a backward choice beyond its output
+        (a scan's levels).
     """
 
     ins: tuple[int, ...]
@@ -203,21 +219,17 @@ class Step:
     note: str
     flops: int
     temp_numel: int
+    backward_flops: int = 0
+    saved_numel: int = 0
+    backward_numel: int = 0
+    choose_numel: int = 0
+    choose_fixed: int = 0
+    choose_flops: int = 0
+    choose_flops_fixed: int = 0
+    kept_numel: int = 0
 
     #: the printed name of the step kind (cost report)
     label = "step"
-    #: whether the step's temporaries stay alive when every intermediate is kept (autograd saves
-    #: them for the backward pass)
-    saves_temp = False
-
-    @property
-    def backward_flops(self) -> int:
-        """Predicted FLOPs of the step's backward pass (gradient, or MAP / sampling choice).
-
-        A reduction's gradient touches every input element once more; a contraction's is two
-        contractions of the same size, one per operand.
-        """
-        return self.flops
 
     def eliminated(self) -> tuple[str, ...]:
         """The variables the step sums (or maxes) out; chosen again by the backward pass."""
@@ -232,25 +244,21 @@ class Step:
 
 @dataclass(frozen=True, kw_only=True)
 class _Contraction(Step):
-    """A step that multiplies its inputs and eliminates variables: autograd saves its
-    temporaries, and its backward pass is two contractions of its size (one per operand)."""
-
-    saves_temp = True
-
-    @property
-    def backward_flops(self) -> int:
-        return 2 * self.flops
+    """A step that multiplies its inputs and eliminates variables."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class PairStep(_Contraction):
     """``out = a (x) b`` with ``elim`` summed out, as one einsum; under a memory cap it may run
-    in ``slice_chunks`` slices along output dim ``slice_dim``."""
+    in ``slice_chunks`` slices along output dim ``slice_dim``, and with ``recompute`` its
+    gradient recomputes the step slice by slice instead of saving its temporaries
+    (:mod:`plated.sliced`)."""
 
     layout: PairLayout
     elim: tuple[str, ...]
     slice_dim: int | None = None
     slice_chunks: int = 1
+    recompute: bool = False
 
     label = "pair"
 
@@ -267,16 +275,27 @@ class PairStep(_Contraction):
 
 @dataclass(frozen=True, kw_only=True)
 class ReduceStep(Step):
-    """``out = (+)_{elim} x``: eliminate the variables at positions ``dims`` of one slot."""
+    """``out = (+)_{elim} x``: eliminate the variables at positions ``dims`` of one slot; under a
+    memory cap it may run in ``slice_chunks`` slices along output dim ``slice_dim``, recomputed
+    by its gradient (``recompute``) as a :class:`PairStep` is."""
 
     dims: tuple[int, ...]
     elim: tuple[str, ...]
+    slice_dim: int | None = None
+    slice_chunks: int = 1
+    recompute: bool = False
 
     label = "unary"
-    saves_temp = True
 
     def eliminated(self) -> tuple[str, ...]:
         return self.elim
+
+    def describe(self, slots: Sequence[Slot]) -> str:
+        line = super().describe(slots)
+        if self.slice_dim is None:
+            return line
+        return (f"{line} [sliced {self.slice_chunks}x along "
+                f"{slots[self.out].dims[self.slice_dim]!r}]")
 
 
 @dataclass(frozen=True, kw_only=True)
