@@ -18,9 +18,11 @@ with its gradient. :class:`AlignedOutputLayer` never builds it:
   chunk's working set (its logits and the few same-sized temporaries of the fused log-softmax
   and target pick and their backward, counted as :data:`WORK_FACTOR` copies) stays under
   ``max_bytes``;
-* each chunk runs under :func:`torch.utils.checkpoint.checkpoint`, so the backward pass recomputes
-  a chunk's logits instead of keeping them: nothing of size ``V`` per pair survives the forward
-  pass, and the backward pass handles one chunk at a time as well. When the whole step fits
+* with a gradient, the chunks run in one autograd function whose backward pass recomputes a
+  chunk's logits instead of keeping them and writes that chunk's gradients into one preallocated
+  buffer per input (pre-activations, values, :math:`W_o`, :math:`b_o`): nothing of size ``V``
+  per pair survives the forward pass, the backward pass handles one chunk at a time as well, and
+  no chunk makes its own copy of a parameter's gradient. When the whole step fits
   under the cap with its logits kept (:data:`KEEP_FACTOR` copies of the ``(pairs, V)`` logits),
   it runs as one chunk and nothing is recomputed.
 
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["DEFAULT_MAX_BYTES", "KEEP_FACTOR", "WORK_FACTOR", "AlignedOutputLayer"]
 
@@ -100,16 +101,7 @@ class AlignedOutputLayer(nn.Module):
     def _chunk(self, start: int, n: int, hid: Tensor, val: Tensor, target: Tensor, s: int, t: int,
                heads: int, gathered: bool) -> Tensor:
         """log p(y | pair) for flat pairs ``start .. start + n`` of ``(B, H, T, S)``."""
-        i = torch.arange(start, start + n, device=hid.device)
-        b_h_t = torch.div(i, s, rounding_mode="floor")  # (b * H + h) * T + t
-        t_idx = b_h_t % t
-        b_idx = torch.div(b_h_t, t * heads, rounding_mode="floor")
-        row = b_idx * t + t_idx  # into (B * T)
-        if gathered:
-            vrow = i
-        else:
-            bh = torch.div(b_h_t, t, rounding_mode="floor")
-            vrow = bh * s + i % s  # into (B * H * S)
+        row, vrow = _pair_rows(start, n, s, t, heads, gathered, hid.device)
         logits = self.out(torch.tanh(hid[row] + val[vrow]))  # (n, V)
         # fused log-softmax and pick, with a fused backward: fewer (n, V) temporaries than
         # picking and subtracting a logsumexp
@@ -169,16 +161,14 @@ class AlignedOutputLayer(nn.Module):
         use_ckpt = total > rows and torch.is_grad_enabled() and (
             hid.requires_grad or val.requires_grad
             or any(p.requires_grad for p in self.out.parameters()))
-        pieces = []
-        for start in range(0, total, rows):
-            n = min(rows, total - start)
-            if use_ckpt:
-                piece = checkpoint(self._chunk, start, n, hid, val, flat_y, s, t, heads, gathered,
-                                   use_reentrant=False)
-            else:
-                piece = self._chunk(start, n, hid, val, flat_y, s, t, heads, gathered)
-            pieces.append(piece)
-        out = (torch.cat(pieces) if pieces else hid.new_zeros(0)).view(b, heads, t, s)
+        if use_ckpt:  # chunk by chunk, forward and backward, into preallocated buffers
+            flat = _ChunkedLogLik.apply(self, (rows, s, t, heads, gathered), hid, val,
+                                        self.out.weight, self.out.bias, flat_y)
+        else:
+            pieces = [self._chunk(start, min(rows, total - start), hid, val, flat_y, s, t, heads,
+                                  gathered) for start in range(0, total, rows)]
+            flat = torch.cat(pieces) if pieces else hid.new_zeros(0)
+        out = flat.view(b, heads, t, s)
         if not has_heads:
             out = out.squeeze(1)
         return out.squeeze(-2) if step else out
@@ -254,3 +244,91 @@ class AlignedOutputLayer(nn.Module):
         res = torch.cat(outs).view(b, t, self.vocab_size)
         return res.squeeze(1) if step else res
 
+
+def _pair_rows(start: int, n: int, s: int, t: int, heads: int, gathered: bool,
+               device: torch.device) -> tuple[Tensor, Tensor]:
+    """For flat pairs ``start .. start + n`` of ``(B, H, T, S)``: their rows into the
+    ``(B * T, P)`` hidden pre-activations and into the values' ``(B * H * S, P)`` (or, gathered,
+    ``(B * H * T * K, P)``)."""
+    i = torch.arange(start, start + n, device=device)
+    b_h_t = torch.div(i, s, rounding_mode="floor")  # (b * H + h) * T + t
+    t_idx = b_h_t % t
+    b_idx = torch.div(b_h_t, t * heads, rounding_mode="floor")
+    row = b_idx * t + t_idx  # into (B * T)
+    if gathered:
+        return row, i
+    bh = torch.div(b_h_t, t, rounding_mode="floor")
+    return row, bh * s + i % s  # into (B * H * S)
+
+
+class _ChunkedLogLik(torch.autograd.Function):
+    r""":meth:`AlignedOutputLayer.log_lik` over many chunks, with a backward pass that stays in
+    the cap: it recomputes one chunk's logits at a time and writes that chunk's gradients into one
+    preallocated buffer per input (the pre-activations, the values, :math:`W_o`, :math:`b_o`),
+    so no per-chunk copy of a parameter's gradient is ever made. With
+    :math:`\tilde h = \tanh(\cdot)`, logits :math:`\ell = W_o \tilde h + b_o` and the
+    gradient :math:`g` of :math:`\log p(y)`, the logits' gradient is
+    :math:`g\,(e_y - \mathrm{softmax}(\ell))`, computed in place on the logits. A second
+    derivative differentiates the chunks through autograd instead, outside the cap.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, layer: AlignedOutputLayer,
+                shape: tuple[int, int, int, int, bool], hid: Tensor, val: Tensor, weight: Tensor,
+                bias: Tensor, target: Tensor) -> Tensor:
+        rows, s, t, heads, gathered = shape
+        total = hid.shape[0] * heads * s  # (B * T) * H * (S or K) pairs
+        ctx.layer, ctx.shape = layer, shape  # type: ignore[attr-defined]
+        ctx.save_for_backward(hid, val, weight, bias, target)
+        out = hid.new_empty(total)
+        for start in range(0, total, rows):  # chunks of (query, position) pairs, under the cap
+            n = min(rows, total - start)
+            out[start:start + n] = layer._chunk(start, n, hid, val, target, s, t, heads,
+                                                gathered)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: Tensor
+                 ) -> tuple[Tensor | None, ...]:
+        (g,) = grads
+        layer: AlignedOutputLayer = ctx.layer  # type: ignore[attr-defined]
+        rows, s, t, heads, gathered = ctx.shape  # type: ignore[attr-defined]
+        hid, val, weight, bias, target = ctx.saved_tensors  # type: ignore[attr-defined]
+        want = ctx.needs_input_grad  # type: ignore[attr-defined]
+        total = g.shape[0]
+        if torch.is_grad_enabled():  # a second derivative: the chunks through autograd
+            with torch.enable_grad():
+                flat = torch.cat([layer._chunk(start, min(rows, total - start), hid, val, target,
+                                               s, t, heads, gathered)
+                                  for start in range(0, total, rows)])
+                inputs = [x for x, w in zip((hid, val, weight, bias), want[2:6], strict=True)
+                          if w]
+                got = iter(torch.autograd.grad(flat, inputs, g, create_graph=True))
+            return (None, None, *(next(got) if w else None for w in want[2:6]), None)
+        d_hid = torch.zeros_like(hid) if want[2] else None
+        d_val = torch.zeros_like(val) if want[3] else None
+        d_weight = torch.zeros_like(weight) if want[4] else None
+        d_bias = torch.zeros_like(bias) if want[5] else None
+        for start in range(0, total, rows):  # one chunk's logits at a time, under the cap
+            n = min(rows, total - start)
+            row, vrow = _pair_rows(start, n, s, t, heads, gathered, hid.device)
+            th = torch.tanh(hid[row] + val[vrow])  # (n, P)
+            logits = torch.addmm(bias, th, weight.t())  # (n, V)
+            # d log p(y) / d logits = g (e_y - softmax), in place on the logits
+            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+            logits.div_(logits.sum(dim=-1, keepdim=True))
+            g_n = g[start:start + n]
+            logits.mul_(-g_n.unsqueeze(-1))
+            logits[torch.arange(n, device=g.device), target[row]] += g_n
+            if d_weight is not None:
+                d_weight.addmm_(logits.t(), th)
+            if d_bias is not None:
+                d_bias.add_(logits.sum(dim=0))
+            if d_hid is not None or d_val is not None:
+                d_pre = (logits @ weight).mul_(1 - th * th)  # through tanh
+                if d_hid is not None:
+                    d_hid.index_add_(0, row, d_pre)
+                if d_val is not None:
+                    d_val.index_add_(0, vrow, d_pre)
+            del logits, th
+        return None, None, d_hid, d_val, d_weight, d_bias, None

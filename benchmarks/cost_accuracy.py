@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from plated import Factor, Plate, PlatedFactorGraph  # noqa: E402
+from plated.plan import check_query_memory  # noqa: E402
 from plated.testing import peak_allocated  # noqa: E402
 
 README = REPO / "benchmarks" / "README.md"
@@ -193,7 +194,9 @@ def predicted(graph: PlatedFactorGraph, query: str) -> tuple[int, int]:
     """Predicted working memory (bytes) and FLOPs of ``query``."""
     ring = "max" if query == "map" else "log"
     # log Z (and its gradient) keeps the graph's keep_vars; the other queries eliminate all
-    cost = graph.plan(ring, keep_vars=query in ("log_partition", "gradient")).cost
+    plan = graph.plan(ring, keep_vars=query in ("log_partition", "gradient"))
+    check_query_memory(plan, query, SAMPLES if query == "sample" else 1)  # refused here
+    cost = plan.cost
     if query in ("log_partition", "gradient"):
         flops = cost.flops + (cost.backward_flops if query == "gradient" else 0)
         return cost.working_bytes[query], flops

@@ -13,7 +13,9 @@ The cases come from the other scripts, built the same way in both checkouts:
 * ``contract.py``'s battery (log Z + gradient of ``plated.einsum``), an unrolled HMM einsum and a
   sequential-plate graph (case (b), smaller);
 * ``pyro_hmm.py``'s ``TVE_ELBO`` training step on JSB chorales (the vectorised model);
-* ``attention.py``'s training steps (marginal, variational-enum, K-max, Markov).
+* ``attention.py``'s training steps (marginal, variational-enum, K-max, Markov);
+* MAP, 8 samples and marginals of a sequential-plate HMM graph and of a plated mixture
+  (``query:*``, built here from the public graph API).
 
 Run: ``PYTHONPATH=. python benchmarks/revisions.py --base /tmp/base [--write-readme]``.
 """
@@ -104,6 +106,36 @@ def _attention(variant: str) -> Fn:
     return step
 
 
+def _query(spec: str) -> Fn:
+    """A MAP, sampling or marginals query on a sequential-plate HMM graph or a plated mixture
+    (public :class:`~plated.PlatedFactorGraph` API, the same in both checkouts)."""
+    import torch
+
+    from plated import Factor, Plate, PlatedFactorGraph
+
+    graph_name, _, query = spec.partition("-")
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    if graph_name == "hmm":  # 64 sequences x 64 steps x 16 states, float32
+        n, t, k = 64, 64, 16
+        g = PlatedFactorGraph(
+            [Factor(rnd(n, k), ("n", "x_prev")),
+             Factor(rnd(n, t, k, k), ("n", "t", "x_prev", "x"))],
+            [Plate("n", n), Plate("t", t, sequential=True, prev={"x": "x_prev"})])
+    else:  # a global 8-state latent, 2000 local 16-state latents
+        n, k, j = 2000, 8, 16
+        g = PlatedFactorGraph([Factor(rnd(k), ("g",)), Factor(rnd(n, k, j), ("n", "g", "l"))],
+                              [Plate("n", n)])
+    if query == "map":
+        return g.map
+    if query == "marginals":
+        return g.marginals
+    return lambda: g.sample(8)
+
+
 def build(case: str) -> Fn:
     """The function one call of ``case`` times (see :data:`CASES`)."""
     kind, _, arg = case.partition(":")
@@ -115,6 +147,8 @@ def build(case: str) -> Fn:
         return _pyro_hmm()
     if kind == "attention":
         return _attention(arg)
+    if kind == "query":
+        return _query(arg)
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -149,7 +183,8 @@ def worker() -> None:
 
 
 CASES = ([f"battery:{k}" for k in range(15)] + ["hmm:einsum", "hmm:graph", "pyro_hmm"]
-         + [f"attention:{v}" for v in ("marginal", "variational-enum", "k-max", "markov")])
+         + [f"attention:{v}" for v in ("marginal", "variational-enum", "k-max", "markov")]
+         + [f"query:{g}-{q}" for g in ("hmm", "mixture") for q in ("map", "sample", "marginals")])
 
 
 class Worker:

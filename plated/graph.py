@@ -206,8 +206,8 @@ class PlatedFactorGraph:
         :return: for each variable, a long tensor shaped by its plates (declaration order).
         """
         check_query_memory(self.plan("max"), "map")
-        plan, vals, saved = self._run(MAX, keep=True)
-        with torch.no_grad():
+        with torch.no_grad():  # indices: nothing to differentiate, nothing for autograd to save
+            plan, vals, saved = self._run(MAX, keep=True)
             picked = run_backward(plan, vals, saved, MAX, 1)
         return {v: x[0] for v, x in picked.items()}
 
@@ -259,13 +259,11 @@ class PlatedFactorGraph:
             check_types(self._tensors, self._labels)
         else:
             _check_types(self._tensors, self._labels)
-        vals, saved = run_plan(plan, self._tensors, LOG, keep=True)
+        with torch.no_grad():  # indices: nothing to differentiate, nothing for autograd to save
+            vals, saved = run_plan(plan, self._tensors, LOG, keep=True)
         self._check_sampleable(plan, vals)
         with torch.no_grad():
-            return run_backward(plan, [None if v is None else v.detach() for v in vals],
-                                {k: ([x.detach() for x in lv], ln,
-                                     None if st is None else st.detach())
-                                 for k, (lv, ln, st) in saved.items()},
+            return run_backward(plan, vals, saved,
                                 LOG if generator is None else LogRing(generator), count)
 
     def _check_sampleable(self, plan: Plan, vals: list[torch.Tensor | None]) -> None:
@@ -332,8 +330,8 @@ class PlatedFactorGraph:
         """
         grads, logz = self._factor_marginals(which)
         alive = logz.detach()
-        return logz, {k: torch.where(self._alive(alive, self.factors[k].dims), g,
-                                     torch.zeros_like(g)) for k, g in grads.items()}
+        return logz, {k: torch.where(self._alive(alive, self.factors[k].dims), g, 0.0)
+                      for k, g in grads.items()}
 
     def _factor_marginals(self, which: Sequence[int] | None
                           ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
@@ -433,7 +431,7 @@ class PlatedFactorGraph:
             kept = [d for d in keep_dims if d == v or d in plate_names]
             order = list(plan.var_plates(v)) + [v]
             g = g.permute([kept.index(d) for d in order])
-            out[v] = torch.where(self._alive(logz, order), g, torch.zeros_like(g))
+            out[v] = torch.where(self._alive(logz, order), g, 0.0)  # one allocation
         return out
 
     def _plate_size(self, name: str) -> int:

@@ -591,19 +591,22 @@ def test_sampled_values_give_the_cheap_reinforce_step(heads: int) -> None:
     torch.testing.assert_close(cheap, full, rtol=1e-12, atol=1e-12)
 
 
-def test_log_lik_recomputes_only_when_chunked() -> None:
-    """Under checkpointing each chunk runs twice (forward, then again in backward); when one
-    chunk holds every pair the logits are kept and it runs once. Values and gradients agree."""
+def test_log_lik_recomputes_only_when_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked, each chunk's logits are computed twice (forward, then again in backward); when
+    one chunk holds every pair the logits are kept and computed once. Values and gradients
+    agree."""
+    import attention.output
+
     bsz, t, s, v_size, d = 2, 3, 4, 50, 5
     layer = AlignedOutputLayer(d, d, v_size)
     calls = {"n": 0}
-    inner = layer._chunk
+    inner = attention.output._pair_rows
 
-    def counted(*args: Any) -> Tensor:
+    def counted(*args: Any) -> tuple[Tensor, Tensor]:
         calls["n"] += 1
         return inner(*args)
 
-    layer._chunk = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(attention.output, "_pair_rows", counted)
     h = torch.randn(bsz, t, d, requires_grad=True)
     vals = torch.randn(bsz, s, d, requires_grad=True)
     y = torch.randint(v_size, (bsz, t))

@@ -253,3 +253,63 @@ def test_memory_cap_holds_in_a_subprocess() -> None:
         cap = RSS_CASES[case][1]
         m = measure(case, query, cap)
         assert verdict(m, cap) in ("ok", "refused"), (case, query, m)
+
+
+# -- the attention output layer ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads, gathered", [(None, False), (2, False), (None, True)])
+def test_output_layer_chunked_gradients_match(heads: int | None, gathered: bool) -> None:
+    """The chunked backward pass (buffers, no per-chunk parameter gradients) against one chunk
+    through autograd: every parameter's gradient and the inputs', and a second derivative."""
+    from attention.output import AlignedOutputLayer
+
+    torch.manual_seed(2)
+    bsz, t, s, v_size, d = 2, 3, 4, 30, 5
+    layer = AlignedOutputLayer(d, d, v_size)
+    h = torch.randn(bsz, t, d, requires_grad=True)
+    shape = (bsz,) + ((heads,) if heads else ()) + ((t,) if gathered else ()) + (s, d)
+    vals = torch.randn(*shape, requires_grad=True)
+    y = torch.randint(v_size, (bsz, t))
+    params = [h, vals, *layer.parameters()]
+    results = []
+    for cap in (10**9, 8 * v_size * 8):  # one chunk; one pair per chunk
+        out = layer.log_lik(h, vals, y, gathered=gathered, max_bytes=cap)
+        grads = torch.autograd.grad((out * torch.linspace(0.5, 1.5, out.numel()).view(out.shape))
+                                    .sum(), params, create_graph=True)
+        second = torch.autograd.grad(grads[0].square().sum(), [h, layer.out.weight])
+        results.append((out, grads, second))
+    (o1, g1, s1), (o2, g2, s2) = results
+    assert_close(o2, o1, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g2, g1, strict=True):
+        assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(s2, s1, strict=True):
+        assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_output_layer_keeps_its_cap() -> None:
+    """``AlignedOutputLayer(max_bytes=)`` with its backward pass, measured: the working memory
+    beyond the gradients of the inputs and parameters and the result is within the cap."""
+    from attention.output import AlignedOutputLayer
+
+    torch.manual_seed(0)
+    bsz, t, s, v_size, d = 8, 12, 12, 3000, 64
+    cap = 1_000_000
+    layer = AlignedOutputLayer(d, d, v_size, max_bytes=cap)
+    h = torch.randn(bsz, t, d, requires_grad=True)
+    vals = torch.randn(bsz, s, d, requires_grad=True)
+    y = torch.randint(v_size, (bsz, t))
+    leaves = [h, vals, *layer.parameters()]
+
+    def step() -> torch.Tensor:
+        out = layer.log_lik(h, vals, y)
+        out.sum().backward()
+        return out
+
+    step()
+    for x in leaves:
+        x.grad = None
+    out, peak = peak_allocated(step)
+    left = _nbytes(out) + sum(_nbytes(x.grad) for x in leaves)
+    logits = bsz * t * s * v_size * 8
+    assert peak - left <= cap < logits / 10, (peak - left, cap, logits)

@@ -4,8 +4,15 @@ An :class:`Emitter` owns the slots and steps of the plan being built. Its ``cont
 the sum-product of several slots into steps: a chain of variables goes to one
 :class:`~plated.plan.ir.ChainStep` (:func:`plated.plan.chains.find_chain`); otherwise
 :func:`opt_einsum.contract_path` chooses the order and every n-ary step of its path is folded into
-pairwise :class:`~plated.plan.ir.PairStep`\\ s. A pairwise step whose working memory would exceed
-the memory cap is sliced along its largest kept dim.
+pairwise :class:`~plated.plan.ir.PairStep`\\ s.
+
+Every step predicts its own FLOPs and memory (forward temporaries, what autograd saves, its
+gradient's and its backward choice's working memory; see :class:`~plated.plan.ir.Step`), as
+measured on this implementation by ``benchmarks/cost_accuracy.py``. Under a memory cap
+(:meth:`Emitter._fit`) each operand's private variables are summed out on their own, a step that
+does not fit is sliced along its largest kept dim (or first keeps one of its variables, so that it
+can be), its gradient recomputes it slice by slice, and a chain whose scan does not fit is
+contracted pairwise.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ class _Memory:
     def peak(self) -> int:
         """The larger of its forward and backward working memory."""
         return max(self.temp, self.backward)
+
 
 #: The letters :func:`torch.einsum` accepts. Each pairwise step names only its own operands'
 #: dims, so a plan may have any number of dims; a step whose operands span more than these is
@@ -207,12 +215,20 @@ class Emitter:
             return _Memory(temp=x + 3 * o, saved=x + o, backward=2 * o)
 
         fit = self._fit(out_dims, memory)
-        if fit is None:  # no kept dim to slice: keep the largest variable for a second step
+        choice = self._choice((slot,), out_dims)
+        cap = self.structure.memory_cap
+        # under a cap, a step that no slicing fits, or whose backward choice (over all of its
+        # variables at once) would not fit, keeps its largest variable for a second step
+        split = cap is not None and (fit is None or max(
+            choice["choose_numel"], choice["choose_fixed"]) * self.structure.itemsize
+            * CAP_MARGIN > cap)
+        if split:
             keep = max(elim, key=lambda d: self.analysis.sizes[d])
             if len(elim) > 1 and (out_numel * self.analysis.sizes[keep] * self.structure.itemsize
                                   * CAP_MARGIN < self._cap()):
                 first = self.reduce(slot, self.canon(set(out_dims) | {keep}), note)
                 return self.reduce(first, out_dims, note)
+        if fit is None:
             need = memory(1, True, None)
             how = (f"even cut into as many slices as its kept dims {out_dims} allow" if out_dims
                    else "with no kept dim to slice")
@@ -233,7 +249,7 @@ class Emitter:
         return self.emit(ReduceStep(
             ins=(slot,), out=out, note=note, flops=flops, backward_flops=backward_flops,
             temp_numel=m.temp, saved_numel=m.saved, backward_numel=m.backward,
-            **self._choice((slot,), out_dims), dims=positions, elim=elim,
+            **choice, dims=positions, elim=elim,
             slice_dim=slice_dim, slice_chunks=chunks, recompute=recompute))
 
     def pair(self, a: int, b: int, out_dims: tuple[str, ...], note: str) -> int:

@@ -16,9 +16,12 @@ order). Each step is a frozen dataclass that carries its own layout and its pred
 :mod:`plated.plan.cost` sums their costs. Costs count elements, not bytes; the cost model
 multiplies by the dtype's item size.
 
-Under a memory cap, a pairwise step is sliced to fit when it is emitted (its ``slice_dim`` and
-``slice_chunks``) and a scan that does not fit is refused (:func:`check_working_memory`). The
-other steps' working memory is predicted but not yet checked against the cap.
+Under a memory cap, a pairwise step or a reduction is sliced to fit when it is emitted (its
+``slice_dim`` and ``slice_chunks``; ``recompute`` makes its gradient recompute it slice by slice),
+a chain that does not fit is contracted pairwise instead, and a scan that does not fit is refused
+(:func:`check_working_memory`). Each step also predicts what autograd saves of it, its backward
+working memory and that of its MAP or sampling choice, from which
+:func:`plated.plan.cost.check_query_memory` refuses a whole query that would not fit.
 """
 
 from __future__ import annotations
