@@ -242,7 +242,37 @@ def _choose_jointly(ring: Semiring, logits: torch.Tensor, elim: tuple[str, ...],
 def _choose_eliminated(plan: Plan, step: PairStep | ReduceStep, vals: list[torch.Tensor | None],
                        ctx: dict[str, torch.Tensor], out_plates: tuple[str, ...], ring: Semiring,
                        num_samples: int) -> dict[str, torch.Tensor]:
-    """The backward choice of the variables a pair or reduce step eliminated, given ``ctx``.
+    """The backward choice of the variables a pair or reduce step eliminated, given ``ctx``
+    (:func:`_choose_from`), in ``step.choose_chunks`` chunks along plate ``step.choose_plate``
+    when the plan chose so under its memory cap (every plate element chooses on its own)."""
+    xs = [_live(vals, i) for i in step.ins]
+    plate_sizes = tuple(plan.slots[step.out].shape[k] for k, d in
+                        enumerate(plan.slots[step.out].dims) if d in out_plates)
+    if step.choose_plate is None or step.choose_chunks <= 1:
+        return _choose_from(plan, step, xs, ctx, out_plates, plate_sizes, ring, num_samples)
+    k = out_plates.index(step.choose_plate)
+    size = plate_sizes[k]
+    per = -(-size // step.choose_chunks)
+    parts = []
+    for start in range(0, size, per):  # the plan chose these chunks, under its memory cap
+        n = min(per, size - start)
+        xs_n = [x.narrow(plan.slots[i].dims.index(step.choose_plate), start, n)
+                if step.choose_plate in plan.slots[i].dims else x
+                for x, i in zip(xs, step.ins, strict=True)]
+        ctx_n = {v: t.narrow(1 + k, start, n) if t.dim() > 1 + k and t.shape[1 + k] == size
+                 else t for v, t in ctx.items()}
+        sizes_n = plate_sizes[:k] + (n,) + plate_sizes[k + 1:]
+        parts.append(_choose_from(plan, step, xs_n, ctx_n, out_plates, sizes_n, ring,
+                                  num_samples))
+    return {v: torch.cat([part[v] for part in parts], dim=1 + k) for v in parts[0]}
+
+
+def _choose_from(plan: Plan, step: PairStep | ReduceStep, xs: Sequence[torch.Tensor],
+                 ctx: dict[str, torch.Tensor], out_plates: tuple[str, ...],
+                 plate_sizes: tuple[int, ...], ring: Semiring, num_samples: int
+                 ) -> dict[str, torch.Tensor]:
+    """The backward choice of the variables a pair or reduce step eliminated, from its inputs
+    ``xs`` given ``ctx``.
 
     A pair step's eliminated variables are chosen in two stages, so that no tensor spans the
     union of both operands' dims: first those the operands share, from the product of each
@@ -251,11 +281,9 @@ def _choose_eliminated(plan: Plan, step: PairStep | ReduceStep, vals: list[torch
     exact joint sample (log ring) or a joint argmax (max ring).
     """
     sizes = plan.var_sizes
-    plate_sizes = tuple(plan.slots[step.out].shape[k] for k, d in
-                        enumerate(plan.slots[step.out].dims) if d in out_plates)
     if isinstance(step, ReduceStep) or len(step.ins) == 1:
         (only,) = step.ins
-        gathered = _gather(_live(vals, only), plan.slots[only].dims, ctx, out_plates, step.elim)
+        gathered = _gather(xs[0], plan.slots[only].dims, ctx, out_plates, step.elim)
         return _choose_jointly(ring, gathered, step.elim, tuple(sizes[e] for e in step.elim),
                                plate_sizes, num_samples)
     a, b = step.ins
@@ -266,18 +294,17 @@ def _choose_eliminated(plan: Plan, step: PairStep | ReduceStep, vals: list[torch
     picked: dict[str, torch.Tensor] = {}
     if shared:
         logits: torch.Tensor | None = None
-        for slot, private in zip((a, b), own, strict=True):
-            g = _gather(_live(vals, slot), plan.slots[slot].dims, ctx, out_plates,
-                        shared + private)
+        for x, slot, private in zip(xs, (a, b), own, strict=True):
+            g = _gather(x, plan.slots[slot].dims, ctx, out_plates, shared + private)
             g = ring.reduce(g, tuple(range(g.dim() - len(private), g.dim())))
             logits = g if logits is None else logits + g
         assert logits is not None
         picked.update(_choose_jointly(ring, logits, shared, tuple(sizes[e] for e in shared),
                                       plate_sizes, num_samples))
     given = {**ctx, **picked}
-    for slot, private in zip((a, b), own, strict=True):
+    for x, slot, private in zip(xs, (a, b), own, strict=True):
         if private:
-            g = _gather(_live(vals, slot), plan.slots[slot].dims, given, out_plates, private)
+            g = _gather(x, plan.slots[slot].dims, given, out_plates, private)
             picked.update(_choose_jointly(ring, g, private, tuple(sizes[e] for e in private),
                                           plate_sizes, num_samples))
     return picked

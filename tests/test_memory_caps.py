@@ -67,6 +67,8 @@ CASES: dict[str, tuple[Callable[[], tuple[list[Factor], list[Plate]]], int]] = {
     "chain 8 x 100^2 (chain step)": (lambda: chain(8, 100), 1 * MB),
     "star 5 x 300^2": (lambda: star(300, 5), 1 * MB),
     "plate n=1000, 32x32": (lambda: local(1000, 32), 2 * MB),
+    "plated factor n=2000, x=300": (lambda: ([Factor(_rnd(2000, 300), ("n", "x"))],
+                                             [Plate("n", 2000)]), 1 * MB),
     "hmm T=5000, K=8": (lambda: hmm(5000, 8), 4 * MB),
 }
 
@@ -313,3 +315,22 @@ def test_output_layer_keeps_its_cap() -> None:
     left = _nbytes(out) + sum(_nbytes(x.grad) for x in leaves)
     logits = bsz * t * s * v_size * 8
     assert peak - left <= cap < logits / 10, (peak - left, cap, logits)
+
+
+def test_choice_in_plate_chunks_is_exact() -> None:
+    """Under a cap the MAP and samples of a plated variable are chosen in chunks of plate
+    elements: the MAP equals the free plan's, and the samples follow each element's posterior."""
+    torch.manual_seed(4)
+    x = torch.randn(500, 40) * 3
+    factors, plates = [Factor(x, ("n", "v"))], [Plate("n", 500)]
+    capped = PlatedFactorGraph(factors, plates, memory_cap=150_000)
+    steps = capped.plan("max").steps
+    assert any(getattr(step, "choose_chunks", 1) > 1 for step in steps), steps
+    assert any(getattr(step, "choose_chunks", 1) > 1 for step in capped.plan("log").steps)
+    assert torch.equal(capped.map()["v"], PlatedFactorGraph(factors, plates).map()["v"])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.cat([capped.sample(1, generator=gen)["v"] for _ in range(400)])  # (400, 500)
+    assert draws.shape == (400, 500)
+    probs = torch.softmax(x, dim=-1)
+    freq = torch.nn.functional.one_hot(draws, 40).double().mean(0)  # (500, 40)
+    assert (freq - probs).abs().max() < 0.12  # 400 draws per element: 5 sigma of a Bernoulli

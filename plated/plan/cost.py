@@ -63,8 +63,9 @@ class CostReport:
     peak_step: dict[str, int] = field(default_factory=dict)
     itemsize: int = 8
     #: per step, in elements: what is alive during its backward choice, its choice's working
-    #: memory per parallel sample and shared by all, and whether every sample shares the choice
-    choice: list[tuple[int, int, int, bool]] = field(default_factory=list)
+    #: memory per parallel sample and shared by all, whether every sample shares the choice, and
+    #: its chosen indices per sample
+    choice: list[tuple[int, int, int, bool, int]] = field(default_factory=list)
     #: floating-point operations of a backward choice: shared by all samples, and per sample
     choose_flops: tuple[int, int] = (0, 0)
     #: elements alive at the peak of a forward run that keeps every intermediate
@@ -82,8 +83,9 @@ class CostReport:
 
     def _backward(self, num_samples: int) -> tuple[int, int]:
         best, peak = -1, self.keep_forward
-        for k, (alive, per_sample, fixed, shared) in enumerate(self.choice):
-            need = alive + max(fixed, per_sample * (1 if shared else num_samples))
+        for k, (alive, per_sample, fixed, shared, indices) in enumerate(self.choice):
+            need = (alive + max(fixed, per_sample * (1 if shared else num_samples))
+                    + indices * num_samples)
             if need > peak:
                 best, peak = k, need
         return peak, best
@@ -203,7 +205,7 @@ def _gradient(slots: Sequence[Slot], steps: Sequence[Step], n_inputs: int) -> tu
 
 
 def _choice(slots: Sequence[Slot], steps: Sequence[Step], n_inputs: int
-            ) -> tuple[int, list[tuple[int, int, int, bool]], tuple[int, int]]:
+            ) -> tuple[int, list[tuple[int, int, int, bool, int]], tuple[int, int]]:
     """The forward run that keeps every intermediate (its peak, in elements), and per step its
     backward choice: what is alive, its memory per parallel sample, whether samples share it."""
     live = kept = peak = 0
@@ -213,12 +215,13 @@ def _choice(slots: Sequence[Slot], steps: Sequence[Step], n_inputs: int
         kept += step.kept_numel
     # a step's choice is shared by every sample while nothing has been chosen above it
     shared = {steps[-1].out: True} if steps else {}
-    choice: list[tuple[int, int, int, bool]] = [(0, 0, 0, True)] * len(steps)
+    choice: list[tuple[int, int, int, bool, int]] = [(0, 0, 0, True, 0)] * len(steps)
     flops = [0, 0]
     for k in reversed(range(len(steps))):
         step = steps[k]
         share = shared.get(step.out, False)
-        choice[k] = (live + kept, step.choose_numel, step.choose_fixed, share)
+        choice[k] = (live + kept, step.choose_numel, step.choose_fixed, share,
+                     step.choose_indices)
         if share:
             flops[0] += step.choose_flops + step.choose_flops_fixed
         else:

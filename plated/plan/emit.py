@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import opt_einsum
 
@@ -221,7 +222,7 @@ class Emitter:
         # variables at once) would not fit, keeps its largest variable for a second step
         split = cap is not None and (fit is None or max(
             choice["choose_numel"], choice["choose_fixed"]) * self.structure.itemsize
-            * CAP_MARGIN > cap)
+            * CAP_MARGIN > cap)  # (a choice in plate chunks counts one chunk)
         if split:
             keep = max(elim, key=lambda d: self.analysis.sizes[d])
             if len(elim) > 1 and (out_numel * self.analysis.sizes[keep] * self.structure.itemsize
@@ -397,7 +398,7 @@ class Emitter:
         assert cap is not None
         return cap
 
-    def _choice(self, ins: Sequence[int], out_dims: tuple[str, ...]) -> dict[str, int]:
+    def _choice(self, ins: Sequence[int], out_dims: tuple[str, ...]) -> dict[str, Any]:
         """The cost of a step's backward choice (see :class:`~plated.plan.ir.Step`): each input
         gathered at the values chosen for ``out_dims`` (one copy per sample where it has such a
         variable), then, one input at a time, its private dims summed out or its index drawn
@@ -405,6 +406,11 @@ class Emitter:
         max ring: an argmax)."""
         chosen = {d for d in out_dims if d not in self.analysis.plates}
         per = 1 if self.structure.ring == "max" else 3
+        # the chosen indices themselves (longs, per sample and plate element): drawn, laid out
+        # and split per variable, a few copies of the result at once
+        indices = 3 * math.prod([self.analysis.sizes[d] for d in out_dims
+                                 if d in self.analysis.plates]) * max(
+            1, 8 // self.structure.itemsize)
         per_sample = fixed = flops = flops_fixed = 0
         for i in ins:
             slot = self.slots[i]
@@ -417,8 +423,22 @@ class Emitter:
             else:
                 fixed = max(fixed, per * gathered)
                 flops_fixed += work
-        return {"choose_numel": per_sample, "choose_fixed": fixed, "choose_flops": flops,
-                "choose_flops_fixed": flops_fixed}
+        choice: dict[str, object] = {
+            "choose_numel": per_sample, "choose_fixed": fixed, "choose_flops": flops,
+            "choose_flops_fixed": flops_fixed, "choose_indices": indices}
+        cap = self.structure.memory_cap
+        plates = [d for d in out_dims if d in self.analysis.plates]
+        need = max(per_sample, fixed) * self.structure.itemsize * CAP_MARGIN
+        if cap is not None and plates and need > cap:
+            # under a cap: choose in chunks along the largest output plate (each plate element
+            # chooses on its own)
+            plate = max(plates, key=lambda d: self.analysis.sizes[d])
+            size = self.analysis.sizes[plate]
+            chunks = min(size, -(-2 * int(need) // cap))  # half the cap: the rest is alive
+            chunks = -(-size // -(-size // chunks))  # as the chunks of equal length fall
+            choice.update(choose_plate=plate, choose_chunks=chunks,
+                          choose_numel=-(-per_sample // chunks), choose_fixed=-(-fixed // chunks))
+        return choice
 
     def _fit(self, out_dims: tuple[str, ...],
              memory: Callable[[int, bool, str | None], _Memory]

@@ -211,6 +211,7 @@ class Step:
         or sampling) for its inputs over variables chosen before it, per sample drawn in
         parallel (one sample for a step whose choice every sample shares).
     :ivar choose_fixed: the same for its other inputs, which every sample shares.
+    :ivar choose_indices: elements (in the factors' dtype) of the indices it chooses, per sample.
     :ivar choose_flops: predicted floating-point operations of its backward choice, per sample
         drawn in parallel (and ``choose_flops_fixed``, shared by all samples).
     :ivar kept_numel: predicted elements the step keeps for a backward choice beyond its output
@@ -227,6 +228,7 @@ class Step:
     backward_numel: int = 0
     choose_numel: int = 0
     choose_fixed: int = 0
+    choose_indices: int = 0
     choose_flops: int = 0
     choose_flops_fixed: int = 0
     kept_numel: int = 0
@@ -255,13 +257,16 @@ class PairStep(_Contraction):
     """``out = a (x) b`` with ``elim`` summed out, as one einsum; under a memory cap it may run
     in ``slice_chunks`` slices along output dim ``slice_dim``, and with ``recompute`` its
     gradient recomputes the step slice by slice instead of saving its temporaries
-    (:mod:`plated.sliced`)."""
+    (:mod:`plated.sliced`); its backward choice (MAP, sampling) may run in ``choose_chunks``
+    chunks along its output plate ``choose_plate``."""
 
     layout: PairLayout
     elim: tuple[str, ...]
     slice_dim: int | None = None
     slice_chunks: int = 1
     recompute: bool = False
+    choose_plate: str | None = None
+    choose_chunks: int = 1
 
     label = "pair"
 
@@ -287,6 +292,8 @@ class ReduceStep(Step):
     slice_dim: int | None = None
     slice_chunks: int = 1
     recompute: bool = False
+    choose_plate: str | None = None
+    choose_chunks: int = 1
 
     label = "unary"
 
