@@ -405,10 +405,12 @@ class Emitter:
         (log ring: through exponentials, or weights and their cumulative sum, or Gumbel noise;
         max ring: an argmax)."""
         chosen = {d for d in out_dims if d not in self.analysis.plates}
-        per = 1 if self.structure.ring == "max" else 3
+        # copies of a gathered input at once: the argmax's input (max ring); Gumbel noise added
+        # in place to per-sample logits, or weights and their cumulative sum for shared ones
+        per, per_shared = (1, 1) if self.structure.ring == "max" else (2, 3)
         # the chosen indices themselves (longs, per sample and plate element): drawn, laid out
         # and split per variable, a few copies of the result at once
-        indices = 3 * math.prod([self.analysis.sizes[d] for d in out_dims
+        indices = 2 * math.prod([self.analysis.sizes[d] for d in out_dims
                                  if d in self.analysis.plates]) * max(
             1, 8 // self.structure.itemsize)
         per_sample = fixed = flops = flops_fixed = 0
@@ -421,7 +423,7 @@ class Emitter:
                 per_sample = max(per_sample, per * gathered)
                 flops += work
             else:
-                fixed = max(fixed, per * gathered)
+                fixed = max(fixed, per_shared * gathered)
                 flops_fixed += work
         choice: dict[str, object] = {
             "choose_numel": per_sample, "choose_fixed": fixed, "choose_flops": flops,
