@@ -10,9 +10,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import TraceEnum_ELBO
+from pyro.infer import SVI, Predictive, TraceEnum_ELBO
+from pyro.infer.autoguide import AutoDelta, AutoNormal
 
-from plated.pyro import TVE_ELBO
+from plated.pyro import TVE_ELBO, markov_plate
 
 E: Any = {"enumerate": "parallel"}
 
@@ -74,9 +75,14 @@ def second_order(history: int) -> Any:
 
 @pytest.mark.parametrize("history", [0, 1])
 def test_misdeclared_markov_history_raises_like_pyro(history: int) -> None:
+    # Pyro detects the conflict only under validation (which another test may have turned off)
     for cls in (TraceEnum_ELBO, TVE_ELBO):
-        with pytest.raises(ValueError, match="Enumeration dim conflict"):
+        with pyro.validation_enabled(True), \
+                pytest.raises(ValueError, match="Enumeration dim conflict"):
             cls(max_plate_nesting=0).loss(second_order(history), empty_guide)
+    with pyro.validation_enabled(False), \
+            pytest.raises(ValueError, match="Enumeration dim conflict"):  # ours: always
+        TVE_ELBO(max_plate_nesting=0).loss(second_order(history), empty_guide)
     pyro_loss, ours = both(lambda c: c(max_plate_nesting=0), second_order(2), empty_guide)
     assert abs(ours - pyro_loss) < 1e-12
 
@@ -178,3 +184,142 @@ def test_guide_calls_autograd_grad_with_sequential_enumeration() -> None:
         pyro.clear_param_store()
         losses.append(cls(max_plate_nesting=0).loss_and_grads(model, guide))
     assert abs(losses[0] - losses[1]) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# with pyro.infer.SVI, Predictive and autoguides: each against TraceEnum_ELBO on the same seed
+
+MIX_DATA = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0, 0.5])
+
+
+def mixture(data: torch.Tensor) -> None:
+    """Pyro's Gaussian mixture tutorial model: global weights, scale and component locations,
+    an enumerated assignment per data point."""
+    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
+    with pyro.plate("components", 2):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights), infer=E)
+        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
+
+
+GUIDES: dict[str, Any] = {
+    "AutoDelta": lambda: AutoDelta(poutine.block(mixture, expose=["weights", "scale", "locs"])),
+    "AutoNormal": lambda: AutoNormal(poutine.block(mixture, hide=["assignment"])),
+}
+
+
+def train(cls: Any, make_guide: Any, steps: int, seed: int = 0
+          ) -> tuple[list[float], dict[str, torch.Tensor], Any]:
+    """``steps`` SVI steps with ``cls`` from seed ``seed``: the losses, the parameters (by
+    name, unconstrained) and the guide."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = make_guide()
+    svi = SVI(mixture, guide, pyro.optim.Adam({"lr": 0.1}), cls(max_plate_nesting=1))
+    losses = [svi.step(MIX_DATA) for _ in range(steps)]
+    params = {name: pyro.param(name).unconstrained().detach().clone()
+              for name in pyro.get_param_store()}
+    return losses, params, guide
+
+
+@pytest.mark.parametrize("guide_name", sorted(GUIDES))
+def test_svi_with_autoguide_matches_pyro(guide_name: str) -> None:
+    """Losses of every step and the parameters after them equal TraceEnum_ELBO's."""
+    steps = 8
+    pyro_losses, pyro_params, _ = train(TraceEnum_ELBO, GUIDES[guide_name], steps)
+    losses, params, _ = train(TVE_ELBO, GUIDES[guide_name], steps)
+    assert len(params) == len(pyro_params) > 0 and params.keys() == pyro_params.keys()
+    for ours, theirs in zip(losses, pyro_losses, strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-10, abs=1e-10)
+    for name, value in params.items():
+        torch.testing.assert_close(value, pyro_params[name], rtol=1e-9, atol=1e-10)
+    pyro.clear_param_store()
+
+
+def test_svi_loss_decreases() -> None:
+    losses, _, _ = train(TVE_ELBO, GUIDES["AutoDelta"], 30)
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(b < a for a, b in zip(losses[:5], losses[1:6], strict=True))  # steadily at first
+    pyro.clear_param_store()
+
+
+def test_autodelta_over_an_enumerated_site_is_refused_as_pyro() -> None:
+    """An autoguide that would cover the enumerated site: the same error as Pyro's."""
+    for cls in (TraceEnum_ELBO, TVE_ELBO):
+        pyro.clear_param_store()
+        svi = SVI(mixture, AutoDelta(mixture), pyro.optim.Adam({"lr": 0.1}),
+                  cls(max_plate_nesting=1))
+        with pytest.raises(ValueError, match="Continuous inference cannot handle discrete"):
+            svi.step(MIX_DATA)
+    pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("guide_name", sorted(GUIDES))
+def test_predictive_after_training_matches_pyro(guide_name: str) -> None:
+    """Predictive with the guide trained by each ELBO: the same draws from the same seed."""
+    draws = []
+    for cls in (TraceEnum_ELBO, TVE_ELBO):
+        _, _, guide = train(cls, GUIDES[guide_name], 5)
+        pyro.set_rng_seed(1)
+        draws.append(Predictive(mixture, guide=guide, num_samples=7)(MIX_DATA))
+    assert draws[0].keys() == draws[1].keys() >= {"weights", "scale", "locs", "assignment"}
+    for name, value in draws[1].items():
+        assert value.shape == draws[0][name].shape
+        torch.testing.assert_close(value, draws[0][name], rtol=1e-9, atol=1e-10)
+    pyro.clear_param_store()
+
+
+HMM_STATES, HMM_SEQS, HMM_STEPS = 3, 2, 5
+
+
+def hmm_data() -> torch.Tensor:
+    return torch.randn(HMM_SEQS, HMM_STEPS, generator=torch.Generator().manual_seed(4))
+
+
+def hmm_params() -> tuple[torch.Tensor, torch.Tensor]:
+    trans = pyro.param("trans", lambda: torch.full((HMM_STATES, HMM_STATES), 0.1)
+                       + torch.eye(HMM_STATES), constraint=dist.constraints.simplex)
+    locs = pyro.param("locs", lambda: torch.tensor([-1.0, 0.2, 1.5]))
+    return trans, locs
+
+
+def hmm_loop(data: torch.Tensor) -> None:
+    trans, locs = hmm_params()
+    with pyro.plate("seq", HMM_SEQS, dim=-1):
+        x: Any = 0
+        for t in pyro.markov(range(HMM_STEPS)):
+            x = pyro.sample(f"x_{t}", dist.Categorical(trans[x]), infer=E)
+            pyro.sample(f"y_{t}", dist.Normal(locs[x], 1.0), obs=data[:, t])
+
+
+def hmm_vec(data: torch.Tensor) -> None:
+    trans, locs = hmm_params()
+    time = markov_plate("time", HMM_STEPS, dim=-1)
+    with pyro.plate("seq", HMM_SEQS, dim=-2):
+        x_prev = time.init("x", 0, size=HMM_STATES)
+        with time:
+            x = pyro.sample("x", dist.Categorical(trans[x_prev]), infer=E)
+            pyro.sample("y", dist.Normal(locs[x], 1.0), obs=data)
+
+
+def test_svi_on_markov_plate_matches_pyro_on_the_loop() -> None:
+    """SVI steps of TVE_ELBO on the markov_plate HMM against TraceEnum_ELBO on the loop."""
+    data = hmm_data()
+    out = []
+    for cls, model, nesting in ((TraceEnum_ELBO, hmm_loop, 1), (TVE_ELBO, hmm_vec, 2),
+                                (TVE_ELBO, hmm_loop, 1)):
+        pyro.clear_param_store()
+        svi = SVI(model, empty_guide, pyro.optim.Adam({"lr": 0.05}),
+                  cls(max_plate_nesting=nesting))
+        losses = [svi.step(data) for _ in range(6)]
+        out.append((losses, {n: pyro.param(n).unconstrained().detach().clone()
+                             for n in ("trans", "locs")}))
+    (ref_losses, ref_params), *rest = out
+    assert ref_losses[-1] < ref_losses[0]
+    for losses, params in rest:
+        assert losses == pytest.approx(ref_losses, rel=1e-10, abs=1e-10)
+        for name, value in params.items():
+            torch.testing.assert_close(value, ref_params[name], rtol=1e-9, atol=1e-10)
+    pyro.clear_param_store()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pyro.distributions as dist
+import pyro.ops.jit
 import torch
 from pyro import poutine
 from pyro.distributions.util import is_identically_zero
@@ -33,11 +35,11 @@ from .trace import (
     check_max_plate_nesting,
     collect,
     factor_graph,
-    get_traces,
+    get_trace_pairs,
     intractable_hint,
 )
 
-__all__ = ["TVE_ELBO", "elbo_particle", "marginal_terms"]
+__all__ = ["JitTVE_ELBO", "TVE_ELBO", "elbo_particle", "marginal_terms"]
 
 
 def _components(collected: Collected) -> list[list[PlacedFactor]]:
@@ -116,11 +118,17 @@ def _tree_term(collected: Collected, component: Sequence[PlacedFactor], ordinal:
     keep_plates = tuple(p for p in collected.plates if p in ordinal and p in sizes)
     chains = {curr for p in keep_plates for curr, _ in collected.plates[p].prev}
     if chains & sizes.keys():
+        # A chain's transitions use its previous-value dims, which belong to the initial sites
+        # outside the plate, so a group holding them never lives in the chain's plate; this one
+        # holds a chain site but none of its transitions
         sequential = [p for p in keep_plates if collected.plates[p].sequential]
         raise GraphError(
-            f"the chain of markov_plate {sequential} meets guide-enumerated sites "
-            f"{list(guide_dims)} or guide sites sampled inside it; enumerate those sites in the "
-            "model instead"
+            f"markov_plate {sequential}: chain site(s) {sorted(chains & sizes.keys())} are in a "
+            f"group of factors that depends on guide-enumerated sites {list(guide_dims)} or on "
+            "guide sites sampled inside the plate, but not on the chain's previous values (the "
+            "tensor init() returned), so the plate would have to be kept as a batch dim, which a "
+            "chain cannot be. Make the chain site depend on its previous value, use pyro.plate if "
+            "the steps are independent, or enumerate those guide sites in the model instead"
         )
     graph = factor_graph(expanded, collected.plates, keep_plates=keep_plates + guide_dims,
                          extra_plates=tuple(Plate(d, sizes[d]) for d in guide_dims),
@@ -215,8 +223,8 @@ class TVE_ELBO(ELBO):
         ``num_particles_vectorized`` left of every model plate (as Pyro does).
     :param strict_enumeration_warning: warn when nothing is enumerated (under validation, as
         Pyro does).
-    :param retain_graph: accepted for Pyro's signature; ``loss_and_grads`` retains the graph of
-        each particle, as ``TraceEnum_ELBO`` does.
+    :param retain_graph: retain the last particle's graph in ``loss_and_grads`` too (every
+        earlier particle's graph is retained, as ``TraceEnum_ELBO`` retains them all).
     :param validate: check factor values for NaN and ``+inf`` (one host-device sync per step);
         defaults to Pyro's validation setting.
     :raises GraphError: (a :class:`ValueError`) on a too small ``max_plate_nesting``, an
@@ -243,7 +251,8 @@ class TVE_ELBO(ELBO):
     def _get_trace(self, model: Callable[..., Any], guide: Callable[..., Any],
                    args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
         """One traced (model, guide) pair (the first, under sequential guide enumeration)."""
-        return next(iter(self._traces(model, guide, args, kwargs)))
+        model_trace, guide_trace, _ = next(iter(self._traces(model, guide, args, kwargs)))
+        return model_trace, guide_trace
 
     def _nesting(self, model: Callable[..., Any], guide: Callable[..., Any],
                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
@@ -255,10 +264,11 @@ class TVE_ELBO(ELBO):
         return check_max_plate_nesting(self.max_plate_nesting)
 
     def _traces(self, model: Callable[..., Any], guide: Callable[..., Any],
-                args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
+                args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> Iterator[tuple[Any, Any, bool]]:
         """The traced (model, guide) pairs of every particle (several per particle under
         sequential guide enumeration; one pair for all particles with
-        ``vectorize_particles``).
+        ``vectorize_particles``), each with whether it is the last.
 
         :raises NotImplementedError: for a :class:`pyro.infer.GuideMessenger` guide, as Pyro.
         """
@@ -270,16 +280,20 @@ class TVE_ELBO(ELBO):
         if self.vectorize_particles:
             model = self._vectorized_num_particles(model)
             guide = self._vectorized_num_particles(guide)
-        for _ in range(1 if self.vectorize_particles else self.num_particles):
-            yield from get_traces(model, guide, args, kwargs, nesting)
+        runs = 1 if self.vectorize_particles else self.num_particles
+        for run in range(runs):
+            for model_trace, guide_trace, more in get_trace_pairs(model, guide, args, kwargs,
+                                                                  nesting):
+                yield model_trace, guide_trace, run == runs - 1 and not more
 
     def _particles(self, model: Callable[..., Any], guide: Callable[..., Any],
                    args: tuple[Any, ...], kwargs: dict[str, Any]
-                   ) -> Iterator[tuple[torch.Tensor | float, bool]]:
-        """Per traced pair, its ELBO and whether the pair holds a ``param`` site; under
-        validation, warns when nothing is enumerated (with ``strict_enumeration_warning``)."""
+                   ) -> Iterator[tuple[torch.Tensor | float, bool, bool]]:
+        """Per traced pair, its ELBO, whether the pair holds a ``param`` site and whether it is
+        the last; under validation, warns when nothing is enumerated (with
+        ``strict_enumeration_warning``)."""
         validate = is_validation_enabled() if self.validate is None else self.validate
-        for model_trace, guide_trace in self._traces(model, guide, args, kwargs):
+        for model_trace, guide_trace, last in self._traces(model, guide, args, kwargs):
             traces = (model_trace, guide_trace)
             if is_validation_enabled() and self.strict_enumeration_warning and not any(
                     site["type"] == "sample" and site["infer"].get("enumerate")
@@ -288,14 +302,14 @@ class TVE_ELBO(ELBO):
             params = any(site["type"] == "param" for trace in traces
                          for site in trace.nodes.values())
             yield (elbo_particle(model_trace, guide_trace, self.max_plate_nesting, validate),
-                   params)
+                   params, last)
 
     def loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
              **kwargs: Any) -> float:
         """The negative ELBO, a float (no gradients are recorded); warns if it is NaN."""
         elbo = 0.0
         with torch.no_grad():
-            for particle, _ in self._particles(model, guide, args, kwargs):
+            for particle, _, _ in self._particles(model, guide, args, kwargs):
                 if is_identically_zero(particle):
                     continue
                 elbo += float(particle) / self.num_particles
@@ -309,7 +323,7 @@ class TVE_ELBO(ELBO):
             as Pyro does.
         """
         elbo: torch.Tensor | float = 0.0
-        for particle, _ in self._particles(model, guide, args, kwargs):
+        for particle, _, _ in self._particles(model, guide, args, kwargs):
             if is_identically_zero(particle):
                 continue
             elbo = elbo + particle
@@ -321,16 +335,25 @@ class TVE_ELBO(ELBO):
 
     def loss_and_grads(self, model: Callable[..., Any], guide: Callable[..., Any],
                        *args: Any, **kwargs: Any) -> float:
-        """The negative ELBO as a float; accumulates its gradients into the parameters (each
-        particle's graph is retained, as in ``TraceEnum_ELBO``, so that a guide may itself
-        differentiate through shared tensors); warns if it is NaN."""
+        """The negative ELBO as a float; accumulates its gradients into the parameters; warns if
+        it is NaN.
+
+        The graph of every particle but the last is retained, as ``TraceEnum_ELBO`` retains
+        them all, so that later particles may differentiate through tensors they share (a guide
+        that calls ``torch.autograd.grad`` itself, under sequential enumeration). The last one's
+        is retained only with ``retain_graph=True``: freeing its saved tensors as the backward
+        pass goes makes a large step markedly faster (``benchmarks/pyro_revisions.py``). Pass
+        ``retain_graph=True`` when the model's arguments carry a graph that a later call
+        differentiates again.
+        """
         elbo = 0.0
-        for particle, params in self._particles(model, guide, args, kwargs):
+        for particle, params, last in self._particles(model, guide, args, kwargs):
             if not isinstance(particle, torch.Tensor) or is_identically_zero(particle):
                 continue
             elbo += particle.item() / self.num_particles
             if params and particle.requires_grad:
-                (-particle / self.num_particles).backward(retain_graph=True)
+                (-particle / self.num_particles).backward(
+                    retain_graph=bool(self.retain_graph) or not last)
         return _checked(-elbo)
 
     def _one_posterior(self, what: str, model: Callable[..., Any], guide: Callable[..., Any],
@@ -346,7 +369,7 @@ class TVE_ELBO(ELBO):
             raise NotImplementedError(
                 f"TraceEnum_ELBO.{what}() is not compatible with multiple particles "
                 f"(TVE_ELBO: num_particles={self.num_particles}; use num_particles=1)")
-        model_trace, guide_trace = next(iter(self._traces(model, guide, args, kwargs)))
+        model_trace, guide_trace, _ = next(iter(self._traces(model, guide, args, kwargs)))
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and (
                     "_enumerate_dim" in site["infer"] or "_enum_total" in site["infer"]):
@@ -385,25 +408,76 @@ class TVE_ELBO(ELBO):
 
         :raises NotImplementedError: for several particles or guide enumeration, as Pyro.
         """
+        from .query import replay_values
+
         with poutine.block(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Found vars in model but not guide")
             _, guide_trace, post = self._one_posterior("sample_posterior", model, guide, args,
                                                        kwargs)
             samples = post.sample(1) if post.sites else {}
             values = {name: value[0] for name, value in samples.items()}
-        return _SetValues(values)(poutine.replay(model, trace=guide_trace))(*args, **kwargs)
+        return replay_values(poutine.replay(model, trace=guide_trace), post, values)(
+            *args, **kwargs)
 
 
-class _SetValues(Messenger):
-    """Sets the value of each named sample site (a posterior sample) and marks it done."""
+class JitTVE_ELBO(TVE_ELBO):
+    """A drop-in for :class:`pyro.infer.JitTraceEnum_ELBO`: :class:`TVE_ELBO` with
+    :meth:`differentiable_loss` (and so :meth:`loss_and_grads`) compiled by
+    :func:`pyro.ops.jit.trace`, as Pyro compiles ``TraceEnum_ELBO``'s.
 
-    def __init__(self, values: Mapping[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.values = values
+    The first call of each (model, guide, number of arguments, keyword arguments) traces the
+    whole step: the guide and model under Pyro's handlers, the collection of factors and the
+    engine's plan, which is made then and baked into the compiled graph. Later calls run that
+    graph (torch's TorchScript interpreter), with no Python for the handlers, the trace or the
+    plan. Losses and gradients equal :class:`TVE_ELBO`'s; :meth:`loss` is not compiled (nor is
+    Pyro's).
 
-    def _pyro_sample(self, msg: Any) -> None:
-        """Give a site in ``values`` its value."""
-        value = self.values.get(msg["name"])
-        if value is not None:
-            msg["value"] = value
-            msg["done"] = True
+    The limits are ``JitTraceEnum_ELBO``'s: the model and guide must have static structure,
+    tensors must be passed in ``*args`` and everything else in ``**kwargs`` (a new value of a
+    keyword argument compiles again), and the parameters must all exist after the first call.
+    Every choice the step makes from tensor *values* is frozen at the first call, with a
+    ``TracerWarning`` (``ignore_jit_warnings=True`` silences them): here that is the engine's
+    check of each log-space contraction for underflow, so a later call whose contraction
+    underflows where the first call's did not gets the plain shifted sum, as Pyro's
+    contractions always do, not the repaired one; use :class:`TVE_ELBO` for such peaked
+    models. Factor values are never validated inside a compiled step (``validate`` is off, as
+    Pyro turns validation off while it compiles).
+
+    The arguments are :class:`TVE_ELBO`'s; ``ignore_jit_warnings`` and ``jit_options`` go to
+    :func:`pyro.ops.jit.trace`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._compiled: dict[tuple[int, int], Any] = {}
+
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any],
+                            *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The negative ELBO as a differentiable tensor, from the compiled step (compiled on
+        the first call for this model and guide)."""
+        key = (id(model), id(guide))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            weak_self = weakref.ref(self)
+
+            def loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+                elbo = weak_self()
+                assert elbo is not None  # the compiled step lives in the ELBO's own dict
+                validate, elbo.validate = elbo.validate, False
+                try:
+                    return TVE_ELBO.differentiable_loss(elbo, model, guide, *args, **kwargs)
+                finally:
+                    elbo.validate = validate
+
+            compiled = pyro.ops.jit.trace(loss, ignore_warnings=self.ignore_jit_warnings,
+                                          jit_options=dict(self.jit_options or {}))
+            self._compiled[key] = compiled
+        return compiled(*args, **kwargs)
+
+    def loss_and_grads(self, model: Callable[..., Any], guide: Callable[..., Any],
+                       *args: Any, **kwargs: Any) -> float:
+        """The negative ELBO as a float, from the compiled step; accumulates its gradients into
+        the parameters; warns if it is NaN."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward(retain_graph=bool(self.retain_graph))
+        return _checked(loss.item())

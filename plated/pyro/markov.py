@@ -27,6 +27,8 @@ The two forms of a first-order HMM side by side::
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import pyro
@@ -37,7 +39,7 @@ from pyro.poutine.runtime import Message
 
 from ..errors import GraphError
 
-__all__ = ["markov_plate", "FIXED_INIT_KEY", "INIT_KEY", "MARKOV_KEY"]
+__all__ = ["markov_plate", "FIXED_INIT_KEY", "INIT_KEY", "MARKOV_KEY", "replayed_chains"]
 
 #: ``infer`` key marking a sample site inside a :class:`markov_plate` (value: the plate names).
 MARKOV_KEY = "_plated_markov"
@@ -47,6 +49,29 @@ INIT_KEY = "_plated_markov_init"
 #: table is made on the default dtype and device, and is converted to those of the model's other
 #: factors when the trace is collected.
 FIXED_INIT_KEY = "_plated_markov_fixed_init"
+
+
+#: While a model is replayed with fixed chain values (:func:`replayed_chains`), the tensors that
+#: :meth:`markov_plate.init` returns, by ``(plate name, chain site, lag)``: the chain's values
+#: ``lag`` steps earlier at every step.
+_REPLAYED: list[Mapping[tuple[str, str, int], torch.Tensor]] = []
+
+
+@contextmanager
+def replayed_chains(previous: Mapping[tuple[str, str, int], torch.Tensor]) -> Iterator[None]:
+    """Within the block, :meth:`markov_plate.init` returns ``previous[(plate, chain, lag)]``,
+    where given, in place of the sampled initial state.
+
+    A model replayed with fixed values of its chain sites (``infer_discrete``) needs this: inside
+    the plate, the tensor ``init`` returned stands for the chain's value at the previous step, so
+    it must be the chain's values shifted by one step, while the initial site itself keeps the
+    state before step 0. Blocks nest; the innermost one wins.
+    """
+    _REPLAYED.append(previous)
+    try:
+        yield
+    finally:
+        _REPLAYED.pop()
 
 
 class _MarkInit(Messenger):
@@ -151,7 +176,10 @@ class markov_plate(pyro.plate):
             if fixed:
                 infer[FIXED_INIT_KEY] = True
             with _MarkInit((self.name, chain, lag)):
-                values.append(pyro.sample(site, fn, infer=infer))
+                value = pyro.sample(site, fn, infer=infer)
+            if _REPLAYED:
+                value = _REPLAYED[-1].get((self.name, chain, lag), value)
+            values.append(value)
         return values[0] if self.history == 1 else tuple(values)
 
     def _process_message(self, msg: Message) -> None:

@@ -12,14 +12,18 @@ number of values.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 
-from ..errors import IntractableError
+from ..errors import GraphError, IntractableError
 from ..graph import PlatedFactorGraph
+from .markov import INIT_KEY, replayed_chains
 from .trace import (
     Collected,
     check_max_plate_nesting,
@@ -29,7 +33,7 @@ from .trace import (
     intractable_hint,
 )
 
-__all__ = ["Posterior", "posterior"]
+__all__ = ["Posterior", "infer_discrete", "posterior", "replay_values"]
 
 
 def _empty_guide(*args: Any, **kwargs: Any) -> None:
@@ -152,7 +156,13 @@ def posterior(model: Callable[..., Any], *args: Any, max_plate_nesting: int,
         :class:`~plated.IntractableError` for a graph with no polynomial-time elimination).
     :raises NotImplementedError: if the guide enumerates.
     """
-    nesting = check_max_plate_nesting(max_plate_nesting)
+    return _posterior(model, args, kwargs, check_max_plate_nesting(max_plate_nesting), guide,
+                      validate)
+
+
+def _posterior(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               nesting: int, guide: Callable[..., Any] | None, validate: bool) -> Posterior:
+    """:func:`posterior`, with the model's arguments as a tuple and a dict."""
     traces = list(get_traces(model, _empty_guide if guide is None else guide, args, kwargs,
                              nesting))
     if len(traces) != 1:
@@ -178,3 +188,160 @@ def _check_no_multiple_sampling(collected: Collected) -> None:
                 f"num_samples={site['infer']['num_samples']}; enumerate it exactly (drop "
                 "num_samples)"
             )
+
+
+# ------------------------------------------------------------------------------------------------
+# replay: the model re-run with its enumerated sites fixed
+
+
+class _SetValues(Messenger):
+    """Sets the value of each named sample site and marks it done (as ``poutine.replay`` does)."""
+
+    def __init__(self, values: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg: Any) -> None:
+        """Give a site in ``values`` its value."""
+        value = self.values.get(msg["name"])
+        if value is not None:
+            msg["value"] = value
+            msg["done"] = True
+
+
+def _previous_values(collected: Collected, values: Mapping[str, torch.Tensor]
+                     ) -> dict[tuple[str, str, int], torch.Tensor]:
+    """For each ``markov_plate`` chain with fixed values, the tensor its ``init`` must return at
+    each lag: the chain's values ``lag`` steps earlier at every step, the initial sites' values
+    before step 0 (see :func:`~plated.pyro.markov.replayed_chains`), by ``(plate, chain, lag)``.
+    """
+    inits: dict[tuple[str, str], dict[int, str]] = {}
+    for name, site in collected.model_enum.items():
+        info = site["infer"].get(INIT_KEY)
+        if info is not None:
+            inits.setdefault((info[0], info[1]), {})[info[2]] = name
+    out: dict[tuple[str, str, int], torch.Tensor] = {}
+    for (plate, chain), lags in inits.items():
+        site = collected.model_enum.get(chain)
+        if site is None or chain not in values:
+            continue
+        event_ndim = len(site["fn"].event_shape)
+        time_dim = next(frame.dim for frame in site["cond_indep_stack"] if frame.name == plate)
+        history = len(lags)
+        # the sequence x(-history), ..., x(-1), x(0), ..., x(T - 1) along the time dim
+        parts = [values[lags[lag]] for lag in range(history, 0, -1)] + [values[chain]]
+        ndim = max(part.dim() for part in parts)
+        parts = [part.reshape((1,) * (ndim - part.dim()) + tuple(part.shape)) for part in parts]
+        position = ndim - event_ndim + time_dim  # the time dim, counted from the left
+        shape = list(torch.broadcast_shapes(*(part.shape for part in parts)))
+        steps = parts[-1].shape[position]
+        shape[position] = 1
+        heads = [part.expand(shape) for part in parts[:-1]]
+        shape[position] = steps
+        sequence = torch.cat([*heads, parts[-1].expand(shape)], position)
+        for lag in lags:  # x(t - lag) for t = 0 .. T - 1
+            out[(plate, chain, lag)] = sequence.narrow(position, history - lag, steps)
+    return out
+
+
+def replay_values(model: Callable[..., Any], posterior: Posterior,
+                  values: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+    """``model`` with its enumerated sites fixed to ``values`` (one value per site, as
+    :meth:`Posterior.map` gives them): a ``markov_plate`` chain's ``init`` then returns the
+    chain's values shifted by one step, so that each step sees its own previous value.
+
+    :param posterior: the queries ``values`` came from (for the chains of ``markov_plate``).
+    """
+    previous = _previous_values(posterior._collected, values)
+
+    def replayed(*args: Any, **kwargs: Any) -> Any:
+        with replayed_chains(previous):
+            return _SetValues(values)(model)(*args, **kwargs)
+
+    return replayed
+
+
+def _guess_max_plate_nesting(model: Callable[..., Any], args: tuple[Any, ...],
+                             kwargs: dict[str, Any]) -> int:
+    """The number of plate dims of ``model``, from one run without enumeration (as Pyro's ELBOs
+    guess it)."""
+    with poutine.block():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    dims = [frame.dim for site in trace.nodes.values() if site["type"] == "sample"
+            for frame in site["cond_indep_stack"] if frame.vectorized and frame.dim is not None]
+    return -min(dims) if dims else 0
+
+
+#: Pyro's warning when infer_discrete finds nothing enumerated, word for word.
+_NOTHING_ENUMERATED = (
+    "infer_discrete found no sample sites configured for enumeration. If you want to enumerate "
+    'sites, you need to @config_enumerate or set infer={"enumerate": "sequential"} or '
+    'infer={"enumerate": "parallel"}.'
+)
+
+
+def infer_discrete(fn: Callable[..., Any] | None = None, first_available_dim: int | None = None,
+                   temperature: int = 1, *, strict_enumeration_warning: bool = True,
+                   max_plate_nesting: int | None = None, validate: bool = True) -> Any:
+    """A drop-in for :func:`pyro.infer.infer_discrete` whose inference runs on the engine.
+
+    The returned function runs ``fn`` once to trace its enumerated sites, makes one engine pass
+    over all of them (max-product for ``temperature=0``, a joint posterior sample for
+    ``temperature=1``), and runs ``fn`` again with each site marked
+    ``infer={"enumerate": "parallel"}`` fixed to its MAP value or sample; it returns what ``fn``
+    returns, and ``poutine.trace`` of it records the fixed values. Unlike Pyro's, it understands
+    :class:`~plated.pyro.markov_plate` chains: the chain site gets one value per step, its
+    initial site the state before step 0, and the tensor ``init`` returned is the chain shifted
+    by one step. As in Pyro, the first run is hidden from outer handlers, and latent sites that
+    are not enumerated are sampled afresh in the second run (replay a guide trace *into* ``fn``
+    to fix them).
+
+    Usable as a decorator: ``@infer_discrete(first_available_dim=-2, temperature=0)``.
+
+    :param fn: the model.
+    :param first_available_dim: Pyro's way of giving the plate dims: ``-1 - max_plate_nesting``.
+    :param temperature: 0 for MAP values, 1 for posterior samples.
+    :param strict_enumeration_warning: warn (in Pyro's words) when nothing is enumerated.
+    :param max_plate_nesting: the number of plate dims, if ``first_available_dim`` is not
+        given; if neither is, it is guessed at the first call from one more run of ``fn``
+        without enumeration, and kept.
+    :param validate: check factor values for NaN and ``+inf``.
+    :raises ValueError: for a temperature other than 0 or 1, or a nonnegative
+        ``first_available_dim``.
+    """
+    if fn is None:  # used as a decorator
+        return functools.partial(infer_discrete, first_available_dim=first_available_dim,
+                                 temperature=temperature,
+                                 strict_enumeration_warning=strict_enumeration_warning,
+                                 max_plate_nesting=max_plate_nesting, validate=validate)
+    if temperature not in (0, 1):
+        raise ValueError(f"temperature must be 0 (map) or 1 (sample) for now (got "
+                         f"{temperature!r})")
+    if first_available_dim is not None:
+        if first_available_dim >= 0:
+            raise GraphError(f"first_available_dim must be negative, got {first_available_dim}")
+        given: int | None = -1 - first_available_dim
+    else:
+        given = max_plate_nesting
+    model = fn
+    guessed: list[int] = []  # the guess of the first call, kept (as Pyro's ELBOs keep theirs)
+
+    def inferred(*args: Any, **kwargs: Any) -> Any:
+        if given is None and not guessed:
+            guessed.append(_guess_max_plate_nesting(model, args, kwargs))
+        nesting = check_max_plate_nesting(given) if given is not None else guessed[0]
+        with poutine.block(), torch.no_grad(), warnings.catch_warnings():
+            # there is no guide: Pyro's infer_discrete does not check one either
+            warnings.filterwarnings("ignore", "Found vars in model but not guide")
+            post = _posterior(model, args, kwargs, nesting, None, validate)
+            if not post.sites:
+                values: dict[str, torch.Tensor] = {}
+                if strict_enumeration_warning:
+                    warnings.warn(_NOTHING_ENUMERATED, stacklevel=2)
+            elif temperature == 0:
+                values = post.map()
+            else:
+                values = {name: value[0] for name, value in post.sample(1).items()}
+        return replay_values(model, post, values)(*args, **kwargs)
+
+    return inferred

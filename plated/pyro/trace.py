@@ -51,6 +51,7 @@ __all__ = [
     "check_max_plate_nesting",
     "collect",
     "factor_graph",
+    "get_trace_pairs",
     "get_traces",
     "intractable_hint",
 ]
@@ -209,6 +210,15 @@ def check_max_plate_nesting(max_plate_nesting: Any) -> int:
 def get_traces(model: Callable[..., Any], guide: Callable[..., Any], args: tuple[Any, ...],
                kwargs: dict[str, Any], max_plate_nesting: int
                ) -> Iterator[tuple[Trace, Trace]]:
+    """The traced (model, guide) pairs of :func:`get_trace_pairs`, without its flag."""
+    for model_trace, guide_trace, _ in get_trace_pairs(model, guide, args, kwargs,
+                                                       max_plate_nesting):
+        yield model_trace, guide_trace
+
+
+def get_trace_pairs(model: Callable[..., Any], guide: Callable[..., Any],
+                    args: tuple[Any, ...], kwargs: dict[str, Any], max_plate_nesting: int
+                    ) -> Iterator[tuple[Trace, Trace, bool]]:
     """Run the guide, then the model against it, with Pyro's own enumeration handlers.
 
     Guide sites marked ``enumerate="sequential"`` yield one trace pair per value, as in
@@ -216,6 +226,8 @@ def get_traces(model: Callable[..., Any], guide: Callable[..., Any], args: tuple
     model log-probabilities are left to :func:`collect`, which computes each once, in the form it
     needs (Pyro's ``compute_log_prob`` would compute a scaled and masked copy of every site, and
     check each for NaN at the cost of a host-device sync per site).
+
+    Each pair comes with a flag: whether more pairs follow (known before they are traced).
     """
     guide = EnumMessenger(first_available_dim=-1 - max_plate_nesting)(
         _SiteChecks(max_plate_nesting, "guide")(guide))
@@ -236,7 +248,7 @@ def get_traces(model: Callable[..., Any], guide: Callable[..., Any], args: tuple
                 site["scale"], site["mask"])
             site["log_prob"] = site["score_parts"].log_prob
         _check_traces(model_trace, guide_trace, max_plate_nesting)
-        yield model_trace, guide_trace
+        yield model_trace, guide_trace, not pending.empty()
 
 
 def _check_traces(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> None:
@@ -426,9 +438,11 @@ def collect(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> C
     guide_costs: list[PlacedFactor] = []
     dice: list[PlacedFactor] = []
     log_denom: dict[frozenset[str], float] = {}
+    chain_plates = {name for name, plate in plates.items() if plate.sequential}
     for name, site in _sample_sites(guide_trace):
         ordinal = _ordinal(site)
         log_q = site["log_prob"]
+        _check_guide_site_in_chain(name, site, ordinal & chain_plates)
         if not is_identically_zero(log_q):
             guide_costs.append(PlacedFactor(pack(-log_q, name, site, "log-probability"),
                                             ordinal))
@@ -452,7 +466,8 @@ def collect(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int) -> C
         elif how == "sequential":
             log_total = math.log(site["infer"]["_enum_total"])
             log_denom[ordinal] = log_denom.get(ordinal, 0.0) + log_total
-        dice.append(PlacedFactor(pack(score, name, site, "score function"), ordinal))
+        dice.append(_outside_chains(
+            PlacedFactor(pack(score, name, site, "score function"), ordinal), chain_plates))
 
     # Phase 6: checks across sites
     _check_site_shapes(model_trace, guide_trace, max_plate_nesting)
@@ -624,6 +639,52 @@ def _common_scale(scales: list[tuple[str, Any]]) -> float | torch.Tensor:
             "scale"
         )
     return first
+
+
+def _check_guide_site_in_chain(name: str, site: Any, chain_plates: frozenset[str]) -> None:
+    """Check that a guide site inside ``markov_plate`` s (``chain_plates``, those of its
+    ordinal) is not enumerated.
+
+    A guide site enumerated in a plate takes one value for all the plate's elements, weighted
+    by each element's probability, which is exact only if the elements are independent given
+    what lies outside the plate; the steps of a chain are not.
+
+    :raises GraphError: naming the site and the plate.
+    """
+    infer = site["infer"]
+    how = infer.get("enumerate")
+    if not chain_plates or not how:
+        return
+    what = (f"sampled several times (num_samples={infer['num_samples']})"
+            if infer.get("num_samples") is not None else f"enumerated ({how!r})")
+    plate = sorted(chain_plates)[0]
+    raise GraphError(
+        f"guide site {name!r} is {what} inside markov_plate {plate!r}: a guide-enumerated site "
+        "takes one value for every step of the plate, which is exact only for independent plate "
+        "elements, and the steps of a chain are not. Enumerate the site in the model instead "
+        "(infer={'enumerate': 'parallel'} in the model, no guide site: the engine sums it out "
+        "with the chain, exactly), sample it in the guide without enumeration, or, to enumerate "
+        "it in the guide, write the time loop with pyro.markov"
+    )
+
+
+def _outside_chains(weight: PlacedFactor, chain_plates: set[str]) -> PlacedFactor:
+    """A DiCE weight of a guide site sampled inside ``markov_plate`` s, as the weight the same
+    site would have in a ``pyro.markov`` loop: the product of its steps' weights (a sum in log
+    space along each such plate), at the ordinal without those plates.
+
+    Pyro weighs a cost only by the guide sites of its own plate element, which assumes the
+    elements independent; in a chain, every step's cost depends on every step's guide values
+    (through the chain), so each cost takes the weights of all steps, as the loop gives them.
+    """
+    inside = [p for p in weight.ordinal if p in chain_plates]
+    if not inside:
+        return weight
+    factor = weight.factor
+    summed = [factor.dims.index(p) for p in inside if p in factor.dims]
+    tensor = factor.tensor.sum(summed) if summed else factor.tensor
+    dims = tuple(d for d in factor.dims if d not in inside)
+    return PlacedFactor(Factor(tensor, dims, factor.name), weight.ordinal - frozenset(inside))
 
 
 def _check_guide_more_global(model_enum: Mapping[str, Any], guide_enum: Mapping[str, Any]
