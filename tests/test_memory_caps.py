@@ -334,3 +334,15 @@ def test_choice_in_plate_chunks_is_exact() -> None:
     probs = torch.softmax(x, dim=-1)
     freq = torch.nn.functional.one_hot(draws, 40).double().mean(0)  # (500, 40)
     assert (freq - probs).abs().max() < 0.12  # 400 draws per element: 5 sigma of a Bernoulli
+
+
+def test_cost_accuracy_battery_runs_and_is_accurate() -> None:
+    """``benchmarks/cost_accuracy.py`` on two of its graphs: the prediction is within 1.5x of
+    the measured working memory and FLOPs, for every query."""
+    from benchmarks.cost_accuracy import rows
+
+    table, memory, flops = rows(["pair 1000^2", "local n=2k, 64x64"],
+                                ["log_partition", "gradient", "map", "sample"])
+    assert len(table) == 8 and len(memory) == 8
+    for ratio in memory + flops:
+        assert 1 / 1.5 <= ratio <= 1.5, (ratio, table)
