@@ -19,6 +19,9 @@
   floating-point reductions. The previous setting is restored after each test.
 * **Warnings are errors** (``filterwarnings = error`` in ``setup.cfg``): a new warning fails the
   suite until it is fixed or filtered there with a reason.
+* **Pyro's validation is on**, as it is by default, and restored after each test: an example's
+  ``main()`` run in-process sets it from its ``--validate`` flag, and Pyro's errors and warnings
+  (which the drop-in tests compare with ours) depend on it.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+import pyro
 import pytest
 import torch
+from pyro.infer.util import is_validation_enabled
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +49,14 @@ def numerics_policy() -> Iterator[None]:
     finally:
         torch.set_default_dtype(old_dtype)
         torch.set_num_threads(old_threads)
+
+
+@pytest.fixture(autouse=True)
+def pyro_validation() -> Iterator[None]:
+    """Pyro's validation on for every test, restored afterwards (see the module docstring)."""
+    old = is_validation_enabled()
+    pyro.enable_validation(True)
+    try:
+        yield
+    finally:
+        pyro.enable_validation(old)

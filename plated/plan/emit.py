@@ -330,11 +330,13 @@ class Emitter:
             if not elim:  # a broadcast sum: only its output
                 return _Memory(temp=0)
             if self.structure.ring == "max":  # private dims first, then the joint of the rest
-                return _Memory(temp=(part(slot_a.numel // math.prod([sizes[d] for d in own_a]),
-                                          slot_a.dims)
-                                     + part(slot_b.numel // math.prod([sizes[d] for d in own_b]),
-                                            slot_b.dims)
-                                     + part(contracted, out_dims) + o_s))
+                # (an operand without private dims enters the joint as a view)
+                return _Memory(temp=(
+                    (part(slot_a.numel // math.prod([sizes[d] for d in own_a]), slot_a.dims)
+                     if own_a else 0)
+                    + (part(slot_b.numel // math.prod([sizes[d] for d in own_b]), slot_b.dims)
+                       if own_b else 0)
+                    + part(contracted, out_dims) + o_s))
             # the shifted exponentials of both operands (in place), the einsum's result, its
             # log and the shifts added (in place); autograd saves the exponentials and the
             # einsum's result; the gradient of a contraction over shared dims is one more
@@ -502,8 +504,9 @@ class Emitter:
         src = self.slots[slot]
         positions = tuple(k for k, d in enumerate(src.dims) if d in plates)
         out = self.new_slot([d for d in src.dims if d not in plates])
+        # its gradient is the output's, expanded (a view): no arithmetic
         return self.emit(PlateProduct(ins=(slot,), out=out, note=note, flops=src.numel,
-                                      backward_flops=src.numel, temp_numel=0, dims=positions))
+                                      backward_flops=0, temp_numel=0, dims=positions))
 
     def normalize(self, term: int, total: int, kept: set[str], note: str) -> int:
         """Emit ``term`` divided by its ``total`` over the variables ``kept``."""
