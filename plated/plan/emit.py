@@ -421,11 +421,14 @@ class Emitter:
             gathered = math.prod([n for d, n in zip(slot.dims, slot.shape, strict=True)
                                   if d not in chosen])
             work = (2 if self.structure.ring == "max" else 5) * gathered
+            # and the index vectors (longs) that gather it: one per dim, about twice over
+            index = 2 * sum(n for d, n in zip(slot.dims, slot.shape, strict=True)
+                            if d not in chosen) * max(1, 8 // self.structure.itemsize)
             if chosen & set(slot.dims):
-                per_sample = max(per_sample, per * gathered)
+                per_sample = max(per_sample, per * gathered + index)
                 flops += work
             else:
-                fixed = max(fixed, per_shared * gathered)
+                fixed = max(fixed, per_shared * gathered + index)
                 flops_fixed += work
         choice: dict[str, object] = {
             "choose_numel": per_sample, "choose_fixed": fixed, "choose_flops": flops,
