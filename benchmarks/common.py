@@ -131,3 +131,17 @@ def high_water_kib() -> tuple[int, str]:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+
+
+def replace_readme_section(section: str, text: str) -> None:
+    """Put ``text`` (starting with the heading ``section``) into ``benchmarks/README.md``:
+    in place of that section if it is there (up to the next ``## `` heading), else at the end."""
+    readme = REPO / "benchmarks" / "README.md"
+    cur = readme.read_text()
+    start = cur.find(section)
+    if start < 0:
+        readme.write_text(cur.rstrip("\n") + "\n\n" + text)
+        return
+    nxt = cur.find("\n## ", start + len(section))
+    tail = cur[nxt + 1:] if nxt >= 0 else ""
+    readme.write_text(cur[:start] + text + ("\n" + tail if tail else ""))

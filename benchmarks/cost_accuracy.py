@@ -41,7 +41,6 @@ from plated import Factor, Plate, PlatedFactorGraph  # noqa: E402
 from plated.plan import check_query_memory  # noqa: E402
 from plated.testing import peak_allocated  # noqa: E402
 
-README = REPO / "benchmarks" / "README.md"
 SECTION = "## cost_accuracy.py"
 MB = 10**6
 QUERIES = ("log_partition", "gradient", "map", "sample")
@@ -274,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = f"memory: {within(mem)}; FLOPs: {within(flops)}"
     print(summary)
     if args.write_readme:
-        from benchmarks.common import machine_info, markdown_table
+        from benchmarks.common import machine_info, markdown_table, replace_readme_section
 
         info = machine_info()
         text = (f"{SECTION}\n\n`cost()` against measurement on {len(args.graphs)} graphs: working "
@@ -286,14 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"Machine: cpu {info['cpu']}, torch {info['torch']}, 1 thread, float64.\n\n"
                 "Command: `PYTHONPATH=. python benchmarks/cost_accuracy.py --write-readme`.\n\n"
                 + markdown_table(HEADER, table) + "\n")
-        cur = README.read_text()
-        start = cur.find(SECTION)
-        if start < 0:
-            README.write_text(cur.rstrip("\n") + "\n\n" + text)
-        else:
-            nxt = cur.find("\n## ", start + len(SECTION))
-            tail = cur[nxt + 1:] if nxt >= 0 else ""
-            README.write_text(cur[:start] + text + ("\n" + tail if tail else ""))
+        replace_readme_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "benchmarks" / "README.md"
 SECTION = "## memory.py"
 
 #: see the module docstring
@@ -249,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = rows(args.cases, args.queries)
     if args.write_readme:
         sys.path.insert(0, str(REPO))
-        from benchmarks.common import machine_info, markdown_table
+        from benchmarks.common import machine_info, markdown_table, replace_readme_section
 
         info = machine_info()
         text = (f"{SECTION}\n\nEach path and query under a memory cap, in a fresh subprocess per "
@@ -260,14 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{info['torch']}, 1 thread, python {info['python']}, plated {info['plated']}."
                 "\n\nCommand: `PYTHONPATH=. python benchmarks/memory.py --write-readme`.\n\n"
                 + markdown_table(HEADER, table) + "\n")
-        cur = README.read_text()
-        start = cur.find(SECTION)
-        if start < 0:
-            README.write_text(cur.rstrip("\n") + "\n\n" + text)
-        else:
-            nxt = cur.find("\n## ", start + len(SECTION))
-            tail = cur[nxt + 1:] if nxt >= 0 else ""
-            README.write_text(cur[:start] + text + ("\n" + tail if tail else ""))
+        replace_readme_section(SECTION, text)
 
 
 if __name__ == "__main__":
