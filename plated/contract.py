@@ -498,7 +498,8 @@ def einsum(
     :param operands: log-space tensors, one per input.
     :param plates: the plate letters.
     :param ring: ``"log"`` (sum-product) or ``"max"`` (max-product).
-    :param memory_cap: optional cap in bytes on any one step's working memory.
+    :param memory_cap: optional cap in bytes on the working memory of the call, with its
+        gradient if one is taken (see :class:`~plated.plan.cost.CostReport`).
     :param validate: check values for NaN and ``+inf`` (costs one host-device sync).
     :return: one tensor per output, dims in the output's order.
     :raises GraphError: on malformed equations, mismatched sizes, dtypes, devices or bad values,

@@ -89,4 +89,5 @@ def _rebuild_intractable(problem: str, plates: tuple[str, ...], variables: tuple
 
 
 class MemoryCapError(PlatedError, MemoryError):
-    """A contraction cannot be sliced to fit under the user-set memory cap."""
+    """A query would exceed the user-set memory cap even with its steps sliced: raised when the
+    plan is made or when the query is asked, always before any tensor work."""

@@ -62,7 +62,10 @@ class PlatedFactorGraph:
         graphs that are intractable only because of these plates, at a cost exponential in their
         size. Unrolled plates disappear from the results (their variables are named
         ``"{var}[{i}]"``).
-    :param memory_cap: optional cap in bytes on one step's working memory (see :mod:`plated.plan`).
+    :param memory_cap: optional cap in bytes on every query's working memory: what the engine
+        allocates beyond the factors, their gradients and the query's results (see
+        :class:`~plated.plan.cost.CostReport`); a query that would exceed it raises
+        :class:`~plated.errors.MemoryCapError` before any tensor work.
     :param validate: check factor values for NaN and ``+inf`` on each query, and for
         :meth:`sample` that :math:`\\log Z > -\\infty` (one host-device sync per query).
     :raises GraphError: if the graph is malformed (names the factor, dim, variable or plate).

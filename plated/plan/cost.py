@@ -204,7 +204,7 @@ def _gradient(slots: Sequence[Slot], steps: Sequence[Step], n_inputs: int) -> tu
     return max(peak - all_input_grads, 0), at
 
 
-def _choice(slots: Sequence[Slot], steps: Sequence[Step], n_inputs: int
+def _choice(slots: Sequence[Slot], steps: Sequence[Step]
             ) -> tuple[int, list[tuple[int, int, int, bool, int]], tuple[int, int]]:
     """The forward run that keeps every intermediate (its peak, in elements), and per step its
     backward choice: what is alive, its memory per parallel sample, whether samples share it."""
@@ -239,7 +239,7 @@ def cost_report(slots: Sequence[Slot], steps: Sequence[Step], n_inputs: int, ite
     inputs = sum(slots[i].numel for i in range(n_inputs))
     forward, forward_at = _forward(slots, steps, n_inputs)
     gradient, gradient_at = _gradient(slots, steps, n_inputs)
-    keep_forward, choice, choose_flops = _choice(slots, steps, n_inputs)
+    keep_forward, choice, choose_flops = _choice(slots, steps)
     report = CostReport(
         flops=sum(step.flops for step in steps),
         peak_bytes=(inputs + forward) * itemsize,

@@ -57,7 +57,8 @@ class Structure:
     :ivar keep_vars: variables kept in the result (not eliminated), as einsum outputs keep them.
     :ivar ring: the ring the plan runs in (memory estimates differ by ring).
     :ivar itemsize: bytes per element of the factors' dtype.
-    :ivar memory_cap: an optional cap in bytes on any one step's working memory.
+    :ivar memory_cap: an optional cap in bytes on a query's working memory (see
+        :class:`~plated.plan.cost.CostReport`).
     """
 
     plates: tuple[Plate, ...]
