@@ -251,10 +251,12 @@ def test_memory_cap_holds_in_a_subprocess() -> None:
     from benchmarks.memory import CASES as RSS_CASES
     from benchmarks.memory import measure, verdict
 
-    for case, query in (("unary", "logz_grad"), ("pair", "marginals"), ("max_pair", "map")):
+    # cells with room between the measurement and the promise, which RSS (allocator slack
+    # included) needs; the in-process tests above check every cell against the cap exactly
+    for case, query in (("plate", "map"), ("pair", "marginals"), ("max_pair", "map")):
         cap = RSS_CASES[case][1]
         m = measure(case, query, cap)
-        assert verdict(m, cap) in ("ok", "refused"), (case, query, m)
+        assert verdict(m, cap) == "ok", (case, query, m)  # answered, and within the promise
 
 
 # -- the attention output layer ------------------------------------------------------------------
