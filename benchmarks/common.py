@@ -6,6 +6,7 @@ interquartile range; :func:`machine_info` records what the numbers were measured
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -145,3 +146,18 @@ def replace_readme_section(section: str, text: str) -> None:
     nxt = cur.find("\n## ", start + len(section))
     tail = cur[nxt + 1:] if nxt >= 0 else ""
     readme.write_text(cur[:start] + text + ("\n" + tail if tail else ""))
+
+
+def run_json_child(cmd: Sequence[str], env: dict[str, str], timeout_s: float
+                   ) -> dict[str, object]:
+    """Run a measuring child process; return the last JSON object line it prints, or
+    ``{"error": ...}`` naming a time-out, a failure (with the end of its stderr) or no output."""
+    try:
+        r = subprocess.run(list(cmd), capture_output=True, text=True, env=env,
+                           timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        return {"error": f"exit {r.returncode}: {r.stderr.strip().splitlines()[-3:]}"}
+    return dict(json.loads(lines[-1]))

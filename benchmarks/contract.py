@@ -43,7 +43,6 @@ import math
 import os
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +63,7 @@ from benchmarks.common import (
     machine_info,
     markdown_table,
     reset_high_water,
+    run_json_child,
     text_table,
 )
 from plated import Factor, Plate, PlatedFactorGraph
@@ -465,15 +465,7 @@ def measure_memory(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(spec["threads"]),
            "--memory-child", json.dumps(spec)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s,
-                           check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
-        return {"error": f"exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}"}
-    return dict(json.loads(lines[-1]))
+    return run_json_child(cmd, env, timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -182,16 +181,10 @@ def measure(case: str, query: str, cap: int | None, *, dtype: str = "float64",
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     env.update(CHILD_MALLOC_ENV)
     spec = {"case": case, "query": query, "cap": cap, "dtype": dtype}
+    from benchmarks.common import run_json_child
+
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s,
-                           check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
-        return {"error": f"exit {r.returncode}: {r.stderr.strip().splitlines()[-3:]}"}
-    return dict(json.loads(lines[-1]))
+    return run_json_child(cmd, env, timeout_s)
 
 
 def verdict(m: dict[str, Any], cap: int | None) -> str:

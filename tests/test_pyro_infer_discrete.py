@@ -21,18 +21,17 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, TraceEnum_ELBO
 from pyro.infer import infer_discrete as pyro_infer_discrete
 from pyro.infer.autoguide import AutoDelta
+from test_pyro_dropin import MIX_DATA, mixture
 from test_pyro_query import (
     BY_NAME,
     CASES,
     HMM_N,
     HMM_T,
     Case,
-    _cat,
-    _probs,
-    _randn,
     brute,
     brute_cached,
     check_samples,
+    history_2_models,
     hmm_loop,
     hmm_params,
     hmm_vec,
@@ -228,30 +227,8 @@ def test_markov_plate_samples_follow_the_posterior_as_pyros_do() -> None:
 
 @pytest.mark.parametrize("fixed", [True, False], ids=["int_initial", "dist_initial"])
 def test_markov_plate_history_2_map_equals_pyro_on_the_loop(fixed: bool) -> None:
-    k, t_len = 2, 5
-    trans = _probs(k, k, k, seed=17)
-    locs = torch.tensor([-0.8, 1.0])
-    data = _randn(t_len, seed=18)
-    init = dist.Categorical(torch.tensor([1.0, 0.0]) if fixed else torch.tensor([0.6, 0.4]))
-
-    def loop(data: torch.Tensor) -> None:
-        x1 = pyro.sample("x_m1", init, infer=E)
-        x2 = pyro.sample("x_m2", init, infer=E)
-        for t in pyro.markov(range(t_len), history=2):
-            x = pyro.sample(f"x_{t}", dist.Categorical(trans[x1, x2]), infer=E)
-            pyro.sample(f"y_{t}", dist.Normal(locs[x], 1.0), obs=data[t])
-            x1, x2 = x, x1
-
-    def vec(data: torch.Tensor) -> None:
-        time = pp.markov_plate("time", t_len, dim=-1, history=2)
-        x1, x2 = time.init("x", 0, size=k) if fixed else time.init("x", init)
-        with time:
-            x = pyro.sample("x", dist.Categorical(trans[x1, x2]), infer=E)
-            pyro.sample("y", dist.Normal(locs[x], 1.0), obs=data)
-
-    case = Case("loop2", loop, lambda: (data,), 0,
-                {"x_m1": ((), _cat(k)), "x_m2": ((), _cat(k)),
-                 **{f"x_{t}": ((), _cat(k)) for t in range(t_len)}})
+    t_len = 5
+    loop, vec, data, case = history_2_models(fixed, t_len, seed=17)
     b = brute(case)
     top2 = b.log_joint.topk(2).values
     assert top2[0] - top2[1] > 1e-6, "the test needs a model with a unique MAP"
@@ -275,19 +252,6 @@ def test_sample_posterior_of_a_markov_plate_model_is_consistent() -> None:
 
 # ------------------------------------------------------------------------------------------------
 # with Predictive and a trained guide, as in Pyro's mixture tutorial
-
-MIX_DATA = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0, 0.5])
-
-
-def mixture(data: torch.Tensor) -> None:
-    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
-    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
-    with pyro.plate("components", 2):
-        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
-    with pyro.plate("data", len(data)):
-        assignment = pyro.sample("assignment", dist.Categorical(weights), infer=E)
-        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
-
 
 def trained_guide() -> Any:
     pyro.set_rng_seed(0)

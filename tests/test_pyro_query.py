@@ -515,14 +515,15 @@ def test_markov_plate_samples_chi_squared() -> None:
     check_samples(BY_NAME["hmm_loop"], loop_values(samples, 1), n, brute_cached("hmm_loop"))
 
 
-@pytest.mark.parametrize("fixed", [True, False], ids=["int_initial", "dist_initial"])
-def test_markov_plate_history_2_matches_loop(fixed: bool) -> None:
-    """A second-order chain: ``markov_plate(history=2)`` against ``pyro.markov(history=2)``, with
-    a fixed initial state (``init("x", 0, size=k)``) or a distribution over it."""
-    k, t_len = 2, 4
-    trans = _probs(k, k, k, seed=7)
+def history_2_models(fixed: bool, t_len: int, seed: int
+                     ) -> tuple[Callable[..., None], Callable[..., None], torch.Tensor, Case]:
+    """A second-order chain of 2 states as a ``pyro.markov(history=2)`` loop and as a
+    ``markov_plate(history=2)``, with a fixed initial state (``init("x", 0, size=k)``) or a
+    distribution over it: ``(loop, vec, data, the loop's brute-force case)``."""
+    k = 2
+    trans = _probs(k, k, k, seed=seed)
     locs = torch.tensor([-0.8, 1.0])
-    data = _randn(t_len, seed=8)
+    data = _randn(t_len, seed=seed + 1)
     init = dist.Categorical(torch.tensor([1.0, 0.0]) if fixed else torch.tensor([0.6, 0.4]))
 
     def loop(data: torch.Tensor) -> None:
@@ -543,6 +544,15 @@ def test_markov_plate_history_2_matches_loop(fixed: bool) -> None:
     case = Case("loop2", loop, lambda: (data,), 0,
                 {"x_m1": ((), _cat(k)), "x_m2": ((), _cat(k)),
                  **{f"x_{t}": ((), _cat(k)) for t in range(t_len)}})
+    return loop, vec, data, case
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["int_initial", "dist_initial"])
+def test_markov_plate_history_2_matches_loop(fixed: bool) -> None:
+    """A second-order chain: ``markov_plate(history=2)`` against ``pyro.markov(history=2)``, with
+    a fixed initial state (``init("x", 0, size=k)``) or a distribution over it."""
+    t_len = 4
+    loop, vec, data, case = history_2_models(fixed, t_len, seed=7)
     b = brute(case)
     pv = pp.posterior(vec, data, max_plate_nesting=1)
     pl = pp.posterior(loop, data, max_plate_nesting=0)
