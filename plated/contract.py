@@ -18,7 +18,7 @@ import torch
 
 from .errors import GraphError
 from .factor import Plate
-from .markov import chain_backward, chain_forward, scan_backward, scan_forward, unravel
+from .markov import Eliminated, chain_backward, chain_forward, scan_backward, scan_forward, unravel
 from .plan import (
     ChainStep,
     NormalizeStep,
@@ -39,7 +39,7 @@ from .typing import RingName
 __all__ = ["run_plan", "run_backward", "einsum", "einsum_structures", "check_values"]
 
 
-Saved = tuple[list[torch.Tensor], list[int], torch.Tensor | None]
+Saved = Eliminated
 
 
 def check_values(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
@@ -160,7 +160,8 @@ def run_plan(
     :param tensors: the factors' tensors, in the structure's order and dim order.
     :param keep: keep every intermediate (needed by :func:`run_backward`); otherwise each is
         dropped once used.
-    :return: the value of every slot (``None`` for dropped ones) and the saved levels of each scan.
+    :return: the value of every slot (``None`` for dropped ones) and, per chain step, what its
+        backward choice needs.
     """
     vals: list[torch.Tensor | None] = [None] * len(plan.slots)
     for k, (t, perm) in enumerate(zip(tensors, plan.input_perms, strict=True)):
@@ -183,9 +184,9 @@ def run_plan(
             case PlateProduct():
                 result = ring.product(x, step.dims)
             case ChainStep():
-                result, levels, lengths, start = chain_forward(ring, ins, step.layout)
+                result, kept = chain_forward(ring, ins, step.layout, step.method)
                 if keep:
-                    saved[k] = (levels, lengths, start)
+                    saved[k] = kept
             case NormalizeStep():
                 total = ins[1]
                 for position in step.dims:
@@ -194,9 +195,9 @@ def run_plan(
                 # -inf)
                 result = x - torch.where(torch.isfinite(total), total, torch.zeros_like(total))
             case ScanStep():
-                result, levels, lengths = scan_forward(ring, x, step.layout)
+                result, kept = scan_forward(ring, x, step.layout, step.method)
                 if keep:
-                    saved[k] = (levels, lengths, None)
+                    saved[k] = kept
             case _:  # pragma: no cover - every step type is handled above
                 raise TypeError(f"unknown plan step {type(step).__name__}")
         vals[step.out] = result
@@ -350,16 +351,14 @@ def run_backward(
                     new[name] = v
                 ctxs[step.ins[0]] = new
             case ChainStep():
-                levels, lengths, start = saved[k]
-                picked = chain_backward(ring, levels, lengths, start, step.layout, ctx, num_samples,
+                picked = chain_backward(ring, saved[k], step.layout, ctx, num_samples,
                                         out_plates, plates)
                 chosen.update(picked)
                 new = {**ctx, **picked}
                 for i in step.ins:
                     ctxs[i] = new
             case ScanStep():
-                levels, lengths, _ = saved[k]
-                picked, child = scan_backward(ring, levels, lengths, step.layout, ctx,
+                picked, child = scan_backward(ring, saved[k], step.layout, ctx,
                                               num_samples, plates)
                 chosen.update(picked)
                 ctxs[step.ins[0]] = child
@@ -447,6 +446,7 @@ def _structures(inputs: list[str], outputs: list[str], operands: Sequence[torch.
     sizes = dim_sizes(zip(inputs, (tuple(x.shape) for x in operands), labels, strict=True))
     plate_objs = tuple(Plate(p, sizes[p]) for p in sorted(plate_set) if p in sizes)
     itemsize = operands[0].element_size() if operands else 8
+    device = operands[0].device.type if operands else "cpu"
     ordinals = variable_ordinals(inputs, plate_objs)
     shapes = tuple((tuple(d), tuple(x.shape)) for d, x in zip(inputs, operands, strict=True))
     structures = []
@@ -460,7 +460,8 @@ def _structures(inputs: list[str], outputs: list[str], operands: Sequence[torch.
                     f"{sorted(missing)}; add them to the output"
                 )
         structures.append(Structure(plate_objs, shapes, labels, keep_vars=tuple(out_vars),
-                                    ring=ring, itemsize=itemsize, memory_cap=memory_cap))
+                                    ring=ring, itemsize=itemsize, memory_cap=memory_cap,
+                                    device=device))
     return structures, sizes
 
 

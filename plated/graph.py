@@ -133,6 +133,7 @@ class PlatedFactorGraph:
             ring=ring,
             itemsize=t0.element_size(),
             memory_cap=self.memory_cap,
+            device=t0.device.type,
         )
 
     def plan(self, ring: RingName = "log", keep_vars: bool = False) -> Plan:

@@ -17,14 +17,67 @@ Obermeyer et al. (2019), Sec. 4 ("Sequential plates"), and Särkkä & García-Fe
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .plan.ir import ChainLayout, ScanLayout
+from .recursion import recursion_descend, recursion_forward
 from .rings import Semiring
+from .typing import ChainMethod
 
 __all__ = ["scan_forward", "scan_backward", "chain_forward", "chain_backward", "unravel",
-           "scan_levels", "descend"]
+           "scan_levels", "descend", "Eliminated"]
+
+
+@dataclass
+class Eliminated:
+    """What a chain's elimination keeps for its backward choice (MAP or sampling).
+
+    :ivar m: the transitions ``(batch, n, K, K)`` (recursion).
+    :ivar beta: the recursion's messages ``(batch, n + 1, K)``; ``pointers`` the max ring's
+        back-pointers ``(batch, n, K)``.
+    :ivar levels: the scan's levels and their ``lengths`` (scan).
+    :ivar start: a chain of variables' start vector ``(batch, K)``, if it has one.
+    """
+
+    method: ChainMethod
+    m: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
+    pointers: torch.Tensor | None = None
+    levels: list[torch.Tensor] | None = None
+    lengths: list[int] | None = None
+    start: torch.Tensor | None = None
+
+    def last(self) -> torch.Tensor:
+        """The chain's result before its state before the chain is summed: ``(batch, K)`` over
+        the first state (recursion) or ``(batch, K, K)`` over the first and last (scan)."""
+        if self.method == "recursion":
+            assert self.beta is not None
+            return self.beta[:, 0]
+        assert self.levels is not None
+        return self.levels[-1][:, 0]
+
+    def descend(self, ring: Semiring, b: torch.Tensor, first: torch.Tensor,
+                last: torch.Tensor | None) -> torch.Tensor:
+        """Every state of the chains at batch index ``b`` ``(S, P)``, given the first state
+        ``(S, P)`` (and, for the scan, the last one): ``(S, P, n + 1)``."""
+        if self.method == "recursion":
+            assert self.m is not None and self.beta is not None
+            return recursion_descend(ring, self.m, self.beta, self.pointers, b, first)
+        assert self.levels is not None and self.lengths is not None and last is not None
+        return descend(ring, self.levels, self.lengths, b, torch.stack([first, last], dim=-1))
+
+
+def _eliminate(ring: Semiring, m: torch.Tensor, method: ChainMethod
+               ) -> tuple[torch.Tensor, Eliminated]:
+    """Eliminate the chain ``m`` ``(batch, n, K, K)`` by ``method``: the result over the first
+    and (scan) last state, and what the backward choice needs."""
+    if method == "recursion":
+        top, beta, pointers = recursion_forward(ring, m)
+        return top, Eliminated(method, m=m, beta=beta, pointers=pointers)
+    levels, lengths = scan_levels(ring, m)
+    return levels[-1][:, 0], Eliminated(method, levels=levels, lengths=lengths)
 
 
 def scan_levels(ring: Semiring, m: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
@@ -89,29 +142,28 @@ def _batch_index(batch_dims: tuple[str, ...], batch_shape: tuple[int, ...],
 
 
 def scan_forward(
-    ring: Semiring, x: torch.Tensor, spec: ScanLayout
-) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-    """Eliminate the chain of ``spec.plate`` from the transition tensor ``x``.
+    ring: Semiring, x: torch.Tensor, spec: ScanLayout, method: ChainMethod = "scan"
+) -> tuple[torch.Tensor, Eliminated]:
+    """Eliminate the chain of ``spec.plate`` from the transition tensor ``x`` by ``method``.
 
     :param x: log transition factor with the slot's canonical dims (plates, outer variables, the
         chain's previous-value dims and its variables).
-    :return: ``(result, levels, lengths)``: the result over the remaining plates, outer variables
-        and previous-value dims (canonical order); the tensor of every level of the scan, each
-        ``(batch, n, K, K)``; and the length of every level.
+    :return: ``(result, kept)``: the result over the remaining plates, outer variables and
+        previous-value dims (canonical order); and what the backward choice needs.
     """
     batch = math.prod(spec.batch_shape)
     k = spec.state
     m = x.permute(spec.in_perm).reshape(spec.in_view).expand(spec.in_full)
     m = m.reshape(batch, spec.length, k, k)
-    levels, lengths = scan_levels(ring, m)
-    top = levels[-1][:, 0]
-    res = ring.reduce(top, (-1,))  # eliminate the last state of the chain
+    top, kept = _eliminate(ring, m, method)
+    # eliminate the last state of the chain (the recursion's messages already have)
+    res = ring.reduce(top, (-1,)) if method == "scan" else top
     res = res.reshape(tuple(spec.batch_shape) + tuple(spec.prev_sizes))
     nb = len(spec.batch_shape)
     for j in reversed(range(len(spec.prev))):
         if spec.prev[j] not in spec.present_prev:
             res = res.select(nb + j, 0)  # constant along a prev dim no factor mentions
-    return res.permute(spec.out_perm), levels, lengths
+    return res.permute(spec.out_perm), kept
 
 
 def unravel(flat: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
@@ -125,8 +177,7 @@ def unravel(flat: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
 
 def scan_backward(
     ring: Semiring,
-    levels: list[torch.Tensor],
-    lengths: list[int],
+    kept: Eliminated,
     spec: ScanLayout,
     ctx: dict[str, torch.Tensor],
     num_samples: int,
@@ -142,7 +193,7 @@ def scan_backward(
     """
     after = spec.plates_after
     s = num_samples
-    device = levels[0].device
+    device = kept.last().device
     after_sizes = tuple(plate_sizes[p] for p in after)
     na = len(after)
 
@@ -164,9 +215,9 @@ def scan_backward(
     b = b.expand(full).reshape(s, -1)
     left = left.expand(full).reshape(s, -1)
 
-    top = levels[-1][:, 0]
-    last = ring.choose(top[b, left])
-    bnd = descend(ring, levels, lengths, b, torch.stack([left, last], dim=-1))
+    top = kept.last()
+    last = ring.choose(top[b, left]) if kept.method == "scan" else None
+    bnd = kept.descend(ring, b, left, last)
 
     t_pos = spec.plates_before.index(spec.plate)
 
@@ -182,12 +233,13 @@ def scan_backward(
     return chosen, child
 
 
-def chain_forward(ring: Semiring, xs: list[torch.Tensor], spec: ChainLayout
-                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[int], torch.Tensor | None]:
-    """Eliminate a chain of variables found inside a contraction (see :class:`ChainLayout`).
+def chain_forward(ring: Semiring, xs: list[torch.Tensor], spec: ChainLayout,
+                  method: ChainMethod = "scan") -> tuple[torch.Tensor, Eliminated]:
+    """Eliminate a chain of variables found inside a contraction (see :class:`ChainLayout`) by
+    ``method``.
 
-    :return: the result over the batch dims, the scan levels and lengths, and the start vector
-        ``(batch, K)`` (or ``None``) needed by :func:`chain_backward`.
+    :return: the result over the batch dims, and what :func:`chain_backward` needs (the start
+        vector ``(batch, K)`` among it, or ``None``).
     """
     k = spec.size
     n = len(spec.vars) - 1
@@ -207,35 +259,37 @@ def chain_forward(ring: Semiring, xs: list[torch.Tensor], spec: ChainLayout
             const = y if const is None else const + y
     mats = [m.expand(*bshape, k, k) for m in steps if m is not None]
     m = torch.stack(mats, dim=-3).reshape(batch, n, k, k)
-    levels, lengths = scan_levels(ring, m)
-    top = levels[-1][:, 0]
-    flat_start = None
+    top, kept = _eliminate(ring, m, method)
     if start is not None:
-        flat_start = start.expand(*bshape, k).reshape(batch, k)
-        top = top + flat_start.unsqueeze(-1)
-    res = ring.reduce(top, (-2, -1)).reshape(bshape)
+        kept.start = start.expand(*bshape, k).reshape(batch, k)
+        top = top + (kept.start.unsqueeze(-1) if method == "scan" else kept.start)
+    res = ring.reduce(top, (-2, -1) if method == "scan" else (-1,)).reshape(bshape)
     if const is not None:
         res = res + const
-    return res, levels, lengths, flat_start
+    return res, kept
 
 
-def chain_backward(ring: Semiring, levels: list[torch.Tensor], lengths: list[int],
-                   start: torch.Tensor | None, spec: ChainLayout, ctx: dict[str, torch.Tensor],
-                   num_samples: int, plates: tuple[str, ...], plate_sizes: dict[str, int]
-                   ) -> dict[str, torch.Tensor]:
+def chain_backward(ring: Semiring, kept: Eliminated, spec: ChainLayout,
+                   ctx: dict[str, torch.Tensor], num_samples: int, plates: tuple[str, ...],
+                   plate_sizes: dict[str, int]) -> dict[str, torch.Tensor]:
     """Choose every variable of a chain given the chosen values of its batch variables.
 
     :return: each chain variable, ``(S, *plates)``.
     """
-    device = levels[0].device
+    top = kept.last()
+    device = top.device
     s = num_samples
     full = (s,) + tuple(plate_sizes[p] for p in plates)
     b = _batch_index(spec.batch_dims, spec.batch_shape, plates, ctx, device)
     b = b.expand(full).reshape(s, -1)
-    top = levels[-1][:, 0]
-    if start is not None:
-        top = top + start.unsqueeze(-1)
-    first = ring.choose(ring.reduce(top, (-1,))[b])
-    last = ring.choose(top[b, first])
-    bnd = descend(ring, levels, lengths, b, torch.stack([first, last], dim=-1))
+    if kept.method == "scan":
+        if kept.start is not None:
+            top = top + kept.start.unsqueeze(-1)
+        first = ring.choose(ring.reduce(top, (-1,))[b])
+        last = ring.choose(top[b, first])
+    else:
+        if kept.start is not None:
+            top = top + kept.start
+        first, last = ring.choose(top[b]), None
+    bnd = kept.descend(ring, b, first, last)
     return {v: bnd[..., t].reshape(full) for t, v in enumerate(spec.vars)}

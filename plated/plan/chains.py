@@ -1,25 +1,35 @@
-"""Chains: recognising a chain of variables in a contraction, and laying out a sequential scan.
+"""Chains: recognising a chain of variables in a contraction, laying out a sequential scan, and
+choosing how to eliminate a chain.
 
-Both are eliminated by the same log-depth parallel scan (:mod:`plated.markov`); these functions
-only compute layouts, from slots and sizes, and emit nothing.
+Both kinds of chain are eliminated by one of two methods (:data:`~plated.typing.ChainMethod`):
+the sequential forward-backward recursion (:mod:`plated.recursion`) or the log-depth parallel
+scan (:mod:`plated.markov`). :func:`chain_method` chooses by a cost model of the time each takes
+on the factors' device (:data:`DEVICE_SPEEDS`), among those that fit the memory cap. These
+functions only compute layouts and costs, from slots and sizes, and emit nothing.
 
 * :func:`find_chain`: among the inputs of one contraction, a path ``v_0 - v_1 - ... - v_n`` of
   equal-sized eliminated variables with only edge, unary and constant factors (an HMM unrolled
   into one einsum, say);
 * :func:`scan_layout`: a sequential plate's transition tensor laid out as
-  ``(batch, length, state, state)``.
+  ``(batch, length, state, state)``;
+* :func:`chain_method`: the method, its predicted cost, and the predicted time of each method.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
-from ..typing import ChainRole
+from ..typing import ChainMethod, ChainRole
 from .analysis import Analysis
+from .cost import CAP_MARGIN
 from .ir import ChainLayout, ChainPart, ScanLayout, Slot
 
-__all__ = ["CHAIN_MIN_LENGTH", "find_chain", "scan_layout"]
+__all__ = ["CHAIN_MIN_LENGTH", "DEVICE_SPEEDS", "DeviceSpeed", "find_chain", "scan_layout",
+           "scan_cost", "recursion_cost", "chain_times", "chain_method", "chain_need",
+           "forced_chain_method", "describe_times"]
 
 #: Contractions that eliminate a chain of at least this many equal-sized variables (an unrolled
 #: HMM, say) run as one parallel scan instead of pairwise steps. Set to a huge value to disable.
@@ -118,3 +128,168 @@ def scan_layout(source: Slot, plate: str, leaf: frozenset[str], outer: set[str],
         out_batch_dims=tuple(out_batch), out_perm=tuple(out_batch.index(d) for d in out_dims),
         plates_before=analysis.canon(leaf), plates_after=plates_after)
     return layout, out_dims
+
+
+# ----------------------------------------------------------------------------------------------
+# how to eliminate a chain
+
+
+def scan_cost(ring: str, batch: int, length: int, state: int, stacked: bool = False
+              ) -> dict[str, int]:
+    """Predicted cost of a parallel scan over ``length`` ``(state, state)`` matrices per batch
+    element (a sequential plate's chain, or a chain of variables), as measured on this
+    implementation (``benchmarks/cost_accuracy.py``): the levels of the product tree hold about
+    twice the first level; the log ring's products add shifted exponentials and their product,
+    the max ring's materialise the ``(state, state, state)`` broadcast of each product. Its
+    backward choice indexes the levels per sample. A chain of variables (``stacked``) first
+    stacks its factors into the first level, whose gradient is split back among them."""
+    n = batch * length * state * state
+    vectors = batch * length * state
+    if ring == "max":
+        temp = n * state // 2 + 2 * n
+        flops = 7 * n * state // 4 + 4 * n
+    else:
+        temp = (3 if stacked else 2) * n + n // 5
+        flops = 2 * n * state + 20 * n
+    return {"flops": flops, "backward_flops": flops, "temp_numel": temp,
+            "saved_numel": n, "backward_numel": (4 if stacked else 2) * n, "kept_numel": 2 * n,
+            "choose_numel": 2 * vectors, "choose_flops": 2 * vectors}
+
+
+def recursion_cost(ring: str, batch: int, length: int, state: int, stacked: bool = False,
+                   copied: bool = False) -> dict[str, int]:
+    """Predicted cost of the sequential recursion (:mod:`plated.recursion`) over ``length``
+    ``(state, state)`` matrices per batch element, the fields of :func:`scan_cost`.
+
+    The log ring exponentiates every matrix at once (one copy of the chain) and keeps the
+    ``(batch, length + 1, state)`` messages; its gradient makes one chain-sized tensor (the
+    conditional transitions, turned into the gradient in place). The max ring's recursion keeps
+    its messages and back-pointers, and its gradient (autograd's) scatters into one chain-sized
+    tensor. ``stacked``: the chain's factors are first stacked into one tensor (a chain of
+    variables), kept for the backward pass; ``copied``: laying out a sequential plate's
+    transitions copies them.
+    """
+    n = batch * length * state * state
+    vectors = batch * (length + 1) * state
+    layout = n if (stacked or copied) else 0
+    if ring == "max":
+        temp = 2 * batch * state * state + 3 * vectors
+        flops = 2 * n
+        saved = 2 * vectors
+    else:
+        temp = n + 3 * vectors
+        flops = 2 * n + 4 * n
+        saved = vectors
+    return {"flops": flops, "backward_flops": 5 * n, "temp_numel": temp + layout,
+            "saved_numel": saved + layout, "backward_numel": n + 2 * vectors,
+            "kept_numel": 2 * vectors + layout,
+            "choose_numel": 3 * batch * state + batch * (length + 1),
+            "choose_flops": 4 * batch * length * state}
+
+
+@dataclass(frozen=True)
+class DeviceSpeed:
+    """The speed of a device, as :func:`chain_times` models it.
+
+    :ivar op_s: seconds of one small tensor operation (launch and dispatch).
+    :ivar elem_s: seconds per element of an elementwise pass or a reduction.
+    :ivar flop_s: seconds per multiply-add of a batched matrix product.
+    """
+
+    op_s: float
+    elem_s: float
+    flop_s: float
+
+
+#: Measured on a 2-core AMD EPYC (torch 2.13.0+cpu; ``benchmarks/chains.py``) for ``"cpu"``;
+#: ``"cuda"`` from the launch latency and bandwidth of a data-centre GPU, where a parallel scan's
+#: few wide levels beat many narrow steps. Other device types use the ``"cuda"`` figures.
+DEVICE_SPEEDS: dict[str, DeviceSpeed] = {
+    "cpu": DeviceSpeed(op_s=6e-6, elem_s=1.5e-9, flop_s=1e-10),
+    "cuda": DeviceSpeed(op_s=1.5e-5, elem_s=5e-12, flop_s=5e-14),
+}
+
+#: Tensor operations a step (recursion) or a level (scan) launches, forward plus backward.
+_RECURSION_OPS = {"log": 16, "max": 8}
+_SCAN_OPS = {"log": 40, "max": 16}
+
+
+def chain_times(ring: str, batch: int, length: int, state: int, device: str
+                ) -> dict[ChainMethod, float]:
+    """Predicted seconds of log Z plus its gradient for each method (see :class:`DeviceSpeed`):
+    the recursion launches a few operations per step and passes over the chain a few times; the
+    scan launches more per level, over ``log2(length)`` levels, and multiplies matrices
+    (``state`` times the recursion's work; the max ring's products are elementwise)."""
+    speed = DEVICE_SPEEDS.get(device, DEVICE_SPEEDS["cuda"])
+    n = batch * length * state * state
+    levels = max(1, math.ceil(math.log2(max(length, 1)))) + 1
+    recursion = (length * _RECURSION_OPS[ring] * speed.op_s + 20 * n * speed.elem_s
+                 + 4 * n * speed.flop_s)
+    if ring == "max":
+        products = 3 * n * state * speed.elem_s
+    else:
+        products = 3 * n * state * speed.flop_s
+    scan = levels * _SCAN_OPS[ring] * speed.op_s + 25 * n * speed.elem_s + products
+    return {"recursion": recursion, "scan": scan}
+
+
+_FORCED: list[ChainMethod] = []
+
+
+@contextlib.contextmanager
+def forced_chain_method(method: ChainMethod) -> Iterator[None]:
+    """Plan every chain with ``method`` where it fits the memory cap, instead of the cost model's
+    choice, inside the block
+    (for tests and benchmarks that compare the methods; the plan cache is cleared on entry and
+    on exit, so no plan made inside outlives it)."""
+    from .cache import clear_plan_cache
+
+    if method not in ("recursion", "scan"):
+        raise ValueError(f"unknown chain method {method!r}; use 'recursion' or 'scan'")
+    clear_plan_cache()
+    _FORCED.append(method)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+        clear_plan_cache()
+
+
+def chain_need(cost: dict[str, int]) -> int:
+    """The largest working memory of a chain step, in elements, over its queries."""
+    return max(cost["temp_numel"], cost["saved_numel"] + cost["backward_numel"],
+               cost["kept_numel"] + cost["choose_numel"])
+
+
+def chain_method(ring: str, batch: int, length: int, state: int, device: str, itemsize: int,
+                 cap: int | None, stacked: bool = False, copied: bool = False
+                 ) -> tuple[ChainMethod, dict[str, int], dict[ChainMethod, float]] | None:
+    """How to eliminate a chain: the fastest method by :func:`chain_times` among those whose
+    working memory fits ``cap`` (with :data:`~plated.plan.cost.CAP_MARGIN`).
+
+    :return: the method, its cost fields, and the predicted time of every method; ``None``
+        when none fits the cap.
+    """
+    costs: dict[ChainMethod, dict[str, int]] = {
+        "recursion": recursion_cost(ring, batch, length, state, stacked, copied),
+        "scan": scan_cost(ring, batch, length, state, stacked),
+    }
+    times = chain_times(ring, batch, length, state, device)
+    order = sorted(costs, key=times.__getitem__)
+    if _FORCED:  # the forced method first; the other if it does not fit
+        order.sort(key=lambda method: method != _FORCED[-1])
+    for method in order:
+        if cap is None or chain_need(costs[method]) * itemsize * CAP_MARGIN <= cap:
+            return method, costs[method], times
+    return None
+
+
+def describe_times(method: ChainMethod, times: dict[ChainMethod, float]) -> str:
+    """``"by sequential recursion (predicted 1.2 ms; scan 3.4 ms)"``: a step's note."""
+    names = {"recursion": "sequential recursion", "scan": "parallel scan"}
+    others = "; ".join(f"{m} {_ms(t)}" for m, t in times.items() if m != method)
+    return f"by {names[method]} (predicted {_ms(times[method])}; {others})"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"

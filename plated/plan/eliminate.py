@@ -25,9 +25,16 @@ import math
 
 from ..errors import IntractableError
 from .analysis import Analysis, analyse, connected_components, plate_str
-from .chains import scan_layout
-from .cost import cost_report
-from .emit import Emitter, scan_cost
+from .chains import (
+    chain_method,
+    chain_need,
+    describe_times,
+    recursion_cost,
+    scan_cost,
+    scan_layout,
+)
+from .cost import CAP_MARGIN, cost_report
+from .emit import Emitter
 from .ir import Plan, ScanStep, Structure, check_working_memory
 
 __all__ = ["build_plan"]
@@ -217,14 +224,24 @@ class _Elimination:
         layout, out_dims = scan_layout(emitter.slots[transition], plate, leaf, outer, analysis)
         batch = math.prod(layout.batch_shape)
         length, state = layout.length, layout.state
-        cost = scan_cost(self.structure.ring, batch, length, state)
+        st = self.structure
+        copied = (layout.in_perm != tuple(range(len(layout.in_perm)))
+                  or layout.in_view != layout.in_full)
+        choice = chain_method(st.ring, batch, length, state, st.device, st.itemsize,
+                              st.memory_cap, copied=copied)
+        if choice is None:  # neither method fits: refused, with the smaller need
+            need = min(chain_need(recursion_cost(st.ring, batch, length, state, copied=copied)),
+                       chain_need(scan_cost(st.ring, batch, length, state)))
+            check_working_memory(f"the chain along sequential plate {plate!r} (with the "
+                                 f"headroom of CAP_MARGIN = {CAP_MARGIN})",
+                                 math.ceil(need * CAP_MARGIN), st.itemsize, st.memory_cap)
+        assert choice is not None  # refused above
+        method, cost, times = choice
         out = emitter.new_slot(out_dims)
         emitter.emit(ScanStep(
-            ins=(transition,), out=out, note=f"parallel scan along {plate!r} (length {length}, "
-            f"{state} states, batch {batch})", layout=layout, **cost))
-        temp = cost["temp_numel"]
-        check_working_memory(f"the scan along sequential plate {plate!r}", temp,
-                             self.structure.itemsize, self.structure.memory_cap)
+            ins=(transition,), out=out, note=f"chain along {plate!r} (length {length}, "
+            f"{state} states, batch {batch}) " + describe_times(method, times), layout=layout,
+            method=method, **cost))
         rest = emitter.vars_of(out)
         parent = frozenset().union(*(ordinals[v] for v in rest)) | self.kept_plates
         result = emitter.product(out, after - parent,

@@ -26,7 +26,7 @@ import opt_einsum
 
 from ..errors import MemoryCapError
 from .analysis import Analysis
-from .chains import find_chain
+from .chains import chain_method, describe_times, find_chain, scan_cost
 from .cost import CAP_MARGIN
 from .ir import (
     ChainLayout,
@@ -42,29 +42,7 @@ from .ir import (
     fmt_bytes,
 )
 
-__all__ = ["Emitter", "scan_cost"]
-
-
-def scan_cost(ring: str, batch: int, length: int, state: int, stacked: bool = False
-              ) -> dict[str, int]:
-    """Predicted cost of a parallel scan over ``length`` ``(state, state)`` matrices per batch
-    element (a sequential plate's chain, or a chain of variables), as measured on this
-    implementation (``benchmarks/cost_accuracy.py``): the levels of the product tree hold about
-    twice the first level; the log ring's products add shifted exponentials and their product,
-    the max ring's materialise the ``(state, state, state)`` broadcast of each product. Its
-    backward choice indexes the levels per sample. A chain of variables (``stacked``) first
-    stacks its factors into the first level, whose gradient is split back among them."""
-    n = batch * length * state * state
-    vectors = batch * length * state
-    if ring == "max":
-        temp = n * state // 2 + 2 * n
-        flops = 7 * n * state // 4 + 4 * n
-    else:
-        temp = (3 if stacked else 2) * n + n // 5
-        flops = 2 * n * state + 20 * n
-    return {"flops": flops, "backward_flops": flops, "temp_numel": temp,
-            "saved_numel": n, "backward_numel": (4 if stacked else 2) * n, "kept_numel": 2 * n,
-            "choose_numel": 2 * vectors, "choose_flops": 2 * vectors}
+__all__ = ["Emitter", "scan_cost"]  # scan_cost: from plated.plan.chains
 
 
 @dataclass(frozen=True)
@@ -138,8 +116,10 @@ class Emitter:
         if len(ins) == 2:
             return self.pair(ins[0], ins[1], out_dims, note)
         chain = find_chain(self.slots, ins, elim, out_dims, self.analysis)
-        if chain is not None and self._chain_fits(chain):
-            return self.chain(ins, chain, note)
+        if chain is not None:
+            emitted = self.chain(ins, chain, note)
+            if emitted is not None:
+                return emitted
         symbols = {d: opt_einsum.get_symbol(k) for k, d in enumerate(self.canon(all_dims))}
         equation = (",".join("".join(symbols[d] for d in self.slots[i].dims) for i in ins) + "->"
                     + "".join(symbols[d] for d in out_dims))
@@ -170,27 +150,22 @@ class Emitter:
         (result,) = live
         return result
 
-    def _chain_fits(self, layout: ChainLayout) -> bool:
-        """Whether a chain's scan fits the memory cap, forward and backward (under a cap a chain
-        that does not fit is contracted pairwise instead, by steps that can be sliced)."""
-        cap = self.structure.memory_cap
-        if cap is None:
-            return True
-        cost = scan_cost(self.structure.ring, math.prod(layout.batch_shape),
-                         len(layout.vars) - 1, layout.size, stacked=True)
-        need = max(cost["temp_numel"], cost["saved_numel"] + cost["backward_numel"],
-                   cost["kept_numel"] + cost["choose_numel"])
-        return need * self.structure.itemsize * CAP_MARGIN <= cap
-
-    def chain(self, ins: Sequence[int], layout: ChainLayout, note: str) -> int:
-        """Emit the scan that eliminates the chain ``layout`` found among ``ins``."""
+    def chain(self, ins: Sequence[int], layout: ChainLayout, note: str) -> int | None:
+        """Emit the elimination of the chain ``layout`` found among ``ins``, by the method the
+        cost model chooses (:func:`~plated.plan.chains.chain_method`); ``None`` when no method
+        fits the memory cap (the chain is then contracted pairwise, by steps that can be
+        sliced)."""
+        st = self.structure
         batch = math.prod(layout.batch_shape)
+        choice = chain_method(st.ring, batch, len(layout.vars) - 1, layout.size, st.device,
+                              st.itemsize, st.memory_cap, stacked=True)
+        if choice is None:
+            return None
+        method, cost, times = choice
         out = self.new_slot(layout.batch_dims)
         return self.emit(ChainStep(
-            ins=tuple(ins), out=out, note=f"{note}: chain of {len(layout.vars)} variables by "
-            "parallel scan", layout=layout,
-            **scan_cost(self.structure.ring, batch, len(layout.vars) - 1, layout.size,
-                        stacked=True)))
+            ins=tuple(ins), out=out, note=f"{note}: chain of {len(layout.vars)} variables "
+            + describe_times(method, times), layout=layout, method=method, **cost))
 
     def reduce(self, slot: int, out_dims: tuple[str, ...], note: str) -> int:
         """Emit the elimination of every dim of ``slot`` not in ``out_dims``.

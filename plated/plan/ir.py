@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MemoryCapError
 from ..factor import Plate
-from ..typing import ChainRole, RingName
+from ..typing import ChainMethod, ChainRole, RingName
 
 if TYPE_CHECKING:
     from .cost import CostReport
@@ -59,6 +59,8 @@ class Structure:
     :ivar itemsize: bytes per element of the factors' dtype.
     :ivar memory_cap: an optional cap in bytes on a query's working memory (see
         :class:`~plated.plan.cost.CostReport`).
+    :ivar device: the factors' device type (``"cpu"``, ``"cuda"``, ...): the cost model that
+        chooses how to eliminate a chain depends on it.
     """
 
     plates: tuple[Plate, ...]
@@ -69,6 +71,7 @@ class Structure:
     ring: RingName = "log"
     itemsize: int = 8
     memory_cap: int | None = None
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -331,9 +334,11 @@ class NormalizeStep(Step):
 
 @dataclass(frozen=True, kw_only=True)
 class ScanStep(_Contraction):
-    """The chain of a sequential plate, eliminated by a log-depth parallel scan."""
+    """The chain of a sequential plate, eliminated by ``method``: the sequential recursion
+    (:mod:`plated.recursion`) or the log-depth parallel scan (:mod:`plated.markov`)."""
 
     layout: ScanLayout
+    method: ChainMethod = "scan"
 
     label = "scan"
 
@@ -347,9 +352,11 @@ class ScanStep(_Contraction):
 
 @dataclass(frozen=True, kw_only=True)
 class ChainStep(_Contraction):
-    """A chain of variables inside one contraction, eliminated by parallel scan."""
+    """A chain of variables inside one contraction, eliminated by ``method`` (as a
+    :class:`ScanStep` is)."""
 
     layout: ChainLayout
+    method: ChainMethod = "scan"
 
     label = "chain"
 

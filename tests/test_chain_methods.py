@@ -1,0 +1,331 @@
+"""The two ways of eliminating a chain, the sequential recursion (:mod:`plated.recursion`) and the
+parallel scan (:mod:`plated.markov`), against brute force and against each other; and the plan's
+choice between them by its cost model.
+
+Each method is forced with :func:`plated.plan.chains.forced_chain_method`; the planner's own
+choice is checked separately.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import RecordOps, assignment_rows, sample_pvalue
+from torch.testing import assert_close
+
+from plated import Factor, Plate, PlatedFactorGraph, naive, testing
+from plated.plan import ChainStep, ScanStep, Structure, make_plan
+from plated.plan.chains import chain_method, forced_chain_method
+from plated.recursion import chain_messages, exact_messages, recursion_forward
+from plated.rings import LOG, MAX
+
+METHODS = ("recursion", "scan")
+
+
+def chain_steps(g: PlatedFactorGraph, ring: str = "log") -> list[ChainStep | ScanStep]:
+    return [s for s in g.plan(ring).steps if isinstance(s, ChainStep | ScanStep)]
+
+
+def leaves_of(factors: list[Factor]) -> list[torch.Tensor]:
+    return [f.tensor.detach().clone().requires_grad_() for f in factors]
+
+
+def regraph(factors: list[Factor], tensors: list[torch.Tensor], plates: list[Plate]
+            ) -> PlatedFactorGraph:
+    return PlatedFactorGraph([Factor(t, f.dims) for t, f in zip(tensors, factors, strict=True)],
+                             plates)
+
+
+# -- random plated graphs with a sequential plate -------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_random_sequential_graphs_vs_brute_force(method: str) -> None:
+    """log Z, its gradient, marginals and MAP of 40 random graphs with a sequential plate."""
+    checked = 0
+    with forced_chain_method(method):  # type: ignore[arg-type]
+        for seed in range(40):
+            factors, plates = testing.random_graph(seed, sequential=True)
+            g = PlatedFactorGraph(factors, plates)
+            steps = chain_steps(g)
+            assert steps and all(s.method == method for s in steps), seed
+            leaves = leaves_of(factors)
+            z = regraph(factors, leaves, plates).log_partition()
+            ref_leaves = leaves_of(factors)
+            ref = naive.log_partition(
+                [Factor(t, f.dims) for t, f in zip(ref_leaves, factors, strict=True)], plates)
+            assert_close(z, ref, rtol=1e-9, atol=1e-9, msg=f"seed {seed}")
+            grads = torch.autograd.grad(z, leaves, allow_unused=True)
+            refs = torch.autograd.grad(ref, ref_leaves, allow_unused=True)
+            for k, (a, b) in enumerate(zip(grads, refs, strict=True)):
+                if b is not None:
+                    assert a is not None
+                    assert_close(a, b, rtol=0, atol=1e-9, msg=f"seed {seed} factor {k}")
+            truth = naive.marginals(factors, plates)
+            ours = g.marginals()
+            for v, m in truth.items():
+                assert_close(ours[v], m, rtol=0, atol=1e-9, msg=f"seed {seed} {v}")
+            en = naive.enumerate_joint(factors, plates)
+            best = g.map()
+            row = assignment_rows(en, {v: x.unsqueeze(0) for v, x in best.items()})
+            assert_close(en.log_joint[row].max(), en.log_joint.max(), rtol=1e-12, atol=1e-12)
+            assert_close(g.max_log_density(), en.log_joint.max(), rtol=1e-12, atol=1e-12)
+            checked += 1
+    assert checked == 40
+
+
+def test_methods_agree_on_random_graphs() -> None:
+    """The recursion and the scan give the same log Z and gradients (to rounding)."""
+    for seed in range(40, 70):
+        factors, plates = testing.random_graph(seed, sequential=True)
+        out = {}
+        for method in METHODS:
+            with forced_chain_method(method):  # type: ignore[arg-type]
+                leaves = leaves_of(factors)
+                z = regraph(factors, leaves, plates).log_partition()
+                out[method] = (z, torch.autograd.grad(z, leaves, allow_unused=True))
+        (za, ga), (zb, gb) = out["recursion"], out["scan"]
+        assert_close(za, zb, rtol=1e-10, atol=1e-10)
+        for a, b in zip(ga, gb, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None and b is not None:
+                assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def hmm(T: int, K: int, batch: int, seed: int, dtype: torch.dtype = torch.float64
+        ) -> tuple[list[Factor], list[Plate]]:
+    gen = torch.Generator().manual_seed(seed)
+    init = torch.randn(batch, K, generator=gen, dtype=torch.float64)
+    trans = torch.randn(batch, T, K, K, generator=gen, dtype=torch.float64)
+    return ([Factor(init.to(dtype), ("seq", "x_prev")),
+             Factor(trans.to(dtype), ("seq", "time", "x_prev", "x"))],
+            [Plate("seq", batch), Plate("time", T, sequential=True, prev={"x": "x_prev"})])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_samples_goodness_of_fit(method: str) -> None:
+    """6,000 joint samples of a 4-step chain in a plate of 2 against the enumerated posterior."""
+    factors, plates = hmm(T=4, K=2, batch=2, seed=3)
+    with forced_chain_method(method):  # type: ignore[arg-type]
+        g = PlatedFactorGraph(factors, plates)
+        assert [s.method for s in chain_steps(g)] == [method]
+        torch.manual_seed(0)
+        samples = g.sample(6000)
+    en = naive.enumerate_joint(factors, plates)
+    p, dof, impossible = sample_pvalue(en, samples)
+    assert impossible == 0 and dof >= 20
+    assert p > 1e-4, p
+
+
+def test_second_derivatives_of_the_recursion() -> None:
+    """The Hessian of log Z with respect to the transitions, by the recursion's twin, equals
+    brute force's."""
+    factors, plates = hmm(T=3, K=2, batch=1, seed=5)
+    trans = factors[1].tensor.detach().clone().requires_grad_()
+
+    def ours(x: torch.Tensor) -> torch.Tensor:
+        with forced_chain_method("recursion"):
+            return PlatedFactorGraph([factors[0], Factor(x, factors[1].dims)],
+                                     plates).log_partition()
+
+    def ref(x: torch.Tensor) -> torch.Tensor:
+        return naive.log_partition([factors[0], Factor(x, factors[1].dims)], plates)
+
+    h = torch.autograd.functional.hessian(ours, trans)
+    h_ref = torch.autograd.functional.hessian(ref, trans)
+    assert h.abs().max() > 1e-3
+    assert_close(h, h_ref, rtol=0, atol=1e-10)
+    m = torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: chain_messages(x)[0], (m,))
+
+
+# -- chains found inside one contraction ----------------------------------------------------------
+
+
+def unrolled(length: int, K: int, seed: int, hard_zeros: bool = False
+             ) -> tuple[list[Factor], list[Plate]]:
+    """An HMM unrolled into named variables in a plate of 2, with start, next-state and
+    constant factors (every role of a chain's inputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = [Factor(torch.randn(2, K, generator=gen, dtype=torch.float64), ("i", "x0")),
+               Factor(torch.randn(2, generator=gen, dtype=torch.float64), ("i",))]
+    for t in range(1, length):
+        m = torch.randn(2, K, K, generator=gen, dtype=torch.float64)
+        if hard_zeros:
+            m = m.masked_fill(torch.rand(m.shape, generator=gen) < 0.3, -math.inf)
+        factors.append(Factor(m, ("i", f"x{t - 1}", f"x{t}")))
+        factors.append(Factor(torch.randn(K, generator=gen, dtype=torch.float64), (f"x{t}",)))
+    return factors, [Plate("i", 2)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("hard_zeros", [False, True])
+def test_unrolled_chain_vs_brute_force(method: str, hard_zeros: bool) -> None:
+    factors, plates = unrolled(9, 3, seed=11 + hard_zeros, hard_zeros=hard_zeros)
+    with forced_chain_method(method):  # type: ignore[arg-type]
+        g = PlatedFactorGraph(factors, plates)
+        assert [type(s).__name__ for s in chain_steps(g)] == ["ChainStep"]
+        assert chain_steps(g)[0].method == method
+        leaves = leaves_of(factors)
+        z = regraph(factors, leaves, plates).log_partition()
+        grads = torch.autograd.grad(z, leaves)
+        best = g.map()
+        marg = g.marginals()
+    ref_leaves = leaves_of(factors)
+    ref = naive.log_partition(
+        [Factor(t, f.dims) for t, f in zip(ref_leaves, factors, strict=True)], plates)
+    assert torch.isfinite(ref)
+    assert_close(z, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, torch.autograd.grad(ref, ref_leaves), strict=True):
+        assert not a.isnan().any()
+        assert_close(a, b, rtol=0, atol=1e-10)
+    en = naive.enumerate_joint(factors, plates)
+    row = assignment_rows(en, {v: x.unsqueeze(0) for v, x in best.items()})
+    assert_close(en.log_joint[row].max(), en.log_joint.max(), rtol=1e-12, atol=1e-12)
+    for v, m in naive.marginals(factors, plates).items():
+        assert_close(marg[v], m, rtol=0, atol=1e-10)
+
+
+# -- exactness of the recursion's fast path --------------------------------------------------------
+
+
+def sticky(T: int, gap: float, dtype: torch.dtype) -> torch.Tensor:
+    """Transitions ``(1, T, 2, 2)`` of a sticky chain (off-diagonal ``-gap``) whose evidence
+    favours state 0 for the first half and state 1 after by ``gap``: the row and vector peaks
+    sit apart at the switch, where every shifted product underflows."""
+    m = torch.tensor([[0.0, -gap], [-gap, 0.0]], dtype=torch.float64).repeat(1, T, 1, 1)
+    half = T // 2
+    m[0, :half, :, 1] -= gap
+    m[0, half + 1:, :, 0] -= gap
+    return m.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,gap,tol", [(torch.float64, 1e4, 1e-12),
+                                           (torch.float64, 800.0, 1e-12),
+                                           (torch.float32, 1e3, 2e-5),
+                                           (torch.float32, 110.0, 2e-5),
+                                           (torch.bfloat16, 200.0, 3e-2)])
+def test_recursion_peaks_apart(dtype: torch.dtype, gap: float, tol: float) -> None:
+    """log Z and the gradient of the recursion where the fast path underflows: finite, and
+    equal to the exact float64 recursion (the flagged sequence is recomputed exactly)."""
+    m64 = sticky(33, gap, torch.float64)
+    m = m64.to(dtype).requires_grad_()
+    z, _, _ = recursion_forward(LOG, m)
+    d, mx = exact_messages(m64.requires_grad_())
+    truth = d[0, 0] + mx[1:, 0].sum()
+    top = z.logsumexp(-1)
+    assert torch.isfinite(top).all()
+    assert abs(top.double().item() - truth.logsumexp(-1).item()) <= tol * (1 + gap)
+    (g,) = torch.autograd.grad(top.sum(), m)
+    (g_ref,) = torch.autograd.grad(truth.logsumexp(-1), m64)
+    assert not g.isnan().any()
+    assert_close(g.double(), g_ref, rtol=0, atol=tol)
+
+
+def test_recursion_with_impossible_rows() -> None:
+    """Hard zeros: rows and whole chains of probability zero give -inf, never NaN, and zero
+    gradients there."""
+    m = torch.randn(3, 6, 3, 3, dtype=torch.float64)
+    m[0, 2, 1] = -math.inf  # state 1 at step 2 has no successor
+    m[1, 4] = -math.inf  # the whole chain is impossible
+    m.requires_grad_()
+    z, _, _ = recursion_forward(LOG, m)
+    d, mx = exact_messages(m.detach())
+    ref = d[0] + mx[1:].sum(0).unsqueeze(-1)
+    assert torch.equal(torch.isinf(z), torch.isinf(ref)) and torch.isinf(z[1]).all()
+    finite = torch.isfinite(ref)
+    assert_close(z[finite], ref[finite], rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(z[finite].sum(), m)
+    assert not g.isnan().any() and g[1].abs().max() == 0
+
+
+def test_max_ring_recursion_is_viterbi() -> None:
+    m = torch.randn(4, 7, 3, 3, dtype=torch.float64)
+    best, beta, pointers = recursion_forward(MAX, m)
+    assert pointers is not None
+    for b in range(4):
+        for first in range(3):
+            # the back-pointers trace a path whose score is the max
+            x, score = first, 0.0
+            for t in range(7):
+                nxt = int(pointers[b, t, x])
+                score += float(m[b, t, x, nxt])
+                x = nxt
+            assert math.isclose(score, float(best[b, first]), rel_tol=1e-12)
+    brute = torch.full((4, 3), -math.inf, dtype=torch.float64)
+    for path in torch.cartesian_prod(*[torch.arange(3)] * 8):
+        score = sum(m[:, t, path[t], path[t + 1]] for t in range(7))
+        brute[:, path[0]] = torch.maximum(brute[:, path[0]], score)
+    assert_close(best, brute, rtol=1e-12, atol=1e-12)
+
+
+# -- the plan's choice -----------------------------------------------------------------------------
+
+
+def structure(batch: int, T: int, K: int, device: str = "cpu") -> Structure:
+    g = PlatedFactorGraph(*hmm(T, K, batch, seed=0, dtype=torch.float32))
+    s = g.structure()
+    return Structure(s.plates, s.inputs, s.labels, ring=s.ring, itemsize=s.itemsize,
+                     device=device)
+
+
+def test_plan_chooses_by_cost_and_reports_it() -> None:
+    # JSB chorales' shape on a CPU: a wide batch of short chains, the recursion
+    plan = make_plan(structure(229, 129, 16))
+    (step,) = [s for s in plan.steps if isinstance(s, ScanStep)]
+    assert step.method == "recursion"
+    line = next(x for x in plan.cost.steps if "chain along" in x)
+    assert "by sequential recursion (predicted" in line and "scan" in line
+    # a long chain of two states and no batch: the log-depth scan
+    plan = make_plan(structure(1, 100_000, 2))
+    assert [s.method for s in plan.steps if isinstance(s, ScanStep)] == ["scan"]
+    # on a GPU the scan's few wide levels win where the CPU's recursion did
+    plan = make_plan(structure(229, 129, 16, device="cuda"))
+    assert [s.method for s in plan.steps if isinstance(s, ScanStep)] == ["scan"]
+
+
+def test_choice_follows_the_predicted_times() -> None:
+    for batch, T, K in [(1, 10, 2), (229, 129, 16), (16, 10_000, 16), (1, 100_000, 2),
+                        (229, 129, 64), (4, 3, 8)]:
+        for device in ("cpu", "cuda"):
+            for ring in ("log", "max"):
+                choice = chain_method(ring, batch, T, K, device, 4, None)
+                assert choice is not None
+                method, _, times = choice
+                assert times[method] == min(times.values()), (batch, T, K, device, ring)
+
+
+def test_capped_chain_takes_the_method_that_fits() -> None:
+    """Under a cap that the faster method does not fit, the other one is chosen."""
+    free = chain_method("log", 64, 2000, 8, "cpu", 8, None)
+    assert free is not None
+    fastest = free[0]
+    other = "scan" if fastest == "recursion" else "recursion"
+    from plated.plan.chains import chain_need, recursion_cost, scan_cost
+    need = {"recursion": chain_need(recursion_cost("log", 64, 2000, 8)),
+            "scan": chain_need(scan_cost("log", 64, 2000, 8))}
+    if need[other] < need[fastest]:
+        cap = int(need[other] * 8 * 1.3)
+        capped = chain_method("log", 64, 2000, 8, "cpu", 8, cap)
+        assert capped is not None and capped[0] == other
+    assert chain_method("log", 64, 2000, 8, "cpu", 8, 1000) is None
+
+
+def test_recursion_ops_grow_linearly_only_when_chosen() -> None:
+    """The recursion loops over time steps (a few ops each), which the plan may choose only by
+    its cost: forced on a long narrow chain it dispatches thousands of ops where the scan
+    (the plan's own choice there) dispatches a few hundred."""
+    factors, plates = hmm(T=2000, K=2, batch=1, seed=1)
+    counts = {}
+    for method in METHODS:
+        with forced_chain_method(method):  # type: ignore[arg-type]
+            g = PlatedFactorGraph(factors, plates)
+            g.log_partition()
+            rec = RecordOps()
+            with rec:
+                g.log_partition()
+            counts[method] = len(rec.ops)
+    assert counts["scan"] < 500 < 2000 < counts["recursion"], counts
+    assert [s.method for s in chain_steps(PlatedFactorGraph(factors, plates))] == ["scan"]
