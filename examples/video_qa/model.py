@@ -1,8 +1,9 @@
 r"""The video-QA model: which frame answers the question, as a latent alignment.
 
 A frame encoder turns each frame, seen together with its two neighbours (so that what moved,
-appeared or left is visible), into a vector :math:`v_t`: a small CNN over pixels, or a linear
-map over precomputed features. A GRU encodes the question into :math:`q`. Then
+appeared or left is visible; ``window`` sets how many frames it sees), into a vector
+:math:`v_t`: a small CNN over pixels, or a linear map over precomputed features. A GRU
+encodes the question into :math:`q`. Then
 
 * the prior :math:`p(z \mid x, q) = \mathrm{softmax}_t\, \mathrm{score}(q, v_t)` over frames
   (:class:`attention.LatentAlignmentAttention`, additive scores);
@@ -23,8 +24,12 @@ of ``segment_len`` frames, then a frame :math:`z_2` inside it:
 
 a plated factor graph (plate ``batch``; variables ``z1``, ``z2``) whose log partition function
 (the exact log marginal likelihood), MAP grounding and posterior marginals come from the
-:mod:`plated` engine. For every latent mode the answer's predictive distribution is exact: the
-engine's marginal of an answer variable ``a`` in the same graph.
+:mod:`plated` engine. ``"k-max"`` is the exact marginal likelihood under the prior truncated
+to its ``k_max`` best frames (:class:`attention.LatentAlignmentAttention` with ``k_max``): the
+answer model sees only those frames, at training and at test time. For every latent mode the
+answer's predictive distribution is exact: the engine's marginal of an answer variable ``a`` in
+the same graph. For videos too long to score at once, :mod:`examples.video_qa.chunked` gives
+the same answers chunk by chunk.
 """
 
 from __future__ import annotations
@@ -38,7 +43,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from attention import AlignmentInferenceNetwork, LatentAlignmentAttention, make_score
+from attention import (
+    AlignmentInferenceNetwork,
+    AttentionOutput,
+    LatentAlignmentAttention,
+    make_score,
+)
 from plated import Factor, Plate, PlatedFactorGraph
 
 from .data import Batch
@@ -46,7 +56,7 @@ from .data import Batch
 __all__ = ["MODES", "ModelConfig", "VideoQA", "two_level_graph"]
 
 MODES = ("soft", "marginal", "hard-enum", "hard-sample", "variational-enum",
-         "variational-sample", "two-level")
+         "variational-sample", "two-level", "k-max")
 _VARIATIONAL = ("variational-enum", "variational-sample")
 _SAMPLE = ("hard-sample", "variational-sample")
 
@@ -57,6 +67,11 @@ class ModelConfig:
 
     :ivar feature_dim: ``None`` for pixels (``image_size`` x ``image_size`` RGB), else the size
         of a precomputed per-frame feature vector.
+    :ivar window: frames the encoder sees per frame (odd): 3 (the frame and its two neighbours,
+        so that what moved, appeared or left is visible) or 1 (the frame alone, so that an
+        answer readable at one frame is grounded at that frame only).
+    :ivar k_max: the K of ``"k-max"`` mode (the exact marginal likelihood under the prior
+        truncated to its K best frames, at training and at test time).
     """
 
     vocab_size: int
@@ -69,17 +84,34 @@ class ModelConfig:
     samples: int = 4
     segment_len: int = 4
     score: str = "general"
+    window: int = 3
+    k_max: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.window < 1 or self.window % 2 == 0:
+            raise ValueError(f"window must be an odd number of frames >= 1, got {self.window}")
+        if self.k_max < 1:
+            raise ValueError(f"k_max must be at least 1, got {self.k_max}")
         if self.feature_dim is None and self.image_size < 4:
             raise ValueError(f"image_size must be at least 4 pixels, got {self.image_size}")
         if self.mode in _SAMPLE and self.samples < 2:
             raise ValueError("the sampling modes use a leave-one-out baseline: samples >= 2")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, without those added after checkpoints were first written (``window``,
+        ``k_max``) while they keep their defaults, so that older checkpoints still compare
+        equal."""
+        out = asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if out[name] == default:
+                del out[name]
+        return out
+
+
+#: Fields of :class:`ModelConfig` added later, with the defaults older runs had implicitly.
+_LATER_FIELDS: dict[str, Any] = {"window": 3, "k_max": 4}
 
 
 class _MaxMeanPool(nn.Module):
@@ -90,39 +122,59 @@ class _MaxMeanPool(nn.Module):
 
 
 class FrameEncoder(nn.Module):
-    """Each frame with its neighbours -> ``(B, T, dim)``; padded frames are zeros, and the
-    frames before the first and after the last are blank."""
+    """Each frame with its neighbours (``window`` frames centred on it) -> ``(B, T, dim)``;
+    padded frames are zeros, and the frames before the first and after the last are blank."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        d = config.dim
+        d, w = config.dim, config.window
         self.pixels = config.feature_dim is None
+        self.reach = w // 2
         if self.pixels:
             # convolutions, then max- and mean-pooling over space: the features say what is
             # where in the window (any position), and how much of it
             self.net: nn.Module = nn.Sequential(
-                nn.Conv2d(9, 32, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(3 * w, 32, 3, stride=2, padding=1), nn.ReLU(),
                 nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
                 nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
                 _MaxMeanPool(), nn.Linear(128, d), nn.ReLU())
         else:
             assert config.feature_dim is not None
-            self.net = nn.Sequential(nn.Linear(3 * config.feature_dim, d), nn.ReLU(),
+            self.net = nn.Sequential(nn.Linear(w * config.feature_dim, d), nn.ReLU(),
                                      nn.Linear(d, d), nn.ReLU())
 
-    def forward(self, videos: Tensor, mask: Tensor) -> Tensor:
+    def _inputs(self, videos: Tensor) -> Tensor:
+        """Pixels ``(B, T, H, W, 3)`` uint8 as ``(B, T, 3, H, W)`` in ``[0, 1]``, or features
+        ``(B, T, F)`` in the encoder's dtype."""
         dtype = next(self.net.parameters()).dtype
         if self.pixels:
-            x = videos.permute(0, 1, 4, 2, 3).to(dtype) / 255.0  # (B, T, 3, H, W)
-        else:
-            x = videos.to(dtype)
-        x = x * mask.reshape(mask.shape + (1,) * (x.dim() - 2))
-        blank = torch.zeros_like(x[:, :1])
-        prev = torch.cat([blank, x[:, :-1]], 1)
-        nxt = torch.cat([x[:, 1:], blank], 1)
-        window = torch.cat([prev, x, nxt], 2)  # channels / features of t-1, t, t+1
-        b, t = window.shape[:2]
+            return videos.permute(0, 1, 4, 2, 3).to(dtype) / 255.0
+        return videos.to(dtype)
+
+    def _windows(self, x: Tensor, t: int) -> Tensor:
+        """``x`` ``(B, t + 2 * reach, ...)`` (frames ``-reach .. t + reach - 1``) -> the
+        encoding of its ``t`` central frames, each with its ``reach`` neighbours on either side:
+        ``(B, t, dim)``."""
+        window = torch.cat([x[:, k:k + t] for k in range(2 * self.reach + 1)], 2)
+        b = window.shape[0]
         return self.net(window.flatten(0, 1)).view(b, t, -1)
+
+    def forward(self, videos: Tensor, mask: Tensor) -> Tensor:
+        x = self._inputs(videos)
+        x = x * mask.reshape(mask.shape + (1,) * (x.dim() - 2))
+        blank = x.new_zeros((x.shape[0], self.reach) + x.shape[2:])
+        return self._windows(torch.cat([blank, x, blank], 1), x.shape[1])
+
+    def encode_span(self, video: Tensor, start: int, stop: int) -> Tensor:
+        """The encoding of frames ``start .. stop - 1`` of one unpadded video ``(T, ...)``,
+        reading only the frames their windows see: ``(stop - start, dim)``, equal to
+        ``forward(video[None], all-True mask)[0, start:stop]``."""
+        t = video.shape[0]
+        lo, hi = max(start - self.reach, 0), min(stop + self.reach, t)
+        x = self._inputs(video[lo:hi].unsqueeze(0))
+        before = x.new_zeros((1, self.reach - (start - lo)) + x.shape[2:])
+        after = x.new_zeros((1, self.reach - (hi - stop)) + x.shape[2:])
+        return self._windows(torch.cat([before, x, after], 1), stop - start)[0]
 
 
 class VideoQA(nn.Module):
@@ -138,7 +190,8 @@ class VideoQA(nn.Module):
         hidden = d if config.score == "additive" else None
         self.attention = LatentAlignmentAttention(
             d, d, score=config.score, score_hidden=hidden,  # type: ignore[arg-type]
-            mode="marginal" if mode == "two-level" else mode)  # type: ignore[arg-type]
+            mode="marginal" if mode in ("two-level", "k-max") else mode,  # type: ignore[arg-type]
+            k_max=config.k_max if mode == "k-max" else None)
         self.classifier = nn.Sequential(nn.Linear(3 * d, d), nn.ReLU(),
                                         nn.Linear(d, config.num_answers))
         self.answer_embed: nn.Embedding | None = None
@@ -155,10 +208,15 @@ class VideoQA(nn.Module):
     def encode(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """``(memory (B, T, D), question (B, D))``."""
         mem = self.frames(batch.videos, batch.video_mask)[batch.video_index]
-        packed = pack_padded_sequence(self.embed(batch.words), batch.word_lengths.cpu(),
-                                      batch_first=True, enforce_sorted=False)
+        return mem, self.encode_question(batch.words, batch.word_lengths)
+
+    def encode_question(self, words: Tensor, lengths: Tensor) -> Tensor:
+        """The question vectors ``(B, D)`` of ``words`` ``(B, L)`` (0-padded, ``lengths``)."""
+        packed = pack_padded_sequence(self.embed(words), lengths.cpu(), batch_first=True,
+                                      enforce_sorted=False)
         _, h = self.question(packed)
-        return mem, h[-1]
+        out: Tensor = h[-1]
+        return out
 
     def answer_log_probs(self, mem: Tensor, q: Tensor) -> Tensor:
         """:math:`\\log p(a \\mid v_t, q)` for every frame: ``(B, T, A)``."""
@@ -228,6 +286,10 @@ class VideoQA(nn.Module):
         if mode == "soft":
             logits = self.classify(out.context, q)
             return F.cross_entropy(logits, batch.answers, reduction="none")
+        if mode == "k-max":
+            assert out.topk_values is not None
+            ll_top = self._gather_answer(self.answer_log_probs(out.topk_values, q), batch.answers)
+            return self.attention.loss(out, ll_top)
         ll = self._gather_answer(self.answer_log_probs(out.values, q), batch.answers)
         if mode in _SAMPLE:
             return self.attention.loss(out, ll, num_samples=self.config.samples, baseline="loo")
@@ -283,6 +345,8 @@ class VideoQA(nn.Module):
             logits = self.classify(out.context, q)
             res["log_pred"] = F.log_softmax(logits, -1)
             return res
+        if mode == "k-max":
+            return self._analyse_kmax(out, q, batch.answers, res)
         logp = self.answer_log_probs(out.values, q)
         res["log_pred"] = _predictive(
             [Factor(out.prior_logits, ("batch", "z")), Factor(logp, ("batch", "z", "a"))],
@@ -292,6 +356,25 @@ class VideoQA(nn.Module):
         if post is not None:
             qz = torch.softmax(out.posterior_logits, -1)
             res["q"], res["q_map"] = qz, qz.argmax(-1)
+        return res
+
+
+    def _analyse_kmax(self, out: AttentionOutput, q: Tensor, answers: Tensor,
+                      res: dict[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`analyse` of ``"k-max"``: the predictive and the posterior of the prior
+        truncated to its K best frames (the prior's mode is their first); the posterior is
+        scattered back to ``(B, T)``, zero off the K frames."""
+        assert out.topk_values is not None and out.topk_indices is not None
+        assert out.topk_mask is not None
+        logp = self.answer_log_probs(out.topk_values, q)  # (B, K, A)
+        top = out.gather_topk(out.prior_logits).masked_fill(~out.topk_mask, -math.inf)
+        res["log_pred"] = _predictive(
+            [Factor(top, ("batch", "z")), Factor(logp, ("batch", "z", "a"))], logp.shape[0])
+        res["prior_map"] = out.topk_indices[:, 0]
+        post = self.attention.posterior(out, self._gather_answer(logp, answers))  # (B, K)
+        res["posterior"] = torch.zeros_like(out.probs).scatter_add(
+            -1, out.topk_indices, post * out.topk_mask)
+        res["posterior_map"] = out.topk_indices.gather(-1, post.argmax(-1, keepdim=True))[:, 0]
         return res
 
 

@@ -4,6 +4,8 @@
 ``results.json`` (and ``best.pt`` for the figure), prints a Markdown table with a row per run
 (answer accuracy, NLL, grounding accuracies, training time) and draws the alignments of every
 run on the same test questions, one of each question type, against their evidence frames.
+For runs of ``--task needle`` it also prints each run's needle-recall grid (video length by
+needle depth) and, with ``--recall-figure FILE``, draws them side by side, one panel per run.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..common import (
     run_cli,
 )
 from .data import VideoQAData, load_features, load_or_generate
+from .needle import recall_figure, recall_table
 from .train import alignment_figure, load_run
 
 __all__ = ["figure", "main", "make_parser", "read_results", "table", "type_table"]
@@ -160,6 +163,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="also write the table to this file")
     p.add_argument("--figure", default=None, metavar="FILE",
                    help="write the alignment figure to this PNG")
+    p.add_argument("--recall-figure", default=None, metavar="FILE",
+                   help="write the needle-recall grids of the --task needle runs to this PNG")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="the generated-data cache of the runs (their --cache-dir; default: "
                         "generate the data again)")
@@ -179,15 +184,23 @@ def main(argv: Sequence[str] | None = None) -> str:
     runs = _runs(args.runs)
     results = [read_results(r, args.split) for r in runs]
     text = table(results, args.split) + "\n" + type_table(results, args.split)
+    grids = {r["mode"]: r["recall_grid"] for r in results if "recall_grid" in r}
+    if grids:
+        text += "\n" + recall_table(grids) + "\n" + recall_table(grids, "found")
     print(text, end="")
     written: dict[str, Any] = {"table": [], "figures": []}
+    if args.recall_figure:
+        if not grids:
+            raise ExampleError("--recall-figure: none of the runs is of --task needle (their "
+                               "results.json have no recall_grid)")
+        written["figures"].append(recall_figure(grids, Path(args.recall_figure)))
     if args.table:
         written["table"].append(atomic_write_text(text, args.table))
     if args.figure:
         figure(runs, Path(args.figure), args.cache_dir, resolve_device(args.device),
                args.per_type)
         written["figures"].append(Path(args.figure))
-    if args.table or args.figure:
+    if args.table or args.figure or args.recall_figure:
         print_written(PROG, written)
     return text
 

@@ -36,6 +36,7 @@ from ..common import (
     write_json,
 )
 from ..data import DataError
+from . import needle
 from .data import (
     OBJECT,
     Batch,
@@ -61,7 +62,11 @@ with an inference network q(z | video, question, answer) (enumerated or REINFORC
 two-level segment-then-frame alignment eliminated by the plated engine. Reports answer accuracy,
 exact NLL and grounding accuracy (the argmax of the prior, of the exact posterior and of q hits
 an evidence frame) on the held-out test split; writes results.json, checkpoints and an alignment
-figure. Data parallel with torchrun (gloo on CPU, NCCL on GPUs)."""
+figure. Data parallel with torchrun (gloo on CPU, NCCL on GPUs). With --task needle it trains
+instead on short videos of precomputed feature vectors (a random mixture of Gaussians) holding a
+needle frame whose code answers a question that names the needle's key, then measures needle
+recall on videos of up to 100,000 frames at every depth, reading the frames in chunks under a
+memory cap (recall.png, and recall_grid in results.json)."""
 
 PROG = "python -m examples.video_qa"
 
@@ -73,7 +78,55 @@ SMOKE = dict(videos=40, batch_size=8, epochs=2, dim=32, embed=16, checkpoint_eve
 #: evaluates and where the generated data are cached. Every other option must be the one the
 #: checkpoint was written with.
 MAY_CHANGE = ("epochs", "patience", "max_minutes", "checkpoint_every", "eval_batch_size",
-              "figure_questions", "cache_dir")
+              "figure_questions", "cache_dir", "eval_lengths", "eval_depths", "eval_questions",
+              "chunk_mb")
+
+#: The ``--smoke-test`` settings that only ``--task needle`` reads.
+NEEDLE_SMOKE = dict(eval_lengths=(16, 300), eval_depths=(0.0, 0.5, 1.0), eval_questions=2,
+                    feature_size=32)
+#: Options only ``--task needle`` reads, left out of a grounded run's recorded options.
+NEEDLE_ONLY = ("task", "min_frames", "needle_span", "distractors", "feature_size",
+               "needle_strength", "eval_lengths", "eval_depths", "eval_questions", "chunk_mb")
+#: Options added after grounded runs were first checkpointed, left out of their recorded
+#: options while they keep these values.
+LATER_DEFAULTS = {"window": 3, "k_max": 4}
+#: Likewise for needle runs.
+NEEDLE_LATER_DEFAULTS = {"needle_strength": 1.0}
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options a resumed run must share with the run it continues (a grounded run's as
+    they were before the needle task existed)."""
+    out = run_options(args, MAY_CHANGE + (NEEDLE_ONLY if args.task == "grounded" else ()))
+    later = LATER_DEFAULTS if args.task == "grounded" else NEEDLE_LATER_DEFAULTS
+    for name, default in later.items():
+        if out.get(name) == default:
+            del out[name]
+    return out
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated whole numbers >= 1 (e.g. ``16,64,1024``)."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole "
+                                         "numbers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    return values
+
+
+def _depth_list(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated percentages from 0 to 100, as fractions."""
+    try:
+        values = tuple(float(x) / 100 for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         "percentages") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every depth must be from 0 to 100")
+    return values
 
 
 def at_least(low: int) -> Any:
@@ -95,11 +148,16 @@ def at_least(low: int) -> Any:
 def make_parser() -> argparse.ArgumentParser:
     p = example_parser(PROG, DESCRIPTION, "runs/video_qa")
     p.add_argument("--mode", choices=MODES, default="soft", help="attention mode")
+    p.add_argument("--task", choices=("grounded", "needle"), default="grounded",
+                   help="grounded: the generated videos of moving shapes (or --features); "
+                        "needle: find a needle frame in videos of feature vectors, trained "
+                        "short and tested up to 100,000 frames")
     g = p.add_argument_group("data")
     g.add_argument("--videos", type=positive_int, default=4000,
                    help="generated videos (80/10/10 split)")
-    g.add_argument("--frames", type=at_least(8), default=16,
-                   help="frames per generated video (at least 8)")
+    g.add_argument("--frames", type=at_least(8), default=None,
+                   help="frames per generated video (at least 8; the needle task: the most "
+                        "frames of a training video) [16; the needle task: 64]")
     g.add_argument("--size", type=at_least(3 * OBJECT + 3), default=32,
                    help=f"side of a generated frame in pixels (at least {3 * OBJECT + 3})")
     g.add_argument("--questions-per-video", type=positive_int, default=4,
@@ -119,6 +177,34 @@ def make_parser() -> argparse.ArgumentParser:
                    help="REINFORCE samples per question (leave-one-out baseline: at least 2)")
     g.add_argument("--segment-len", type=positive_int, default=4,
                    help="frames per two-level segment")
+    g.add_argument("--window", type=at_least(1), default=None,
+                   help="frames the encoder sees per frame, centred on it (odd) [3; the "
+                        "needle task: 1]")
+    g.add_argument("--k-max", type=positive_int, default=4,
+                   help="K of --mode k-max: the prior truncated to its K best frames")
+    g = p.add_argument_group("the needle task (--task needle)")
+    g.add_argument("--min-frames", type=at_least(8), default=16,
+                   help="the fewest frames of a training video")
+    g.add_argument("--needle-span", type=positive_int, default=1,
+                   help="frames the needle spans")
+    g.add_argument("--distractors", type=at_least(0), default=3,
+                   help="needles of other keys in every video")
+    g.add_argument("--feature-size", type=at_least(8), default=256,
+                   help="dimensions of a frame's feature vector")
+    g.add_argument("--needle-strength", type=positive_float, default=1.0,
+                   help="length of the key and code vectors a needle frame adds (smaller: a "
+                        "fainter needle, harder to tell from the haystack)")
+    g.add_argument("--eval-lengths", type=_int_list, default=(16, 64, 256, 1024, 4096, 16384,
+                                                               65536, 100000),
+                   metavar="T,T,...", help="video lengths of the recall grid")
+    g.add_argument("--eval-depths", type=_depth_list, default=tuple(i / 10 for i in range(11)),
+                   metavar="PCT,PCT,...",
+                   help="needle depths of the recall grid, in percent (given as fractions in "
+                        "results.json)")
+    g.add_argument("--eval-questions", type=positive_int, default=10,
+                   help="questions (each on its own video) per cell of the recall grid")
+    g.add_argument("--chunk-mb", type=positive_float, default=64.0,
+                   help="memory cap of one chunk of frames at evaluation, in MiB")
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=positive_int, default=64,
                    help="questions per step (per process under torchrun)")
@@ -139,6 +225,24 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--figure-questions", type=positive_int, default=6,
                    help="test questions in the alignment figure")
     return p
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the defaults that depend on ``--task`` (``--frames``, ``--window``)."""
+    needle = args.task == "needle"
+    if args.frames is None:
+        args.frames = 64 if needle else 16
+    if args.window is None:
+        args.window = 1 if needle else 3
+    if args.window % 2 == 0:
+        raise ExampleError(f"--window must be odd (the frame and as many neighbours on either "
+                           f"side), got {args.window}")
+    if needle and args.min_frames > args.frames:
+        raise ExampleError(f"--min-frames {args.min_frames} is above --frames {args.frames}")
+    if needle and args.features:
+        raise ExampleError("--features trains on real features; the needle task generates its "
+                           "own: give one of --task needle and --features")
+    return args
 
 
 def load_data(args: argparse.Namespace, out_dir: Path) -> VideoQAData:
@@ -204,7 +308,7 @@ class Trainer(EpochTrainer[VideoQA]):
 
     def extra_state(self) -> dict[str, Any]:
         return {"best": self.best, "stopped_early": self.stopped,
-                "options": run_options(self.args, MAY_CHANGE)}
+                "options": options(self.args)}
 
     def load(self, path: Path) -> None:
         """Restore the state saved in the checkpoint ``path``.
@@ -215,7 +319,7 @@ class Trainer(EpochTrainer[VideoQA]):
         self.restore(_read_checkpoint(path, self.device), path)
 
     def check_checkpoint(self, state: dict[str, Any], path: Path) -> None:
-        check_resume_options(state.get("options"), run_options(self.args, MAY_CHANGE), path)
+        check_resume_options(state.get("options"), options(self.args), path)
         if state["config"] != self.model.config.as_dict() or \
                 state["vocab"] != self.vocab.as_dict():
             raise ExampleError(f"the checkpoint {str(path)!r} was written for {state['config']} "
@@ -268,6 +372,27 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu"
     return model, Vocab.from_dict(st["vocab"]), results
 
 
+def predicted_span(probs: Tensor) -> Tensor:
+    """The evidence span a distribution over frames predicts: the longest run of consecutive
+    frames around its mode whose probabilities are at least half the mode's. ``probs`` ``(B,
+    T)`` -> ``(B, T)`` bool."""
+    top = probs.max(-1, keepdim=True)
+    above = probs >= top.values / 2
+    run = torch.cumsum(~above, -1)  # constant over each run of frames above the threshold
+    out: Tensor = above & (run == run.gather(-1, top.indices))
+    return out
+
+
+def temporal_iou(probs: Tensor, evidence: Tensor) -> Tensor:
+    """Temporal IoU, as NExT-GQA measures grounding: frames in both the predicted span
+    (:func:`predicted_span`) and the true evidence, over frames in either. ``probs`` and
+    ``evidence`` ``(B, T)`` -> ``(B,)`` (0 where there is no evidence)."""
+    span = predicted_span(probs)
+    inter = (span & evidence).sum(-1)
+    union = (span | evidence).sum(-1).clamp(min=1)
+    return inter.double() / union.double()
+
+
 def evaluate(model: VideoQA, data: VideoQAData, questions: Sequence[Question], vocab: Vocab,
              batch_size: int, device: torch.device) -> dict[str, Any]:
     """Answer accuracy, exact NLL per question and grounding accuracies over ``questions``.
@@ -275,7 +400,10 @@ def evaluate(model: VideoQA, data: VideoQAData, questions: Sequence[Question], v
     Grounding (``ground_*``) counts the questions with known evidence frames whose argmax frame
     (of the prior, of the exact posterior given the true answer, of ``q``) is an evidence frame,
     ``near_*`` those whose argmax is within one frame of one (the frame encoder's window); the
-    grounding is also broken down by question type, together with accuracy.
+    grounding is also broken down by question type, together with accuracy. ``iou_*`` is the
+    mean temporal IoU of the span each distribution predicts (:func:`temporal_iou`) with the
+    evidence, ``iou50_*`` the fraction of questions where it is at least 0.5 (both over the
+    questions with evidence).
     """
     model.eval()
     sums: dict[str, Tensor] = {}
@@ -299,6 +427,9 @@ def evaluate(model: VideoQA, data: VideoQAData, questions: Sequence[Question], v
             if f"{key}_map" in r:
                 stats[f"ground_{key}"] = (b.evidence[rows, r[f"{key}_map"]] & has_ev).double()
                 stats[f"near_{key}"] = (near[rows, r[f"{key}_map"]] & has_ev).double()
+                iou = temporal_iou(r[key], b.evidence) * has_ev
+                stats[f"iou_{key}"] = iou
+                stats[f"iou50_{key}"] = ((iou >= 0.5) & has_ev).double()
         if "segment_posterior" in r:
             seg = model.config.segment_len
             ev = torch.nn.functional.pad(b.evidence, (0, r["segment_posterior"].shape[1] * seg
@@ -317,7 +448,7 @@ def evaluate(model: VideoQA, data: VideoQAData, questions: Sequence[Question], v
     out: dict[str, Any] = {"questions": n, "accuracy": float(sums["correct"]) / n,
                            "nll": float(sums["nll"]) / n, "with_evidence": n_ev}
     for k, v in sums.items():
-        if k.startswith(("ground_", "near_")):
+        if k.startswith(("ground_", "near_", "iou")):
             out[k] = float(v) / max(n_ev, 1)
     out["accuracy_by_type"] = {t: sum(v["correct"]) / len(v["correct"])
                                for t, v in sorted(per_type.items())}
@@ -395,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     contents of ``results.json`` (empty on the processes other than rank 0)."""
     parser = make_parser()
     args = apply_smoke(parser, parser.parse_args(argv), argv, SMOKE)
+    if args.task == "needle":
+        args = apply_smoke(parser, args, argv, NEEDLE_SMOKE)
+    args = resolve_defaults(args)
     with out_dir_guard(args.out_dir):
         out: dict[str, Any] = run_distributed(args, _run)
     return out
@@ -406,18 +540,22 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     out_dir = Path(args.out_dir)
     ckpt, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
     results_path, figure_path = out_dir / "results.json", out_dir / "alignments.png"
+    recall_path = out_dir / "recall.png"
     # refuse to overwrite another run, and a resume with other options, before any work
     saved = None
-    if resume_or_refuse(args.resume, ckpt, [best_path, results_path, figure_path]):
+    if resume_or_refuse(args.resume, ckpt, [best_path, results_path, figure_path, recall_path]):
         saved = _read_checkpoint(ckpt, device)
-        check_resume_options(saved.get("options"), run_options(args, MAY_CHANGE), ckpt)
-    # rank 0 generates and caches the data set first; the others then read the cache
-    if rank == 0:
-        data = load_data(args, out_dir)
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        data = load_data(args, out_dir)
+        check_resume_options(saved.get("options"), options(args), ckpt)
+    world_vectors = None
+    if args.task == "needle":  # generated afresh (in seconds) by every process
+        data, world_vectors = needle.data_from_args(args)
+    else:  # rank 0 generates and caches the data set first; the others then read the cache
+        if rank == 0:
+            data = load_data(args, out_dir)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            data = load_data(args, out_dir)
     train, valid, test = data.split("train"), data.split("val"), data.split("test")
     if not train or not valid or not test:
         raise DataError(f"{data.source}: every split needs questions; got {len(train)} train, "
@@ -431,7 +569,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         vocab_size=len(vocab.words), num_answers=len(vocab.answers), mode=args.mode,
         feature_dim=None if data.pixels else int(data.videos.shape[-1]),
         image_size=int(data.videos.shape[2]) if data.pixels else 32, dim=args.dim,
-        embed=args.embed, samples=args.samples, segment_len=args.segment_len)
+        embed=args.embed, samples=args.samples, segment_len=args.segment_len,
+        window=args.window, k_max=args.k_max)
     model = VideoQA(config).to(device)
     trainer = Trainer(args, model, data, train, vocab, device, world, rank, valid=valid)
     if saved is not None:
@@ -440,16 +579,19 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     log_main(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.mode}")
     trainer.fit(ckpt, best_path)
 
-    identical = replicas_identical(model, world)
-    if rank != 0:
-        return {}
+    identical = replicas_identical(model, world)  # a collective: best.pt is written by now
     best_epoch = None
-    if best_path.is_file():
+    if best_path.is_file() and (rank == 0 or world_vectors is not None):
         best = _read_checkpoint(best_path, device)
         model.load_state_dict(best["model"])
         best_epoch = best["epoch"]
+    grid = None
+    if world_vectors is not None:  # every process takes its share of the grid's cells
+        grid = needle.grid_from_args(model, vocab, world_vectors, args, device, rank, world)
+    if rank != 0:
+        return {}
     results: dict[str, Any] = {
-        "mode": args.mode, "config": config.as_dict(), "data": data.source,
+        "mode": args.mode, "task": args.task, "config": config.as_dict(), "data": data.source,
         "data_args": {"features": args.features, "videos": args.videos, "frames": args.frames,
                       "size": args.size, "questions_per_video": args.questions_per_video,
                       "data_seed": args.data_seed},
@@ -466,14 +608,22 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     }
     alignment_figure({args.mode: model}, data, test[:args.figure_questions], vocab, device,
                      figure_path)
-    write_json(results, results_path)
+    figures = [figure_path]
     t = results["test"]
     ground = ", ".join(f"{k[7:]} {v:.3f}" for k, v in t.items() if k.startswith("ground_"))
     log_main(f"test: accuracy {t['accuracy']:.3f}, NLL {t['nll']:.3f}, grounding ({ground}); "
              f"training {trainer.train_seconds:.0f} s")
+    if grid is not None:
+        results["recall_grid"] = grid
+        needle.recall_figure({args.mode: grid}, recall_path)
+        figures.append(recall_path)
+        worst = [min(row) for row in grid["recall"]]
+        log_main("needle recall, worst depth per length: " + ", ".join(
+            f"{n} frames {100 * w:.0f}%" for n, w in zip(grid["lengths"], worst, strict=True)))
+    write_json(results, results_path)
     print_written(PROG, {"results": results_path, "checkpoint": ckpt,
                          "best model": [best_path] if best_path.is_file() else [],
-                         "figures": [figure_path]})
+                         "figures": figures})
     return results
 
 
