@@ -11,7 +11,8 @@
 * :mod:`attention.modules` holds the ``nn.Module`` faces: score functions,
   :class:`LatentAlignmentAttention` (a drop-in for soft attention, multi-head with heads as a
   plate, K-max) and the inference network :class:`AlignmentInferenceNetwork`;
-  :mod:`attention.output` the memory-capped per-alignment output layer.
+  :mod:`attention.output` the per-alignment output layers: the paper's tanh layer (memory-capped)
+  and the log-linear layer whose exact enumeration costs about what soft attention does.
 * :mod:`attention.markov` is the first-order Markov alignment prior
   (:class:`~attention.markov.MarkovAlignment`: one batch's inputs, checked once, and its engine
   queries); :mod:`attention.distributions` the Pyro face; :mod:`attention.decoding` beam search
@@ -54,7 +55,16 @@ from .modules import (
     make_score,
     topk_alignments,
 )
-from .output import DEFAULT_MAX_BYTES, KEEP_FACTOR, WORK_FACTOR, AlignedOutputLayer
+from .output import (
+    DEFAULT_MAX_BYTES,
+    KEEP_FACTOR,
+    OUTPUT_LAYERS,
+    WORK_FACTOR,
+    AlignedOutputLayer,
+    LogLinearOutputLayer,
+    OutputLayerName,
+    make_output_layer,
+)
 
 __all__ = [
     "ATTENTION_MODES",
@@ -69,9 +79,13 @@ __all__ = [
     "KEEP_FACTOR",
     "GeneralScore",
     "LatentAlignmentAttention",
+    "LogLinearOutputLayer",
+    "OUTPUT_LAYERS",
+    "OutputLayerName",
     "SCORE_KINDS",
     "ScoreKind",
     "WORK_FACTOR",
+    "make_output_layer",
     "make_score",
     "topk_alignments",
     "BASELINES",

@@ -244,7 +244,8 @@ class AttentionOutput(NamedTuple):
     :ivar values: ``(B, [H,] S, D)``: the vector :math:`v_s` whose selection is the context of the
         hard alignment :math:`z = s` (the memory itself when ``heads == 1``; per-head value
         projections otherwise). Score each alignment with e.g.
-        :meth:`attention.output.AlignedOutputLayer.log_lik`.
+        :meth:`attention.output.AlignedOutputLayer.log_lik` or
+        :meth:`attention.output.LogLinearOutputLayer.log_lik`.
     :ivar posterior_logits: ``(B, [H,] [T,] S)`` scores of :math:`q(z)` (``-inf`` where masked),
         when given to ``forward``.
     :ivar topk_indices: K-max only: ``(B, [H,] [T,] K)`` the K best positions under the prior.
@@ -291,7 +292,8 @@ class LatentAlignmentAttention(nn.Module):
 
     ``forward`` computes the prior and the soft context; the decoder computes
     :math:`\ell_{t,s} = \log p(y_t \mid x, z_t = s)` from ``values`` (e.g. with
-    :class:`attention.output.AlignedOutputLayer`) and :meth:`loss` turns it into the objective of
+    :class:`attention.output.AlignedOutputLayer`, or the cheaper
+    :class:`attention.output.LogLinearOutputLayer`) and :meth:`loss` turns it into the objective of
     ``mode``. In ``"soft"`` mode the layer is exactly soft attention (masked softmax, then the
     weighted sum of the memory) and its loss is the decoder's ordinary cross-entropy.
 

@@ -28,14 +28,48 @@ with its gradient. :class:`AlignedOutputLayer` never builds it:
 
 Only the chunks are capped: the inputs, the ``(B, [H,] T, S)`` result, the factorized
 pre-activations and the parameters (and their gradients) come on top of ``max_bytes``.
+
+**The log-linear layer.** :class:`LogLinearOutputLayer` is a product of two experts, one for the
+decoder state and one for the aligned source vector,
+
+.. math::
+
+    \ell_{t,s} = A h_t + C v_s + b, \qquad
+    \log p(y \mid x, z_t = s) = a_t[y] + c_s[y] - \log \textstyle\sum_w e^{a_t[w] + c_s[w]},
+
+with :math:`a_t = A h_t + b` and :math:`c_s = C v_s` computed once each. The normaliser of every
+``(t, s)`` pair at once is one log-space matrix product per sentence, ``(T, V)`` by ``(V, S)``:
+``T S V`` work instead of the tanh layer's ``T S V P``, and nothing of shape ``(B, T, S, V)``
+is held; its step costs about what soft attention's output layer costs (one more ``V``-way
+projection, of the source side). Each expert is shifted by its own maximum over the vocabulary
+before the product; where the two peak at different words the shifted product can underflow,
+and those entries are recomputed exactly by the engine's repair
+(:func:`plated.rings.repair_entries`).
+
+**Which to choose.** The tanh layer is the paper's (Deng et al., 2018) and Luong's: the word
+distribution of each alignment is a nonlinear function of :math:`[h_t; v_s]`, and exact
+enumeration over ``S`` alignments costs ``S`` times soft attention's output layer (chunked to
+stay in memory). The log-linear layer can only add the two experts' logits, so
+:math:`h_t` and :math:`v_s` cannot interact inside the softmax, but every exact mode
+(marginal, enumerated ELBO, Markov prior, beam search with the alignment summed out) costs
+about as much as soft attention. Use the tanh layer to reproduce the paper or when the budget
+allows; use the log-linear layer to train exact latent alignment at scale.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_MAX_BYTES", "KEEP_FACTOR", "WORK_FACTOR", "AlignedOutputLayer"]
+from plated.rings import finite_indicator, finite_shift, log_matmul, repair_entries
+
+from .typing import OUTPUT_LAYERS, OutputLayerName
+
+__all__ = ["DEFAULT_MAX_BYTES", "KEEP_FACTOR", "OUTPUT_LAYERS", "WORK_FACTOR",
+           "AlignedOutputLayer", "LogLinearOutputLayer", "OutputLayer", "OutputLayerName",
+           "make_output_layer"]
 
 #: Default cap on a chunk's working set: 256 MiB.
 DEFAULT_MAX_BYTES = 256 * 2**20
@@ -122,30 +156,11 @@ class AlignedOutputLayer(nn.Module):
         :return: ``(B, [H,] T, S or K)`` (``T`` absent for one step).
         :raises ValueError: naming the arguments and shapes on a mismatch.
         """
-        step = dec_hidden.dim() == 2
-        h = dec_hidden.unsqueeze(1) if step else dec_hidden
-        y = target.unsqueeze(1) if step and target.dim() == 1 else target
-        v = values
-        if step and gathered:  # (B, [H,] K, D) per query of one step == per position
-            gathered = False
-        if h.dim() != 3 or h.shape[-1] != self.hidden_dim:
-            raise ValueError(f"dec_hidden must be (B, T, {self.hidden_dim}) or "
-                             f"(B, {self.hidden_dim}), got {_shape(dec_hidden)}")
+        args = _check_log_lik(dec_hidden, values, target, gathered, self.hidden_dim,
+                              self.memory_dim)
+        h, v, y, gathered = args.hidden, args.values, args.target, args.gathered
+        assert y is not None
         b, t = h.shape[0], h.shape[1]
-        if y.shape != (b, t) or y.dtype != torch.long:
-            raise ValueError(f"target must be a long tensor {(b, t) if not step else (b,)} for "
-                             f"dec_hidden {_shape(dec_hidden)}, got {_shape(target)} "
-                             f"{target.dtype}")
-        base = 4 if gathered else 3
-        if v.dim() not in (base, base + 1) or v.shape[0] != b or v.shape[-1] != self.memory_dim \
-                or (gathered and v.shape[-3] != t):
-            want = (f"(B, [H,] T, K, {self.memory_dim}) with gathered=True" if gathered
-                    else f"(B, [H,] S, {self.memory_dim})")
-            raise ValueError(f"values must be {want} for dec_hidden {_shape(dec_hidden)}, got "
-                             f"{_shape(values)}")
-        has_heads = v.dim() == base + 1
-        if not has_heads:
-            v = v.unsqueeze(1)
         heads, s = v.shape[1], v.shape[-2]
         hid = self.hidden_proj(h).reshape(b * t, self.proj_dim)
         val = self.memory_proj(v).reshape(-1, self.proj_dim)
@@ -168,10 +183,7 @@ class AlignedOutputLayer(nn.Module):
             pieces = [self._chunk(start, min(rows, total - start), hid, val, flat_y, s, t, heads,
                                   gathered) for start in range(0, total, rows)]
             flat = torch.cat(pieces) if pieces else hid.new_zeros(0)
-        out = flat.view(b, heads, t, s)
-        if not has_heads:
-            out = out.squeeze(1)
-        return out.squeeze(-2) if step else out
+        return _finish_log_lik(flat.view(b, heads, t, s), args)
 
     def log_probs(self, dec_hidden: Tensor, values: Tensor, probs: Tensor | None = None, *,
                   log_prior: Tensor | None = None, gathered: bool = False,
@@ -195,36 +207,13 @@ class AlignedOutputLayer(nn.Module):
         :raises ValueError: on a shape mismatch, or unless exactly one of ``probs`` and
             ``log_prior`` is given.
         """
-        if (probs is None) == (log_prior is None):
-            raise ValueError("give exactly one of probs (alignment probabilities) and log_prior "
-                             "(their logs, exact where probabilities underflow)")
-        given = log_prior if probs is None else probs
-        name = "probs" if probs is not None else "log_prior"
-        assert given is not None
-        step = dec_hidden.dim() == 2
-        h = dec_hidden.unsqueeze(1) if step else dec_hidden
-        p = given.unsqueeze(1) if step else given
-        if step:
-            gathered = False
-        if h.dim() != 3 or h.shape[-1] != self.hidden_dim:
-            raise ValueError(f"dec_hidden must be (B, T, {self.hidden_dim}) or "
-                             f"(B, {self.hidden_dim}), got {_shape(dec_hidden)}")
-        b, t = h.shape[0], h.shape[1]
-        want_dim = 4 if gathered else 3
-        if values.dim() != want_dim or values.shape[0] != b \
-                or values.shape[-1] != self.memory_dim or (gathered and values.shape[1] != t):
-            want = (f"(B, T, K, {self.memory_dim})" if gathered
-                    else f"(B, S, {self.memory_dim})")
-            raise ValueError(f"values must be {want} (single head) for dec_hidden "
-                             f"{_shape(dec_hidden)}, got {_shape(values)}")
-        s = values.shape[-2]
-        if p.shape != (b, t, s):
-            raise ValueError(f"{name} must be {(b, s) if step else (b, t, s)} for values "
-                             f"{_shape(values)}, got {_shape(given)}")
+        h, values, log_p, gathered, step = _check_log_probs(
+            dec_hidden, values, probs, log_prior, gathered, self.hidden_dim, self.memory_dim)
+        b, t, s = log_p.shape
         hid = self.hidden_proj(h).reshape(b * t, 1, self.proj_dim)
         val = self.memory_proj(values)  # (B, S, P) or (B, T, K, P)
         val = val.reshape(b * t, s, self.proj_dim) if gathered else val
-        log_p = (p if probs is None else torch.log(p)).reshape(b * t, s).unsqueeze(-1)
+        log_p = log_p.reshape(b * t, s).unsqueeze(-1)
         cap = self.max_bytes if max_bytes is None else max_bytes
         per_pair = self.chunk_rows(hid.dtype, cap)
         sn = min(s, per_pair)
@@ -332,3 +321,342 @@ class _ChunkedLogLik(torch.autograd.Function):
                     d_val.index_add_(0, vrow, d_pre)
             del logits, th
         return None, None, d_hid, d_val, d_weight, d_bias, None
+
+
+# -- shared argument checks -----------------------------------------------------------------------
+
+
+class _LogLikArgs(NamedTuple):
+    """Checked inputs of a ``log_lik``: ``hidden (B, T, Dh)``, ``values`` with a heads dim,
+    ``(B, H, S, D)`` (or ``(B, H, T, K, D)`` when ``gathered``), ``target (B, T)``, and how the
+    ``(B, H, T, S or K)`` result is shaped back (:func:`_finish_log_lik`)."""
+
+    hidden: Tensor
+    values: Tensor
+    target: Tensor | None
+    gathered: bool
+    step: bool
+    has_heads: bool
+
+
+def _check_log_lik(dec_hidden: Tensor, values: Tensor, target: Tensor | None, gathered: bool,
+                   hidden_dim: int, memory_dim: int) -> _LogLikArgs:
+    """The inputs of ``log_lik`` (either layer), checked and brought to one layout (``target``
+    ``None``: not checked, for the normalisers alone).
+
+    :raises ValueError: naming the arguments and shapes on a mismatch.
+    """
+    step = dec_hidden.dim() == 2
+    h = dec_hidden.unsqueeze(1) if step else dec_hidden
+    y = target.unsqueeze(1) if step and target is not None and target.dim() == 1 else target
+    v = values
+    if step and gathered:  # (B, [H,] K, D) per query of one step == per position
+        gathered = False
+    if h.dim() != 3 or h.shape[-1] != hidden_dim:
+        raise ValueError(f"dec_hidden must be (B, T, {hidden_dim}) or (B, {hidden_dim}), got "
+                         f"{_shape(dec_hidden)}")
+    b, t = h.shape[0], h.shape[1]
+    if target is not None and y is not None and (y.shape != (b, t) or y.dtype != torch.long):
+        raise ValueError(f"target must be a long tensor {(b, t) if not step else (b,)} for "
+                         f"dec_hidden {_shape(dec_hidden)}, got {_shape(target)} {target.dtype}")
+    base = 4 if gathered else 3
+    if v.dim() not in (base, base + 1) or v.shape[0] != b or v.shape[-1] != memory_dim \
+            or (gathered and v.shape[-3] != t):
+        want = (f"(B, [H,] T, K, {memory_dim}) with gathered=True" if gathered
+                else f"(B, [H,] S, {memory_dim})")
+        raise ValueError(f"values must be {want} for dec_hidden {_shape(dec_hidden)}, got "
+                         f"{_shape(values)}")
+    has_heads = v.dim() == base + 1
+    if not has_heads:
+        v = v.unsqueeze(1)
+    return _LogLikArgs(h, v, y, gathered, step, has_heads)
+
+
+def _finish_log_lik(out: Tensor, args: _LogLikArgs) -> Tensor:
+    """``(B, H, T, S)`` back to the caller's layout: no ``H`` without heads, no ``T`` for one
+    step."""
+    if not args.has_heads:
+        out = out.squeeze(1)
+    return out.squeeze(-2) if args.step else out
+
+
+def _check_log_probs(dec_hidden: Tensor, values: Tensor, probs: Tensor | None,
+                     log_prior: Tensor | None, gathered: bool, hidden_dim: int, memory_dim: int
+                     ) -> tuple[Tensor, Tensor, Tensor, bool, bool]:
+    """The inputs of ``log_probs`` (either layer), checked: ``(hidden (B, T, Dh), values,
+    log_prior (B, T, S or K), gathered, step)``, the log prior taken of ``probs`` if those were
+    given.
+
+    :raises ValueError: on a shape mismatch, or unless exactly one of ``probs`` and
+        ``log_prior`` is given.
+    """
+    if (probs is None) == (log_prior is None):
+        raise ValueError("give exactly one of probs (alignment probabilities) and log_prior "
+                         "(their logs, exact where probabilities underflow)")
+    given = log_prior if probs is None else probs
+    name = "probs" if probs is not None else "log_prior"
+    assert given is not None
+    step = dec_hidden.dim() == 2
+    h = dec_hidden.unsqueeze(1) if step else dec_hidden
+    p = given.unsqueeze(1) if step else given
+    if step:
+        gathered = False
+    if h.dim() != 3 or h.shape[-1] != hidden_dim:
+        raise ValueError(f"dec_hidden must be (B, T, {hidden_dim}) or (B, {hidden_dim}), got "
+                         f"{_shape(dec_hidden)}")
+    b, t = h.shape[0], h.shape[1]
+    want_dim = 4 if gathered else 3
+    if values.dim() != want_dim or values.shape[0] != b \
+            or values.shape[-1] != memory_dim or (gathered and values.shape[1] != t):
+        want = f"(B, T, K, {memory_dim})" if gathered else f"(B, S, {memory_dim})"
+        raise ValueError(f"values must be {want} (single head) for dec_hidden "
+                         f"{_shape(dec_hidden)}, got {_shape(values)}")
+    s = values.shape[-2]
+    if p.shape != (b, t, s):
+        raise ValueError(f"{name} must be {(b, s) if step else (b, t, s)} for values "
+                         f"{_shape(values)}, got {_shape(given)}")
+    return h, values, (p if probs is None else torch.log(p)), gathered, step
+
+
+# -- the log-linear layer -------------------------------------------------------------------------
+
+
+class _ExpertsLogMatmul(torch.autograd.Function):
+    r""":math:`\log(e^A e^B)` for the two experts' logits, keeping only their exponentials.
+
+    The same shifted product as :func:`plated.rings.log_matmul` (``A`` shifted by its row maxima,
+    ``B`` by its column maxima; ``-inf`` slices shift by 0), with a leaner record for the backward
+    pass: with :math:`E_a = e^{A - s_a}`, :math:`E_b = e^{B - s_b}` and :math:`P = E_a E_b`,
+    :math:`\partial A = E_a \odot ((G / P) E_b^\top)` and :math:`\partial B = E_b \odot
+    (E_a^\top (G / P))` (:math:`G / P := 0` where :math:`P = 0`) need :math:`E_a, E_b, P`
+    only, so the logits ``A`` and ``B`` are not kept as well (the engine's keeps them for second
+    derivatives). Here ``A`` and ``B`` are ``(B, T, V)`` and ``(B, V, S)``, the size of soft
+    attention's logits each: two saved tensors of that size instead of four. Broadcasting batch
+    dims are summed back in the backward pass. It returns ``C`` and (not differentiable) ``P``,
+    which :func:`_experts_log_matmul` checks for underflow.
+
+    Second derivatives are not implemented (the backward pass raises under ``create_graph``).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: Tensor, b: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        sa = finite_shift(a.amax(dim=-1, keepdim=True))
+        sb = finite_shift(b.amax(dim=-2, keepdim=True))
+        ea = torch.sub(a, sa).exp_()  # in place on fresh temporaries: one allocation each
+        eb = torch.sub(b, sb).exp_()
+        p = torch.matmul(ea, eb)
+        ctx.save_for_backward(ea, eb, p)
+        ctx.shapes = (a.shape, b.shape)  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(p)
+        return p.log().add_(sa).add_(sb), p
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: Tensor
+                 ) -> tuple[Tensor | None, Tensor | None]:
+        if torch.is_grad_enabled():
+            raise RuntimeError("second derivatives of LogLinearOutputLayer's normaliser are not "
+                               "implemented; differentiate once (no create_graph=True), or use "
+                               "AlignedOutputLayer")
+        ea, eb, p = ctx.saved_tensors  # type: ignore[attr-defined]
+        a_shape, b_shape = ctx.shapes  # type: ignore[attr-defined]
+        want = ctx.needs_input_grad  # type: ignore[attr-defined]
+        g = grads[0]  # the raw product is not differentiable
+        q = torch.where(p > 0, g / p, torch.zeros_like(g))
+        grad_a = grad_b = None
+        if want[0]:
+            grad_a = torch.matmul(q, eb.transpose(-1, -2)).mul_(ea).sum_to_size(a_shape)
+        if want[1]:
+            grad_b = torch.matmul(ea.transpose(-1, -2), q).mul_(eb).sum_to_size(b_shape)
+        return grad_a, grad_b
+
+
+def _experts_log_matmul(a: Tensor, b: Tensor) -> Tensor:
+    r"""Batched :math:`\log(e^A e^B)`, exact where the shifted product underflows: the entries
+    whose shifted sum is under :func:`plated.rings.underflow_threshold` are recomputed by the
+    engine's :func:`plated.rings.repair_entries` (a gather of their slices, each shifted by its
+    own joint max)."""
+    out, raw = _ExpertsLogMatmul.apply(a, b)
+    return repair_entries(out, raw, a.unsqueeze(-1), b.unsqueeze(-3), (-2,),
+                          lambda: torch.matmul(finite_indicator(a), finite_indicator(b)))
+
+
+class LogLinearOutputLayer(nn.Module):
+    r"""A log-linear output layer: a product of a decoder expert and an alignment expert.
+
+    :math:`p(y \mid h, v) = \mathrm{softmax}(A h + C v + b)`: ``forward`` is the layer on a (soft)
+    context; :meth:`log_lik` scores a target word under every hard alignment, with one log-space
+    matrix product per sentence for all the normalisers (:meth:`log_normalizer`);
+    :meth:`log_probs` gives the alignment-marginal next-word distribution for decoding. See the
+    module docstring for the math, the cost and when to choose it over
+    :class:`AlignedOutputLayer`.
+
+    :param hidden_dim: ``Dh``, the decoder state size.
+    :param memory_dim: ``D``, the size of the values (``LatentAlignmentAttention.value_dim``).
+    :param vocab_size: ``V``.
+    :param max_bytes: cap on a chunk's working set in :meth:`log_probs` (decoding, where every
+        hypothesis has its own ``(S, V)`` alignment expert); training (:meth:`log_lik`) holds a
+        few ``(B, T, V)`` and ``(B, H, S, V)`` tensors, the size of soft attention's logits, and
+        is not chunked.
+    """
+
+    def __init__(self, hidden_dim: int, memory_dim: int, vocab_size: int, *,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        super().__init__()
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        self.hidden_dim, self.memory_dim, self.vocab_size = hidden_dim, memory_dim, vocab_size
+        self.max_bytes = max_bytes
+        self.hidden_out = nn.Linear(hidden_dim, vocab_size, bias=True)  # A, b
+        self.memory_out = nn.Linear(memory_dim, vocab_size, bias=False)  # C
+
+    def extra_repr(self) -> str:
+        return f"max_bytes={self.max_bytes}"
+
+    def forward(self, dec_hidden: Tensor, context: Tensor) -> Tensor:
+        """Logits ``(..., V)`` of the layer on a context ``(..., D)``: ``A h + C c + b`` (soft
+        attention, or the soft baseline of the paper)."""
+        return self.hidden_out(dec_hidden) + self.memory_out(context)
+
+    def _normalizer(self, a: Tensor, v: Tensor, gathered: bool) -> tuple[Tensor, Tensor]:
+        r"""The alignment expert and the normaliser of every pair.
+
+        :param a: ``(B, T, V)`` decoder expert :math:`A h_t + b`.
+        :param v: ``(B, H, S, D)``, or gathered ``(B, H, T, K, D)``.
+        :return: ``(c, log_z)``: the alignment expert laid out as the matrix product's right
+            operand, ``(B, V, H * S)`` (gathered ``(B, T, V, H * K)``), and
+            :math:`\log \sum_w e^{a_t[w] + c_s[w]}` ``(B, H, T, S or K)``.
+        """
+        b, heads = v.shape[0], v.shape[1]
+        if gathered:
+            t, k = v.shape[2], v.shape[3]
+            # (B, T, H * K, D) -> (B, T, H * K, V) -> (B, T, V, H * K): no (.., V) copy
+            c = self.memory_out(v.transpose(1, 2).reshape(b, t, heads * k, -1)).transpose(-1, -2)
+            log_z = _experts_log_matmul(a.unsqueeze(-2), c)  # (B, T, 1, H * K)
+            return c, log_z.view(b, t, heads, k).transpose(1, 2)
+        s = v.shape[2]
+        c = self.memory_out(v.reshape(b, heads * s, -1)).transpose(-1, -2)  # (B, V, H * S)
+        log_z = _experts_log_matmul(a, c)  # (B, T, H * S)
+        return c, log_z.view(b, -1, heads, s).transpose(1, 2)
+
+    def log_normalizer(self, dec_hidden: Tensor, values: Tensor, *,
+                       gathered: bool = False) -> Tensor:
+        r""":math:`\log \sum_w \exp(a_t[w] + c_s[w])` for every alignment: one log-space matrix
+        product ``(T, V)`` by ``(V, [H *] S)`` per sentence.
+
+        :param dec_hidden: ``(B, T, Dh)`` (or ``(B, Dh)``: one step).
+        :param values: as in :meth:`log_lik`.
+        :return: ``(B, [H,] T, S or K)`` (``T`` absent for one step).
+        :raises ValueError: naming the arguments and shapes on a mismatch.
+        """
+        args = _check_log_lik(dec_hidden, values, None, gathered, self.hidden_dim,
+                              self.memory_dim)
+        _, log_z = self._normalizer(self.hidden_out(args.hidden), args.values, args.gathered)
+        return _finish_log_lik(log_z, args)
+
+    def log_lik(self, dec_hidden: Tensor, values: Tensor, target: Tensor, *,
+                gathered: bool = False) -> Tensor:
+        r""":math:`\log p(y_t \mid x, z_t = s) = a_t[y_t] + c_s[y_t] - \log \sum_w
+        e^{a_t[w] + c_s[w]}` for every alignment.
+
+        Work: the two experts (``(B T + B H S) D V``), the normalisers (one ``(T, V)`` by
+        ``(V, H S)`` log-space product per sentence, :meth:`log_normalizer`) and the target
+        words' scores from the rows of :math:`A` and :math:`C` at the targets (``B H T S D``).
+        Memory: the experts and their shifted exponentials (two tensors each, ``(B, T, V)``
+        and ``(B, H S, V)``), the ``(B, H, T, S)`` results; nothing of shape
+        ``(B, T, S, V)``.
+
+        :param dec_hidden: ``(B, T, Dh)`` decoder states (or ``(B, Dh)``: one step, no ``T``).
+        :param values: the vectors of each alignment: ``(B, [H,] S, D)`` per source position
+            (``AttentionOutput.values``), or with ``gathered=True`` ``(B, [H,] T, K, D)`` per
+            query (the sampled values of the REINFORCE step, or K-max's ``topk_values``; for
+            K-max the full ``(B, [H,] T, S)`` result and ``AttentionOutput.gather_topk`` cost
+            about the same here, since the normalisers of all ``S`` positions are one matrix
+            product).
+        :param target: ``(B, T)`` (or ``(B,)``) word ids in ``[0, V)``, padding included (mask
+            padded target positions out of the loss yourself).
+        :param gathered: whether ``values`` is per query (see above).
+        :return: ``(B, [H,] T, S or K)`` (``T`` absent for one step).
+        :raises ValueError: naming the arguments and shapes on a mismatch.
+        """
+        args = _check_log_lik(dec_hidden, values, target, gathered, self.hidden_dim,
+                              self.memory_dim)
+        h, v, y = args.hidden, args.values, args.target
+        assert y is not None
+        a = self.hidden_out(h)  # (B, T, V)
+        _, log_z = self._normalizer(a, v, args.gathered)  # (B, H, T, S or K)
+        # the target word's logits from the rows of A and C at y: no gather from (.., V)
+        a_y = (nn.functional.embedding(y, self.hidden_out.weight) * h).sum(-1) \
+            + self.hidden_out.bias[y]  # (B, T)
+        c_rows = nn.functional.embedding(y, self.memory_out.weight)  # (B, T, D)
+        if args.gathered:
+            c_y = (v @ c_rows[:, None, :, :, None]).squeeze(-1)  # (B, H, T, K)
+        else:
+            c_y = c_rows.unsqueeze(1) @ v.transpose(-1, -2)  # (B, H, T, S)
+        return _finish_log_lik(a_y[:, None, :, None] + c_y - log_z, args)
+
+    def log_probs_and_normalizer(self, dec_hidden: Tensor, values: Tensor,
+                                 probs: Tensor | None = None, *,
+                                 log_prior: Tensor | None = None, gathered: bool = False,
+                                 max_bytes: int | None = None) -> tuple[Tensor, Tensor]:
+        r""":meth:`log_probs` and the normalisers :math:`\log Z_{t,s}` it computed on the way,
+        ``(B, [T,] S or K)`` (what a Markov prior's filter needs next step)."""
+        h, values, log_p, gathered, step = _check_log_probs(
+            dec_hidden, values, probs, log_prior, gathered, self.hidden_dim, self.memory_dim)
+        b, t, s = log_p.shape
+        cap = self.max_bytes if max_bytes is None else max_bytes
+        if cap < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {cap}")
+        itemsize = h.element_size()
+        per_row = WORK_FACTOR * ((t * s if gathered else s) + t) * self.vocab_size * itemsize
+        rows = max(1, cap // per_row)  # sentences per chunk
+        outs, norms = [], []
+        for b0 in range(0, b, rows):
+            hb, vb, lp = h[b0:b0 + rows], values[b0:b0 + rows], log_p[b0:b0 + rows]
+            a = self.hidden_out(hb)  # (n, T, V)
+            if gathered:  # c: (n, T, V, K), log_z: (n, 1, T, K)
+                c, log_z = self._normalizer(a, vb.unsqueeze(1), True)
+                mix = log_matmul((lp - log_z[:, 0]).unsqueeze(-2), c.transpose(-1, -2))
+                mix = mix.squeeze(-2)  # (n, T, V)
+            else:  # c: (n, V, S), log_z: (n, 1, T, S)
+                c, log_z = self._normalizer(a, vb.unsqueeze(1), False)
+                mix = log_matmul(lp - log_z[:, 0], c.transpose(-1, -2))  # (n, T, V)
+            outs.append(a + mix)
+            norms.append(log_z[:, 0])
+        res, norm = torch.cat(outs), torch.cat(norms)
+        return (res.squeeze(1), norm.squeeze(1)) if step else (res, norm)
+
+    def log_probs(self, dec_hidden: Tensor, values: Tensor, probs: Tensor | None = None, *,
+                  log_prior: Tensor | None = None, gathered: bool = False,
+                  max_bytes: int | None = None) -> Tensor:
+        r""":math:`\log \sum_s p(z = s)\, p(y \mid x, z = s)` for every word ``y``:
+        :math:`a_t[y] + \log \sum_s e^{\log p(z = s) - \log Z_{t,s} + c_s[y]}`, a second
+        log-space matrix product ``(T, S)`` by ``(S, V)`` per sentence (exact where it
+        underflows: :func:`plated.rings.log_matmul`).
+
+        The next-word distribution of a latent-alignment decoder (for beam search). Single head
+        only, arguments, result and errors as for :meth:`AlignedOutputLayer.log_probs`;
+        ``max_bytes`` caps a chunk of sentences (each with its ``(S, V)`` expert).
+        """
+        return self.log_probs_and_normalizer(dec_hidden, values, probs, log_prior=log_prior,
+                                             gathered=gathered, max_bytes=max_bytes)[0]
+
+
+#: Either per-alignment output layer.
+OutputLayer = AlignedOutputLayer | LogLinearOutputLayer
+
+
+def make_output_layer(kind: OutputLayerName, hidden_dim: int, memory_dim: int, vocab_size: int,
+                      *, max_bytes: int = DEFAULT_MAX_BYTES) -> OutputLayer:
+    """A per-alignment output layer by name.
+
+    :param kind: one of :data:`~attention.typing.OUTPUT_LAYERS`: ``"luong"`` (the paper's tanh
+        layer, :class:`AlignedOutputLayer`) or ``"log-linear"`` (:class:`LogLinearOutputLayer`);
+        the module docstring says when to choose which.
+    :raises ValueError: on an unknown name.
+    """
+    if kind == "luong":
+        return AlignedOutputLayer(hidden_dim, memory_dim, vocab_size, max_bytes=max_bytes)
+    if kind == "log-linear":
+        return LogLinearOutputLayer(hidden_dim, memory_dim, vocab_size, max_bytes=max_bytes)
+    raise ValueError(f"output layer must be one of {OUTPUT_LAYERS}, got {kind!r}")

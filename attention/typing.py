@@ -17,6 +17,8 @@ __all__ = [
     "BaselineName",
     "MODES",
     "Mode",
+    "OUTPUT_LAYERS",
+    "OutputLayerName",
     "Phase",
     "SCORE_KINDS",
     "ScoreKind",
@@ -41,11 +43,18 @@ AttentionMode = Literal[
     "gumbel",
 ]
 
+#: Per-alignment output layers by name (:func:`attention.output.make_output_layer`): the paper's
+#: (Luong's) tanh layer :class:`~attention.output.AlignedOutputLayer` and the product of experts
+#: :class:`~attention.output.LogLinearOutputLayer`.
+OutputLayerName = Literal["luong", "log-linear"]
+
 #: The values of :data:`Mode`.
 MODES: tuple[str, ...] = get_args(Mode)
 #: The values of :data:`BaselineName`.
 BASELINES: tuple[str, ...] = get_args(BaselineName)
 #: The values of :data:`ScoreKind`.
 SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
+#: The values of :data:`OutputLayerName`.
+OUTPUT_LAYERS: tuple[str, ...] = get_args(OutputLayerName)
 #: The values of :data:`AttentionMode`.
 ATTENTION_MODES: tuple[str, ...] = get_args(AttentionMode)

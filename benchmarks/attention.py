@@ -31,9 +31,17 @@ it would reach an encoder and a decoder; no padding, so no masks are passed). Th
    every alignment at once, ``(B, T, S, V)``, ``log_softmax``, gather; no chunking, no
    checkpointing. Skipped when its logits alone would exceed ``--memory-cap``.
 
+L1, L2, L3, L6: variants 1, 2, 3 and 6 with the log-linear output layer
+(:class:`attention.output.LogLinearOutputLayer`, :math:`p(y \mid h, v) = \mathrm{softmax}(A h
++ C v + b)`) in place of the tanh layer: soft attention on it (``A h_t + C c_t + b``), and the
+exact marginal, the enumerated ELBO and the Markov prior with its per-alignment
+log-likelihoods (one log-space matrix product per sentence for all normalisers). Their ratios
+are to variant 1, soft attention with the tanh layer, the baseline of the issue's targets.
+
 Before timing, the variants are checked against plain-torch computations of the same losses
 (loss and gradients w.r.t. every leaf: inputs and parameters): 2 against a brute-force
-:math:`\log \sum_z` over the reference log-likelihoods, 3 against 7, 4 against a top-K torch
+:math:`\log \sum_z` over the reference log-likelihoods, 3 against 7, L1, L2, L3 and L6 against
+the same references on the log-linear layer's dense ``(B, T, S, V)`` logits, 4 against a top-K torch
 reference, 5 against 5' on the same draws, 6 against a hand-written forward algorithm, 1 against
 a hand-written soft attention. Then the variants run alternately (``--warmup`` untimed calls
 each, ``--repeats`` rounds in alternating order, gradients cleared outside the timed region);
@@ -94,6 +102,7 @@ from attention import (
     EMABaseline,
     GeneralScore,
     LatentAlignmentAttention,
+    LogLinearOutputLayer,
 )
 from attention.markov import MarkovAlignmentPrior, markov_alignment_log_marginal
 from benchmarks.common import (
@@ -116,7 +125,16 @@ SOFT, MARGINAL, VENUM, KMAX, VSAMPLE, VSAMPLE_ALL, MARKOV, REF = (
     "1 soft", "2 marginal", "3 variational-enum", "4 variational-enum K-max",
     "5 variational-sample", "5' variational-sample (all S)", "6 Markov prior",
     "7 torch reference (variational-enum)")
-VARIANTS = (SOFT, MARGINAL, VENUM, KMAX, VSAMPLE, VSAMPLE_ALL, MARKOV, REF)
+#: the same with the log-linear output layer (names without a leading digit: the smoke test's
+#: agreement lines count the tanh layer's variants by their digits)
+LSOFT, LMARGINAL, LVENUM, LMARKOV = (
+    "L1 soft, log-linear", "L2 marginal, log-linear", "L3 variational-enum, log-linear",
+    "L6 Markov prior, log-linear")
+VARIANTS = (SOFT, MARGINAL, VENUM, KMAX, VSAMPLE, VSAMPLE_ALL, MARKOV, REF,
+            LSOFT, LMARGINAL, LVENUM, LMARKOV)
+#: the log-linear layer's targets: a step at most this many times soft attention's (1), with a
+#: peak memory at most ``LOG_LINEAR_MEMORY`` times its
+LOG_LINEAR_TIME, LOG_LINEAR_MEMORY = 3.0, 2.0
 
 Loss = Callable[[], Tensor]
 
@@ -172,6 +190,7 @@ class Bench:
         self.score = GeneralScore(h, h)
         kw: dict[str, Any] = {} if cfg.max_bytes is None else {"max_bytes": cfg.max_bytes}
         self.out = AlignedOutputLayer(h, h, v, **kw)
+        self.out_ll = LogLinearOutputLayer(h, h, v, **kw)
         self.post_emb = nn.Embedding(v, h)
         self.post_proj = nn.Linear(h, h, bias=False)
         self.markov = MarkovAlignmentPrior(h, max_jump=4)
@@ -179,7 +198,7 @@ class Bench:
                      for m in ("soft", "marginal", "variational-enum", "variational-sample")}
         self.attn_k = LatentAlignmentAttention(h, h, score=self.score, mode="variational-enum",
                                                k_max=cfg.k_max)
-        self.modules = nn.ModuleDict({"score": self.score, "out": self.out,
+        self.modules = nn.ModuleDict({"score": self.score, "out": self.out, "out_ll": self.out_ll,
                                       "post_emb": self.post_emb, "post_proj": self.post_proj,
                                       "markov": self.markov}).to(dev, dt)
         self.leaves: list[Tensor] = [self.dec, self.mem, *self.modules.parameters()]
@@ -190,7 +209,8 @@ class Bench:
         self.losses: dict[str, Loss] = {
             SOFT: self.soft, MARGINAL: self.marginal, VENUM: self.venum, KMAX: self.kmax,
             VSAMPLE: self.vsample, VSAMPLE_ALL: self.vsample_all, MARKOV: self.markov_loss,
-            REF: self.reference,
+            REF: self.reference, LSOFT: self.ll_soft, LMARGINAL: self.ll_marginal,
+            LVENUM: self.ll_venum, LMARKOV: self.ll_markov,
         }
 
     # -- helpers
@@ -266,17 +286,46 @@ class Bench:
         ll = self.out.log_lik(self.dec, self.mem, self.target)
         return -markov_alignment_log_marginal(init_logits, trans_logits, ll).sum()
 
+    # -- the log-linear layer's variants
+
+    def ll_soft(self) -> Tensor:
+        out = self.attn["soft"](self.dec, self.mem)
+        logits = self.out_ll(self.dec, out.context)  # (B, T, V)
+        return F.cross_entropy(logits.reshape(-1, self.cfg.vocab), self.target.reshape(-1),
+                               reduction="sum")
+
+    def ll_marginal(self) -> Tensor:
+        a = self.attn["marginal"]
+        out = a(self.dec, self.mem)
+        return a.loss(out, self.out_ll.log_lik(self.dec, out.values, self.target)).sum()
+
+    def ll_venum(self) -> Tensor:
+        a = self.attn["variational-enum"]
+        out = a(self.dec, self.mem, posterior_logits=self.posterior_logits())
+        return a.loss(out, self.out_ll.log_lik(self.dec, out.values, self.target)).sum()
+
+    def ll_markov(self) -> Tensor:
+        init_logits, trans_logits = self.markov(self.dec, self.mem)
+        ll = self.out_ll.log_lik(self.dec, self.mem, self.target)
+        return -markov_alignment_log_marginal(init_logits, trans_logits, ll).sum()
+
     # -- plain torch (variant 7 and the twins of the agreement checks)
 
     def ref_prior_logits(self) -> Tensor:
         return self.dec @ self.score.proj(self.mem).transpose(-1, -2)  # (B, T, S)
 
-    def ref_log_lik(self) -> Tensor:
-        """``log p(y_t | z_t = s)`` of every alignment at once: ``(B, T, S, V)`` logits."""
-        o = self.out
-        hid = o.hidden_proj(self.dec)  # (B, T, P)
-        val = o.memory_proj(self.mem)  # (B, S, P)
-        logits = o.out(torch.tanh(hid.unsqueeze(2) + val.unsqueeze(1)))  # (B, T, S, V)
+    def ref_log_lik(self, log_linear: bool = False) -> Tensor:
+        """``log p(y_t | z_t = s)`` of every alignment at once: ``(B, T, S, V)`` logits (of the
+        tanh layer, or with ``log_linear`` of the log-linear one)."""
+        if log_linear:
+            o_ll = self.out_ll
+            logits = (o_ll.hidden_out(self.dec).unsqueeze(2)
+                      + o_ll.memory_out(self.mem).unsqueeze(1))  # (B, T, S, V)
+        else:
+            o = self.out
+            hid = o.hidden_proj(self.dec)  # (B, T, P)
+            val = o.memory_proj(self.mem)  # (B, S, P)
+            logits = o.out(torch.tanh(hid.unsqueeze(2) + val.unsqueeze(1)))  # (B, T, S, V)
         b, t, s = logits.shape[:3]
         idx = self.target[:, :, None, None].expand(b, t, s, 1)
         return logits.log_softmax(-1).gather(-1, idx).squeeze(-1)
@@ -291,8 +340,25 @@ class Bench:
         return self._ref_velbo(self.ref_prior_logits(), self.posterior_logits(),
                                self.ref_log_lik())
 
-    def ref_marginal(self) -> Tensor:
-        return -(self.ref_prior_logits().log_softmax(-1) + self.ref_log_lik()).logsumexp(-1).sum()
+    def ref_marginal(self, log_linear: bool = False) -> Tensor:
+        return -(self.ref_prior_logits().log_softmax(-1)
+                 + self.ref_log_lik(log_linear)).logsumexp(-1).sum()
+
+    def ref_ll_marginal(self) -> Tensor:
+        return self.ref_marginal(log_linear=True)
+
+    def ref_ll_venum(self) -> Tensor:
+        return self._ref_velbo(self.ref_prior_logits(), self.posterior_logits(),
+                               self.ref_log_lik(log_linear=True))
+
+    def ref_ll_markov(self) -> Tensor:
+        return self.ref_markov(log_linear=True)
+
+    def ref_ll_soft(self) -> Tensor:
+        ctx = self.ref_prior_logits().softmax(-1) @ self.mem
+        o = self.out_ll
+        logits = self.dec @ o.hidden_out.weight.T + o.hidden_out.bias + ctx @ o.memory_out.weight.T
+        return -logits.log_softmax(-1).gather(-1, self.target.unsqueeze(-1)).sum()
 
     def ref_kmax(self) -> Tensor:
         prior = self.ref_prior_logits()
@@ -300,10 +366,10 @@ class Bench:
         return self._ref_velbo(prior.gather(-1, idx), self.posterior_logits().gather(-1, idx),
                                self.ref_log_lik().gather(-1, idx))
 
-    def ref_markov(self) -> Tensor:
+    def ref_markov(self, log_linear: bool = False) -> Tensor:
         """A hand-written forward algorithm over the reference log-likelihoods."""
         init_logits, trans_logits = self.markov(self.dec, self.mem)
-        ll = self.ref_log_lik()
+        ll = self.ref_log_lik(log_linear)
         trans = trans_logits.log_softmax(-1)  # (B, T, S_prev, S)
         alpha = init_logits.log_softmax(-1) + ll[:, 0]
         for t in range(1, ll.shape[1]):
@@ -331,7 +397,8 @@ def loss_and_grads(bench: Bench, fn: Loss) -> tuple[float, list[Tensor]]:
     return value, grads
 
 
-def check_agreement(bench: Bench, rtol: float, grad_rtol: float) -> list[str]:
+def check_agreement(bench: Bench, rtol: float, grad_rtol: float,
+                    names: Sequence[str] = VARIANTS) -> list[str]:
     """Compare each variant with its plain-torch twin: loss and gradients w.r.t. every leaf.
 
     :return: one line per check; raises ``SystemExit`` if a loss differs by more than ``rtol``
@@ -348,9 +415,17 @@ def check_agreement(bench: Bench, rtol: float, grad_rtol: float) -> list[str]:
         (KMAX, "torch top-K reference", bench.kmax, bench.ref_kmax),
         (VSAMPLE, "5' on the same draw", bench.vsample, bench.vsample_all),
         (MARKOV, "hand-written forward algorithm", bench.markov_loss, bench.ref_markov),
+        (LSOFT, "hand-written soft attention, log-linear", bench.ll_soft, bench.ref_ll_soft),
+        (LMARGINAL, "brute-force log-sum, dense log-linear logits", bench.ll_marginal,
+         bench.ref_ll_marginal),
+        (LVENUM, "torch ELBO on dense log-linear logits", bench.ll_venum, bench.ref_ll_venum),
+        (LMARKOV, "forward algorithm, dense log-linear logits", bench.ll_markov,
+         bench.ref_ll_markov),
     ]
     lines, bad = [], []
     for name, ref_name, fn, ref_fn in pairs:
+        if name not in names:
+            continue
         t0 = time.perf_counter()
         if name == VSAMPLE:  # the same draw and fresh EMA baselines for both
             bench.fixed_draw = 0
@@ -581,6 +656,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-readme", action="store_true",
                    help=f"replace the '{SECTION}' section of benchmarks/README.md with the results")
     p.add_argument("--json", type=Path, default=None, help="also dump raw results here")
+    p.add_argument("--variants", default=None, metavar="LIST",
+                   help="run only these variants, by their first word, comma-separated (e.g. "
+                        "1,3,7,L2,L3; soft attention, 1, is always run; default: all)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke_test:
@@ -617,8 +695,15 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"MiB ({bench.out.chunk_rows(getattr(torch, cfg.dtype))} alignments per chunk)",
           flush=True)
     names = list(VARIANTS)
+    if args.variants is not None:  # by their first word; soft attention, the baseline, always
+        wanted = {w.strip() for w in args.variants.split(",")} | {SOFT.split()[0]}
+        unknown = wanted - {n.split()[0] for n in VARIANTS}
+        if unknown:
+            raise SystemExit(f"--variants: unknown variant(s) {', '.join(sorted(unknown))}; "
+                             f"the variants are {', '.join(n.split()[0] for n in VARIANTS)}")
+        names = [n for n in VARIANTS if n.split()[0] in wanted]
     notes: list[str] = []
-    if cfg.ref_logits_bytes > cap:
+    if cfg.ref_logits_bytes > cap and REF in names:
         names.remove(REF)
         notes.append(f"7 not run: its logits would need {cfg.ref_logits_bytes / GB:.2f} GB > "
                      f"cap {args.memory_cap:g} GB")
@@ -627,8 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rtol = 1e-4 if cfg.dtype == "float32" else 1e-9
     print(f"\nagreement (loss and gradients w.r.t. every input and parameter; rtol {rtol:.0e} "
           f"on the loss, {10 * rtol:.0e} on the gradients):", flush=True)
-    if REF in names:
-        agree = check_agreement(bench, rtol, 10 * rtol)
+    if cfg.ref_logits_bytes <= cap:
+        agree = check_agreement(bench, rtol, 10 * rtol, names)
     else:
         agree = ["  skipped: the references build the (B, T, S, V) logits, over the cap"]
         print(agree[0], flush=True)
@@ -654,26 +739,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = ["variant", "ms median [IQR]", "n", "t / t(1)", "peak memory (step)"]
     rows = [[name, fmt_ms(t), str(len(t.samples)), f"{t.median / base:.2f}",
              fmt_mib(memory.get(name))] for name, t in timings.items()]
-    if REF not in names:
+    if REF not in names and cfg.ref_logits_bytes > cap:
         rows.append([REF, "not run (over the cap)", "0", "-", "-"])
     print("\n" + text_table(header, rows), flush=True)
 
     med = {name: t.median for name, t in timings.items()}
     targets = []
-    if REF in med:
+    if REF in med and VENUM in med:
         r = med[VENUM] / med[REF]
         targets.append(f"3 variational-enum no slower than 7 torch reference: "
                        f"{'MET' if r <= 1.0 else 'NOT MET'} (3 / 7 = {r:.2f})")
-    else:
+    elif VENUM in med:
         targets.append("3 variational-enum no slower than 7 torch reference: not measured "
                        "(7 over the cap)")
-    r = med[KMAX] / med[SOFT]
-    targets.append(f"4 K-max (K={cfg.k_max}) within 8x of 1 soft: "
-                   f"{'MET' if r <= 8.0 else 'NOT MET'} (4 / 1 = {r:.2f})")
-    r = med[VSAMPLE] / med[SOFT]
-    targets.append(f"5 variational-sample within 2x of 1 soft: "
-                   f"{'MET' if r <= 2.0 else 'NOT MET'} (5 / 1 = {r:.2f}; 5' with log_lik of "
-                   f"all S: {med[VSAMPLE_ALL] / med[SOFT]:.2f})")
+    for name in (LMARGINAL, LVENUM):
+        if name not in med:
+            continue
+        r = med[name] / med[SOFT]
+        line = (f"{name} within {LOG_LINEAR_TIME:g}x of 1 soft: "
+                f"{'MET' if r <= LOG_LINEAR_TIME else 'NOT MET'} ({name.split()[0]} / 1 = "
+                f"{r:.2f})")
+        m_ll, m_soft = memory.get(name), memory.get(SOFT)
+        if m_ll and m_soft and "error" not in m_ll and "error" not in m_soft:
+            rm = m_ll["increase_bytes"] / max(m_soft["increase_bytes"], 1)
+            line += (f"; peak memory within {LOG_LINEAR_MEMORY:g}x of 1 soft: "
+                     f"{'MET' if rm <= LOG_LINEAR_MEMORY else 'NOT MET'} ({rm:.2f})")
+        targets.append(line)
+    if KMAX in med:
+        r = med[KMAX] / med[SOFT]
+        targets.append(f"4 K-max (K={cfg.k_max}) within 8x of 1 soft: "
+                       f"{'MET' if r <= 8.0 else 'NOT MET'} (4 / 1 = {r:.2f})")
+    if VSAMPLE in med:
+        r = med[VSAMPLE] / med[SOFT]
+        all_s = (f"; 5' with log_lik of all S: {med[VSAMPLE_ALL] / med[SOFT]:.2f}"
+                 if VSAMPLE_ALL in med else "")
+        targets.append(f"5 variational-sample within 2x of 1 soft: "
+                       f"{'MET' if r <= 2.0 else 'NOT MET'} (5 / 1 = {r:.2f}{all_s})")
 
     large: dict[str, Any] = {}
     if not args.skip_large:

@@ -96,3 +96,51 @@ def test_add_data_dir_argument(tmp_path: Path) -> None:
     p = add_data_dir_argument(argparse.ArgumentParser())
     assert p.parse_args([]).data_dir is None
     assert data_dir(p.parse_args(["--data-dir", str(tmp_path)]).data_dir) == tmp_path
+
+
+# -- Multi30k: any split whose two files are present ----------------------------------------------
+
+
+def _write_gz(path: Path, lines: list[str]) -> None:
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def test_multi30k_reads_any_split_whose_files_are_present(tmp_path: Path) -> None:
+    from examples.data.multi30k import load_multi30k, multi30k_splits
+
+    sub = tmp_path / "multi30k"
+    for split, n in (("val", 3), ("test_2017_flickr", 2), ("test_2017_mscoco", 1)):
+        _write_gz(sub / f"{split}.de.gz", [f"de {split} {i}" for i in range(n)])
+        _write_gz(sub / f"{split}.en.gz", [f"en {split} {i}" for i in range(n)])
+    _write_gz(sub / "test_2018_flickr.de.gz", ["only German"])  # half a split: not present
+    assert multi30k_splits(tmp_path) == ["val", "test_2017_flickr", "test_2017_mscoco"]
+    p = load_multi30k("test_2017_flickr", tmp_path)
+    assert (p.split, p.src, p.tgt) == ("test_2017_flickr", ["de test_2017_flickr 0",
+                                                            "de test_2017_flickr 1"],
+                                       ["en test_2017_flickr 0", "en test_2017_flickr 1"])
+    # a split with a file missing: the files, the folder and the splits present are named
+    with pytest.raises(DataError) as e:
+        load_multi30k("test_2018_flickr", tmp_path)
+    msg = str(e.value)
+    assert "test_2018_flickr.en.gz" in msg and str(sub) in msg and "test_2018_flickr.de.gz" \
+        not in msg.split("has no")[1].split(";")[0]
+    assert "the splits present there are val, test_2017_flickr, test_2017_mscoco" in msg
+    with pytest.raises(DataError, match=r"unknown Multi30k split 'dev'.*dev\.de\.gz and no "
+                                        r"dev\.en\.gz.*present there are val"):
+        load_multi30k("dev", tmp_path)
+    # a shipped split that is missing: the data file's own advice, and the splits present
+    with pytest.raises(DataError, match=r"train\.de\.gz.*not found.*--data-dir.*present there "
+                                        r"are val, test_2017_flickr"):
+        load_multi30k("train", tmp_path)
+    for bad in ("../val", "", "a/b", ".hidden"):
+        with pytest.raises(DataError, match="is not a Multi30k split name"):
+            load_multi30k(bad, tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert multi30k_splits(empty) == []
+    with pytest.raises(DataError, match="no split is present there"):
+        load_multi30k("val", empty)

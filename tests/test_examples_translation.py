@@ -30,7 +30,13 @@ from examples.translation.data import (
     length_batches,
     shard,
 )
-from examples.translation.model import MODES, ModelConfig, Seq2Seq, greedy_decode
+from examples.translation.model import (
+    MODES,
+    OUTPUT_LAYERS,
+    ModelConfig,
+    Seq2Seq,
+    greedy_decode,
+)
 from examples.translation.train import Trainer, cli, main, make_parser, read_checkpoint
 
 MULTI30K = real_data(*(f"multi30k/{split}.{lang}.gz" for split in
@@ -261,20 +267,28 @@ def _brute_force_nll(m: Seq2Seq, batch) -> float:  # type: ignore[no-untyped-def
     """-log p(y | x), summing every alignment (sequence) by explicit enumeration."""
     with torch.no_grad():
         memory, state = m.encode(batch.src, batch.src_mask)
-        hs, feeds = m.decode(memory, batch.src_mask, state, batch.tgt_in)
+        hs, feeds, ctxs = m.decode(memory, batch.src_mask, state, batch.tgt_in)
         out = m.output
+        log_linear = m.config.output_layer == "log-linear"
         total = 0.0
         for b in range(batch.src.shape[0]):
             s = int(batch.src_mask[b].sum())
             t = int(batch.tgt_mask[b].sum())
             y = batch.tgt_out[b, :t]
             if m.config.mode == "soft":
-                lp = torch.log_softmax(out.out(feeds[b, :t]), -1)
+                logits = (out.hidden_out(hs[b, :t]) + out.memory_out(ctxs[b, :t]) if log_linear
+                          else out.out(feeds[b, :t]))
+                lp = torch.log_softmax(logits, -1)
                 total -= float(lp.gather(1, y[:, None]).sum())
                 continue
             # ell[t, s] = log p(y_t | x, z_t = s), from the full (T, S, V) table
-            pre = out.hidden_proj(hs[b, :t])[:, None, :] + out.memory_proj(memory[b, :s])[None]
-            table = torch.log_softmax(out.out(torch.tanh(pre)), -1)
+            if log_linear:  # A h_t + C m_s + b for every pair
+                table = torch.log_softmax(out.hidden_out(hs[b, :t])[:, None, :]
+                                          + out.memory_out(memory[b, :s])[None], -1)
+            else:
+                pre = (out.hidden_proj(hs[b, :t])[:, None, :]
+                       + out.memory_proj(memory[b, :s])[None])
+                table = torch.log_softmax(out.out(torch.tanh(pre)), -1)
             ell = table.gather(2, y[:, None, None].expand(t, s, 1))[..., 0]
             if m.config.mode in ("markov", "variational-markov"):
                 assert m.markov is not None
@@ -295,20 +309,22 @@ def _brute_force_nll(m: Seq2Seq, batch) -> float:  # type: ignore[no-untyped-def
         return total
 
 
+@pytest.mark.parametrize("output_layer", OUTPUT_LAYERS)
 @pytest.mark.parametrize("mode", ["soft", "marginal", "hard-enum", "variational-enum", "markov",
                                   "variational-markov"])
-def test_score_is_the_exact_marginal_likelihood(mode: str) -> None:
-    m, batch = _model(mode), _batch()
+def test_score_is_the_exact_marginal_likelihood(mode: str, output_layer: str) -> None:
+    m, batch = _model(mode, output_layer=output_layer), _batch()
     r = m.score(batch)
     assert int(r["tokens"]) == 3 + 1 + 5 + 1 + 1 + 1
     assert float(r["nll"]) == pytest.approx(_brute_force_nll(m, batch), rel=1e-10)
 
 
+@pytest.mark.parametrize("output_layer", OUTPUT_LAYERS)
 @pytest.mark.parametrize("mode", MODES)
-def test_decoding_steps_score_the_reference_exactly(mode: str) -> None:
+def test_decoding_steps_score_the_reference_exactly(mode: str, output_layer: str) -> None:
     """Beam search's next-word distribution, chained along the reference, gives the exact
     log p(y | x) that score() computes (for the Markov prior: forward filtering)."""
-    m, batch = _model(mode), _batch()
+    m, batch = _model(mode, output_layer=output_layer), _batch()
     memory, (h0, c0) = m.encode(batch.src, batch.src_mask)
     state = m._initial_state(memory, batch.src_mask, h0, c0)
     total = torch.zeros((), dtype=torch.float64)
@@ -321,22 +337,31 @@ def test_decoding_steps_score_the_reference_exactly(mode: str) -> None:
     assert float(-total) == pytest.approx(float(m.score(batch)["nll"]), rel=1e-10)
 
 
+@pytest.mark.parametrize("output_layer", OUTPUT_LAYERS)
 @pytest.mark.parametrize("mode", ["soft", "marginal", "variational-sample", "markov"])
-def test_beam_search_of_width_one_is_greedy_decoding(mode: str) -> None:
+def test_beam_search_of_width_one_is_greedy_decoding(mode: str, output_layer: str) -> None:
     for seed in range(3):
-        m, batch = _model(mode, seed), _batch()
+        m, batch = _model(mode, seed, output_layer=output_layer), _batch()
         greedy = greedy_decode(m, batch.src, batch.src_mask, max_len=15)
         beam = m.translate(batch.src, batch.src_mask, beam_size=1, max_len=15)
         assert torch.equal(beam[:, :greedy.shape[1]], greedy)
         assert (beam[:, greedy.shape[1]:] == EOS).all()
 
 
-def test_kmax_with_k_at_least_the_source_length_is_full_enumeration() -> None:
-    full = _model("variational-enum").score(_batch())
-    kmax = _model("variational-enum", k_max=4).score(_batch())
+@pytest.mark.parametrize("output_layer", OUTPUT_LAYERS)
+def test_kmax_with_k_at_least_the_source_length_is_full_enumeration(output_layer: str) -> None:
+    kw = {"output_layer": output_layer}
+    full = _model("variational-enum", **kw).score(_batch())
+    kmax = _model("variational-enum", k_max=4, **kw).score(_batch())
     assert float(kmax["nll"]) == pytest.approx(float(full["nll"]), rel=1e-12)
-    k2 = _model("variational-enum", k_max=2).score(_batch())
+    k2 = _model("variational-enum", k_max=2, **kw).score(_batch())
     assert float(k2["nll"]) != pytest.approx(float(full["nll"]), rel=1e-6)
+    # the training loss too (the log-linear layer scores every position and picks the K)
+    full_loss = _model("variational-enum", **kw)(_batch())[0].detach()
+    kmax_loss = _model("variational-enum", k_max=4, **kw)(_batch())[0].detach()
+    assert float(kmax_loss) == pytest.approx(float(full_loss), rel=1e-12)
+    k2_loss = _model("variational-enum", k_max=2, **kw)(_batch())[0].detach()
+    assert float(k2_loss) != pytest.approx(float(full_loss), rel=1e-6)
 
 
 def test_prior_entropy_of_a_uniform_prior_is_log_s() -> None:
@@ -354,11 +379,12 @@ def test_prior_entropy_of_a_uniform_prior_is_log_s() -> None:
         assert float(r["entropy"]) == pytest.approx(want, rel=1e-10)
 
 
-def test_training_objectives_bound_the_exact_nll() -> None:
+@pytest.mark.parametrize("output_layer", OUTPUT_LAYERS)
+def test_training_objectives_bound_the_exact_nll(output_layer: str) -> None:
     """Jensen: the hard and variational objectives are upper bounds of -log p(y | x)."""
     exact = {}
     for mode in ("marginal", "hard-enum", "variational-enum", "markov", "variational-markov"):
-        m = _model(mode)
+        m = _model(mode, output_layer=output_layer)
         loss = m(_batch())[0].detach()
         exact[mode] = float(m.score(_batch())["nll"])
         if mode in ("marginal", "markov"):
@@ -374,6 +400,8 @@ def test_bad_configurations_are_refused() -> None:
         Seq2Seq(ModelConfig(vocab_size=10, mode="soft", k_max=3))
     with pytest.raises(ValueError, match="hidden must be even"):
         Seq2Seq(ModelConfig(vocab_size=10, hidden=7))
+    with pytest.raises(ValueError, match="unknown output layer 'tanh'"):
+        Seq2Seq(ModelConfig(vocab_size=10, output_layer="tanh"))  # type: ignore[arg-type]
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -617,3 +645,121 @@ def test_learning_rate_schedule_and_time_budget(tmp_path: Path,
     assert res["steps"] == 1 and res["epochs"] == 0
     assert len(res["history"]) == 1 and res["history"][0]["complete"] is False
     assert math.isfinite(res["test"]["ppl"]) and (tmp_path / "b" / "best.pt").is_file()
+
+
+# -- other splits, and the translate command ---------------------------------------------------
+
+
+def _tiny_multi30k(folder: Path) -> Path:
+    """A data folder with the first lines of the real splits, and a made-up fourth split
+    ``test_2017_flickr`` (real validation pairs), so that runs are quick."""
+    sub = folder / "multi30k"
+    sub.mkdir(parents=True)
+    sizes = {"train": 96, "val": 8, "test_2016_flickr": 8}
+    for split, n in sizes.items():
+        pairs = load_multi30k(split, DATA)
+        for lang, lines in (("de", pairs.src[:n]), ("en", pairs.tgt[:n])):
+            with gzip.open(sub / f"{split}.{lang}.gz", "wt", encoding="utf-8") as f:
+                f.write("".join(x + "\n" for x in lines))
+    val = load_multi30k("val", DATA)
+    for lang, lines in (("de", val.src[8:13]), ("en", val.tgt[8:13])):
+        with gzip.open(sub / f"test_2017_flickr.{lang}.gz", "wt", encoding="utf-8") as f:
+            f.write("".join(x + "\n" for x in lines))
+    return folder
+
+
+@MULTI30K.needed
+def test_re_evaluation_on_another_split_and_the_translate_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from examples.translation import translate
+
+    data = _tiny_multi30k(tmp_path / "data")
+    run = tmp_path / "run"
+    args = ["--smoke-test", "--attention", "variational-enum", "--output-layer", "log-linear",
+            "--out-dir", str(run), "--no-progress", "--device", "cpu", "--data-dir", str(data),
+            "--epochs", "1", "--eval-pairs", "4", "--max-decode-len", "6", "--heatmaps", "1"]
+    res = main(args)
+    assert res["config"]["output_layer"] == "log-linear" and res["test_split"] == \
+        "test_2016_flickr"
+    # a finished run evaluated on another split: nothing trained, both splits' figures kept
+    again = main([*args, "--resume", "--test-split", "test_2017_flickr"])
+    assert (again["steps"], again["epochs"]) == (res["steps"], res["epochs"])
+    assert again["test_split"] == "test_2017_flickr" and again["test"]["ppl"] != res["test"]["ppl"]
+    saved = json.loads((run / "results.json").read_text())
+    assert set(saved["evaluations"]) == {"test_2016_flickr", "test_2017_flickr"}
+    assert saved["evaluations"]["test_2016_flickr"]["test"]["ppl"] == res["test"]["ppl"]
+    assert saved["evaluations"]["test_2017_flickr"]["test"]["ppl"] == again["test"]["ppl"]
+    assert len((run / "test_2017_flickr.hyp.en").read_text().splitlines()) == 4
+    # a split that is not there: one line naming its files and the splits that are
+    with pytest.raises(SystemExit) as e:
+        cli([*args, "--resume", "--test-split", "test_2018_flickr"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "test_2018_flickr.de.gz" in err[0] and \
+        "train, val, test_2016_flickr, test_2017_flickr" in err[0], err
+
+    # translate, end to end: German on stdin, English on stdout, alignments as JSON
+    german = ["Ein Mann fährt Fahrrad.", "", "Zwei Hunde spielen im Schnee."]
+    al = tmp_path / "al.json"
+    r = subprocess.run([sys.executable, "-m", PROG, "translate", "--checkpoint",
+                        str(run / "best.pt"), "--beam", "2", "--alignments-json", str(al),
+                        "--max-decode-len", "8", "--threads", "1"],
+                       input="".join(g + "\n" for g in german), capture_output=True, text=True,
+                       env=_env(), cwd=REPO, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    english = r.stdout.split("\n")
+    assert english[-1] == "" and len(english) == len(german) + 1, r.stdout
+    model, tok = translate.load_model(run / "best.pt", torch.device("cpu"))
+    assert model.config.output_layer == "log-linear"
+    want, records = translate.translate_lines(model, tok, german, beam=2, max_len=8,
+                                              alignments=True)
+    assert english[:-1] == want
+    got = json.loads(al.read_text())
+    assert (got["mode"], got["output_layer"], got["beam"]) == ("variational-enum",
+                                                               "log-linear", 2)
+    for rec, src, hyp in zip(got["sentences"], german, want, strict=True):
+        assert (rec["source"], rec["translation"], rec["matrix"]) == (src, hyp, "posterior")
+        t, s = len(rec["target_pieces"]), max(len(rec["source_pieces"]), 1)
+        assert rec["target_pieces"][-1] == "</s>"
+        post = torch.tensor(rec["posterior"])
+        assert post.shape == (t, s) and torch.allclose(post.sum(-1), torch.ones(t), atol=1e-5)
+        assert rec["argmax"] == post.argmax(-1).tolist() and len(rec["prior"]) == t
+    for mine, theirs in zip(records, got["sentences"], strict=True):  # another thread count
+        assert mine["target_pieces"] == theirs["target_pieces"]
+        for key in ("prior", "posterior"):
+            torch.testing.assert_close(torch.tensor(mine[key]), torch.tensor(theirs[key]),
+                                       rtol=0, atol=1e-5)
+    # an input file, K-max and greedy decoding, output to a file
+    (tmp_path / "de.txt").write_text("\n".join(german[::2]) + "\n", encoding="utf-8")
+    hyps = translate.main(["--checkpoint", str(run / "best.pt"), "--input",
+                           str(tmp_path / "de.txt"), "--output", str(tmp_path / "en.txt"),
+                           "--beam", "1", "--k-max", "2", "--max-decode-len", "8"])
+    assert (tmp_path / "en.txt").read_text().splitlines() == hyps and len(hyps) == 2
+
+    # errors, one line each: a missing checkpoint, K-max for soft attention, no tokenizer
+    soft = _trainer("soft")
+    soft.tokenizer = tok
+    soft.model = Seq2Seq(ModelConfig(vocab_size=tok.vocab_size, mode="soft", embed=6,
+                                     hidden=8, layers=1))
+    soft.save(tmp_path / "soft.pt")
+    with pytest.raises(ExampleError, match="does not apply to the checkpoint's mode 'soft'"):
+        translate.main(["--checkpoint", str(tmp_path / "soft.pt"), "--input",
+                        str(tmp_path / "de.txt"), "--k-max", "2"])
+    assert len(translate.main(["--checkpoint", str(tmp_path / "soft.pt"), "--input",
+                               str(tmp_path / "de.txt"), "--max-decode-len", "4"])) == 2
+    soft.tokenizer = None
+    soft.save(tmp_path / "old.pt")
+    with pytest.raises(ExampleError, match="carries no tokenizer.*--tokenizer"):
+        translate.main(["--checkpoint", str(tmp_path / "old.pt"), "--input",
+                        str(tmp_path / "de.txt")])
+    (tmp_path / "spm.model").write_bytes(tok.model_proto)
+    assert len(translate.main(["--checkpoint", str(tmp_path / "old.pt"), "--input",
+                               str(tmp_path / "de.txt"), "--tokenizer",
+                               str(tmp_path / "spm.model"), "--max-decode-len", "4"])) == 2
+    with pytest.raises(SystemExit) as e:
+        cli(["translate", "--checkpoint", str(tmp_path / "missing.pt")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"examples.translation translate: error: --checkpoint "
+                   f"{str(tmp_path / 'missing.pt')!r} does not exist; give a run's best.pt or "
+                   "checkpoint.pt"], err

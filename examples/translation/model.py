@@ -14,6 +14,11 @@ r"""The LSTM encoder-decoder with input feeding and a latent alignment (Deng et 
   \mathrm{softmax}(W_o \tanh(W_h h_t + W_v m_s + b))`, for every :math:`s`
   (:class:`attention.AlignedOutputLayer`), and the objective of the mode combines those with the
   prior; the input feed stays the prior-expected :math:`\tilde h_t`, as in the paper.
+* ``output_layer="log-linear"`` replaces that layer by a product of experts,
+  :math:`p(y_t \mid x, z_t = s) = \mathrm{softmax}(A h_t + C m_s + b)`
+  (:class:`attention.LogLinearOutputLayer`), whose exact enumeration costs about what soft
+  attention does; soft attention then predicts from :math:`A h_t + C c_t + b`, and the input feed
+  is its own :math:`\tanh(W_f [h_t; c_t] + b_f)`.
 * ``markov`` and ``variational-markov``: the alignments form a first-order Markov chain
   (:class:`attention.markov.MarkovAlignmentPrior`, a content score plus a learned jump bias),
   eliminated exactly by the engine; ``variational-markov`` trains with a chain-structured
@@ -37,10 +42,14 @@ import torch
 from torch import Tensor, nn
 
 from attention import (
+    OUTPUT_LAYERS,
     AlignedOutputLayer,
     AlignmentInferenceNetwork,
     AttentionMode,
     LatentAlignmentAttention,
+    LogLinearOutputLayer,
+    OutputLayerName,
+    make_output_layer,
 )
 from attention.decoding import beam_search
 from attention.functional import alignment_loss
@@ -54,7 +63,7 @@ from attention.markov import (
 
 from .data import BOS, EOS, PAD, Batch
 
-__all__ = ["MODES", "ModelConfig", "Seq2Seq", "greedy_decode"]
+__all__ = ["MODES", "OUTPUT_LAYERS", "ModelConfig", "Seq2Seq", "greedy_decode"]
 
 #: ``--attention`` choices: the modes of :class:`attention.LatentAlignmentAttention` and the
 #: Markov prior (exact marginal likelihood, or variational with a chain-structured ``q``).
@@ -79,9 +88,16 @@ class ModelConfig:
     max_jump: int = 4
     max_bytes: int = 256 * 2**20
     temperature: float = 1.0
+    output_layer: OutputLayerName = "luong"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> ModelConfig:
+        """The configuration a checkpoint saved (one written before ``output_layer`` existed
+        used the tanh layer, ``"luong"``)."""
+        return cls(**{"output_layer": "luong", **saved})
 
 
 class ChainPosterior(nn.Module):
@@ -113,6 +129,9 @@ class Seq2Seq(nn.Module):
             raise ValueError(f"unknown attention mode {config.mode!r}; choose one of {MODES}")
         if config.hidden % 2:
             raise ValueError(f"hidden must be even (two encoder directions), got {config.hidden}")
+        if config.output_layer not in OUTPUT_LAYERS:
+            raise ValueError(f"unknown output layer {config.output_layer!r}; choose one of "
+                             f"{OUTPUT_LAYERS}")
         if config.k_max is not None and config.mode in ("soft",) + _MARKOV:
             raise ValueError(f"k_max (K-max) restricts an independent latent alignment; it does "
                              f"not apply to mode {config.mode!r}")
@@ -128,7 +147,10 @@ class Seq2Seq(nn.Module):
         attn_mode = cast(AttentionMode, "marginal" if c.mode in _MARKOV else c.mode)
         self.attention = LatentAlignmentAttention(h, h, score="general", mode=attn_mode,
                                                   k_max=c.k_max)
-        self.output = AlignedOutputLayer(h, h, v, max_bytes=c.max_bytes)
+        self.output = make_output_layer(c.output_layer, h, h, v, max_bytes=c.max_bytes)
+        # the log-linear layer has no attentional vector of its own: the input feed gets one
+        self.feed_proj: nn.Linear | None = (nn.Linear(2 * h, h) if c.output_layer == "log-linear"
+                                            else None)
         self.drop = nn.Dropout(c.dropout)
         self.inference: AlignmentInferenceNetwork | None = None
         if c.mode in _VARIATIONAL:
@@ -157,19 +179,32 @@ class Seq2Seq(nn.Module):
         return memory, (h0.contiguous(), c0.contiguous())
 
     def _feed(self, h: Tensor, context: Tensor) -> Tensor:
-        """The attentional vector :math:`\\tilde h = \\tanh(W_h h + W_v c + b)`."""
-        return torch.tanh(self.output.hidden_proj(h) + self.output.memory_proj(context))
+        """The attentional vector :math:`\\tilde h = \\tanh(W_h h + W_v c + b)` (the tanh
+        layer's own; with the log-linear layer :math:`\\tanh(W_f [h; c] + b_f)`)."""
+        if self.feed_proj is not None:
+            return torch.tanh(self.feed_proj(torch.cat([h, context], -1)))
+        out = self.output
+        assert isinstance(out, AlignedOutputLayer)
+        return torch.tanh(out.hidden_proj(h) + out.memory_proj(context))
+
+    def _soft_logits(self, hs: Tensor, feeds: Tensor, contexts: Tensor) -> Tensor:
+        """Soft attention's next-word logits: :math:`W_o \\tilde h + b_o` (the tanh layer on
+        the soft context), or :math:`A h + C c + b` (the log-linear layer on it)."""
+        if isinstance(self.output, LogLinearOutputLayer):
+            return self.output(hs, contexts)
+        return self.output.out(feeds)
 
     def decode(self, memory: Tensor, src_mask: Tensor, state: tuple[Tensor, Tensor],
-               tgt_in: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher-forced decoder states ``(B, T, H)`` and attentional vectors ``(B, T, H)``.
+               tgt_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher-forced decoder states ``(B, T, H)``, attentional vectors ``(B, T, H)`` and
+        soft contexts ``(B, T, H)``.
 
         The recurrence (input feeding) is a loop over target steps, as in any LSTM decoder with
         input feeding; every alignment computation after it runs on all steps at once."""
         emb = self.drop(self.tgt_embed(tgt_in))
         b, t = tgt_in.shape
         feed = memory.new_zeros(b, self.config.hidden)
-        hs, feeds = [], []
+        hs, feeds, ctxs = [], [], []
         for i in range(t):
             x = torch.cat([emb[:, i], feed], dim=-1).unsqueeze(1)
             out, state = self.decoder(x, state)
@@ -178,8 +213,9 @@ class Seq2Seq(nn.Module):
             feed = self._feed(h, ctx)
             hs.append(h)
             feeds.append(feed)
+            ctxs.append(ctx)
             feed = self.drop(feed)
-        return torch.stack(hs, 1), torch.stack(feeds, 1)
+        return torch.stack(hs, 1), torch.stack(feeds, 1), torch.stack(ctxs, 1)
 
     # -- objectives ----------------------------------------------------------------------------
 
@@ -196,10 +232,10 @@ class Seq2Seq(nn.Module):
         jointly as in the paper). Both are scalars; divide by ``batch.num_tokens``."""
         c = self.config
         memory, state = self.encode(batch.src, batch.src_mask)
-        hs, feeds = self.decode(memory, batch.src_mask, state, batch.tgt_in)
+        hs, feeds, ctxs = self.decode(memory, batch.src_mask, state, batch.tgt_in)
         y, tmask = batch.tgt_out, batch.tgt_mask
         if c.mode == "soft":
-            nll = self._soft_nll(self.drop(feeds), y)
+            nll = self._soft_nll(self.drop(hs), self.drop(feeds), ctxs, y)
             loss = nll.masked_fill(~tmask, 0.0).sum()
             return loss, loss.detach()
         hs = self.drop(hs)
@@ -212,7 +248,7 @@ class Seq2Seq(nn.Module):
         if c.mode in _SAMPLE:
             z, vals = self.attention.sample(out)  # (1, B, T), (1, B, T, D)
             ll = self.output.log_lik(hs, vals.permute(1, 2, 0, 3), y, gathered=True)
-            soft = -self._soft_nll(self.drop(feeds), y)  # the soft baseline, trained jointly
+            soft = -self._soft_nll(hs, self.drop(feeds), ctxs, y)  # the soft baseline, jointly
             est = self.attention.loss(out, None, samples=z, sampled_log_lik=ll.permute(2, 0, 1),
                                       baseline="soft", baseline_log_lik=soft.detach())
             loss = (est - soft).masked_fill(~tmask, 0.0).sum()
@@ -223,13 +259,16 @@ class Seq2Seq(nn.Module):
         loss = per_tok.masked_fill(~tmask, 0.0).sum()
         return loss, loss.detach()
 
-    def _soft_nll(self, feeds: Tensor, y: Tensor) -> Tensor:
-        logits = self.output.out(feeds)
+    def _soft_nll(self, hs: Tensor, feeds: Tensor, ctxs: Tensor, y: Tensor) -> Tensor:
+        logits = self._soft_logits(hs, feeds, ctxs)
         return nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
 
     def _log_lik(self, hs: Tensor, out: Any, y: Tensor) -> Tensor:
-        """:math:`\\log p(y_t \\mid x, z_t)` per position, or per K-max pick."""
+        """:math:`\\log p(y_t \\mid x, z_t)` per position, or per K-max pick (the log-linear
+        layer scores every position and picks: all its normalisers are one matrix product)."""
         if out.topk_values is not None:
+            if isinstance(self.output, LogLinearOutputLayer):
+                return out.gather_topk(self.output.log_lik(hs, out.values, y))
             return self.output.log_lik(hs, out.topk_values, y, gathered=True)
         return self.output.log_lik(hs, out.values, y)
 
@@ -258,12 +297,12 @@ class Seq2Seq(nn.Module):
         """
         c = self.config
         memory, state = self.encode(batch.src, batch.src_mask)
-        hs, feeds = self.decode(memory, batch.src_mask, state, batch.tgt_in)
+        hs, feeds, ctxs = self.decode(memory, batch.src_mask, state, batch.tgt_in)
         y, tmask = batch.tgt_out, batch.tgt_mask
         tokens = tmask.sum()
         out = self.attention(hs, memory, batch.src_mask)
         if c.mode == "soft":
-            nll = self._soft_nll(feeds, y).masked_fill(~tmask, 0.0).sum()
+            nll = self._soft_nll(hs, feeds, ctxs, y).masked_fill(~tmask, 0.0).sum()
             return {"nll": nll, "entropy": _entropy(out.probs, tmask), "tokens": tokens}
         if c.mode in _MARKOV:
             assert self.markov is not None
@@ -288,7 +327,7 @@ class Seq2Seq(nn.Module):
         prior, its marginals), and in the latent modes the exact posterior
         :math:`p(z_t \\mid x, y)` (the engine's marginals for the Markov prior)."""
         memory, state = self.encode(batch.src, batch.src_mask)
-        hs, _ = self.decode(memory, batch.src_mask, state, batch.tgt_in)
+        hs, _, _ = self.decode(memory, batch.src_mask, state, batch.tgt_in)
         out = self.attention(hs, memory, batch.src_mask)
         if self.config.mode == "soft":
             return {"attention": out.probs}
@@ -331,7 +370,8 @@ class Seq2Seq(nn.Module):
             # filtered log p(z_{t-1} | x, y_{<t}) up to its word factor: the last step's predictive
             # alignment distribution, its projected decoder state and per-position normalisers
             state["pred"] = memory.new_zeros(n, s)
-            state["hproj"] = memory.new_zeros(n, self.output.proj_dim)
+            if isinstance(self.output, AlignedOutputLayer):
+                state["hproj"] = memory.new_zeros(n, self.output.proj_dim)
             state["lse"] = memory.new_zeros(n, s)
         return state
 
@@ -347,7 +387,7 @@ class Seq2Seq(nn.Module):
         new = dict(state, h=h.transpose(0, 1), c=c.transpose(0, 1), feed=feed, t=state["t"] + 1)
         mode = self.config.mode
         if mode == "soft":
-            return torch.log_softmax(self.output.out(feed), -1), new
+            return torch.log_softmax(self._soft_logits(hq, feed, att.context), -1), new
         if mode in _MARKOV:
             return self._markov_step(last, hq, memory, mask, state, new)
         if att.topk_indices is not None:
@@ -365,17 +405,28 @@ class Seq2Seq(nn.Module):
         first = state["t"] == 0
         # log p(z_{t-1} | x, y_{<t}): the last predictive distribution times the chosen word's
         # probability under each alignment, normalised
-        w = self.output.out.weight[last]  # (N, P)
-        bias = self.output.out.bias[last].unsqueeze(-1)
-        feats = torch.tanh(state["hproj"].unsqueeze(1) + self.output.memory_proj(memory))
-        word_lp = (feats @ w.unsqueeze(-1)).squeeze(-1) + bias - state["lse"]  # (N, S)
+        output = self.output
+        if isinstance(output, LogLinearOutputLayer):
+            # log p(last | z = s) = a[last] + c_s[last] - log Z_s; a[last] is the same for
+            # every s and cancels in the normalisation below
+            c_last = output.memory_out.weight[last]  # (N, D)
+            word_lp = (memory @ c_last.unsqueeze(-1)).squeeze(-1) - state["lse"]  # (N, S)
+        else:
+            w = output.out.weight[last]  # (N, P)
+            bias = output.out.bias[last].unsqueeze(-1)
+            feats = torch.tanh(state["hproj"].unsqueeze(1) + output.memory_proj(memory))
+            word_lp = (feats @ w.unsqueeze(-1)).squeeze(-1) + bias - state["lse"]  # (N, S)
         filt = torch.log_softmax((state["pred"] + word_lp).masked_fill(~mask, -math.inf), -1)
         trans_lp = torch.log_softmax(trans[:, 0].masked_fill(~mask[:, None, :], -math.inf), -1)
         pred = torch.logsumexp(filt.unsqueeze(-1) + trans_lp, 1)
         init_lp = torch.log_softmax(init.masked_fill(~mask, -math.inf), -1)
         pred = torch.where(first.unsqueeze(-1), init_lp, pred)
-        hproj = self.output.hidden_proj(hq)
-        logits = self.output.out(torch.tanh(hproj.unsqueeze(1) + self.output.memory_proj(memory)))
+        if isinstance(output, LogLinearOutputLayer):
+            word, lse = output.log_probs_and_normalizer(hq, memory, log_prior=pred)
+            new.update(pred=pred.masked_fill(~mask, -math.inf), lse=lse)
+            return word, new
+        hproj = output.hidden_proj(hq)
+        logits = output.out(torch.tanh(hproj.unsqueeze(1) + output.memory_proj(memory)))
         lse = torch.logsumexp(logits, -1)  # (N, S)
         word = torch.logsumexp(pred.unsqueeze(-1) + logits - lse.unsqueeze(-1), 1)
         new.update(pred=pred.masked_fill(~mask, -math.inf), hproj=hproj, lse=lse)

@@ -40,9 +40,9 @@ from ..common import (
     save_figure,
     write_json,
 )
-from ..data import MULTI30K_SPLITS, load_multi30k
+from ..data import load_multi30k
 from .data import Batch, Tokenizer, collate, encode_pairs, length_batches, shard
-from .model import MODES, ModelConfig, Seq2Seq, greedy_decode
+from .model import MODES, OUTPUT_LAYERS, ModelConfig, Seq2Seq, greedy_decode
 
 __all__ = ["Trainer", "cli", "main", "make_parser", "parse_args"]
 
@@ -55,7 +55,11 @@ network (enumeration, samples, Gumbel-softmax), or a first-order Markov alignmen
 marginal, or variational with a chain posterior) eliminated by the plated engine. Reports the
 exact perplexity and detokenised cased BLEU (sacrebleu) of beam search under the prior, writes
 the translations, an alignment heatmap and results.json. Data parallel with torchrun (gloo on CPU,
-NCCL on GPUs)."""
+NCCL on GPUs). The output layer is the paper's tanh layer (--output-layer luong) or a log-linear
+product of experts whose exact enumeration costs about what soft attention does (--output-layer
+log-linear). A finished run is evaluated again on another split with --resume --test-split NAME
+(nothing more is trained), and "python -m examples.translation translate --checkpoint
+RUN/best.pt" translates German read from a file or stdin (see "translate --help")."""
 
 PROG = "python -m examples.translation"
 
@@ -83,6 +87,15 @@ def vocab_size(text: str) -> int:
     return int(value)
 
 
+def test_split(text: str) -> str:
+    """argparse type of ``--test-split``: a split name other than ``train`` (whether its files
+    are present is checked when they are read)."""
+    if text == "train":
+        raise argparse.ArgumentTypeError("'train' is what the model is trained on; evaluate on "
+                                         "val, test_2016_flickr or another test split")
+    return text
+
+
 def even_int(text: str) -> int:
     """argparse type of ``--hidden``: a positive even number (two encoder directions)."""
     value = positive_int(text)
@@ -97,6 +110,10 @@ def make_parser() -> argparse.ArgumentParser:
                        data_example="multi30k/{train,val,test_2016_flickr}.{de,en}.gz")
     p.epilog = EPILOG
     p.add_argument("--attention", choices=MODES, default="soft", help="attention mode")
+    p.add_argument("--output-layer", choices=OUTPUT_LAYERS, default="luong",
+                   help="per-alignment output layer: the paper's tanh layer (luong) or a "
+                        "log-linear product of a decoder and an alignment expert, whose exact "
+                        "modes cost about what soft attention does (log-linear)")
     p.add_argument("--k-max", type=positive_int, default=None,
                    help="train with K-max: only the K best positions under the prior "
                         "(independent alignments only; default: all positions)")
@@ -142,9 +159,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="most subwords of a translation")
     p.add_argument("--eval-batch-size", type=positive_int, default=100,
                    help="sentence pairs per batch when evaluating and decoding")
-    p.add_argument("--test-split", default="test_2016_flickr",
-                   choices=[s for s in MULTI30K_SPLITS if s != "train"],
-                   help="the Multi30k split the test figures are measured on")
+    p.add_argument("--test-split", default="test_2016_flickr", type=test_split,
+                   help="the Multi30k split the test figures are measured on: any split whose "
+                        "two files DATA_DIR/multi30k/NAME.{de,en}.gz are present, but train "
+                        "(with --resume, a finished run is evaluated on it without training)")
     p.add_argument("--heatmaps", type=positive_int, default=3,
                    help="validation sentences in the alignment figure")
     p.add_argument("--max-bytes", type=positive_int, default=256,
@@ -197,10 +215,11 @@ class Trainer(EpochTrainer[Seq2Seq]):
 
     def __init__(self, args: argparse.Namespace, model: Seq2Seq, train: Sequence[Any],
                  device: torch.device, world: int = 1, rank: int = 0,
-                 valid: Sequence[Any] = ()) -> None:
+                 valid: Sequence[Any] = (), tokenizer: Tokenizer | None = None) -> None:
         super().__init__(LoopOptions.from_args(args), model,
                          torch.optim.Adam(model.parameters(), lr=args.lr), device, world, rank)
         self.args, self.train_pairs, self.valid = args, train, valid
+        self.tokenizer = tokenizer
 
     @property
     def best_ppl(self) -> float:
@@ -240,7 +259,13 @@ class Trainer(EpochTrainer[Seq2Seq]):
             g["lr"] *= self.args.lr_decay
 
     def model_state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "config": self.model.config.as_dict()}
+        """The model, its configuration and (when known) the tokenizer's sentencepiece model,
+        so that ``best.pt`` alone is enough to translate (``translate --checkpoint``)."""
+        state: dict[str, Any] = {"model": self.model.state_dict(),
+                                 "config": self.model.config.as_dict()}
+        if self.tokenizer is not None:
+            state["tokenizer"] = self.tokenizer.model_proto
+        return state
 
     def extra_state(self) -> dict[str, Any]:
         return {"best_ppl": self.best_ppl, "done": self.stopped,
@@ -255,7 +280,7 @@ class Trainer(EpochTrainer[Seq2Seq]):
         self.restore(read_checkpoint(path, self.device), path)
 
     def check_checkpoint(self, state: dict[str, Any], path: Path) -> None:
-        if state["config"] != self.model.config.as_dict():
+        if ModelConfig.from_dict(state["config"]).as_dict() != self.model.config.as_dict():
             raise ExampleError(f"the checkpoint {str(path)!r} was written for {state['config']}, "
                                f"not {self.model.config.as_dict()}; use the same options, or "
                                "another --out-dir")
@@ -387,7 +412,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     saved: dict[str, Any] | None = None
     if resume_or_refuse(args.resume, ckpt, others=[best_path, out_dir / "results.json"]):
         saved = read_checkpoint(ckpt, device)
-        check_resume_options(saved.get("options"), run_options(args, MAY_CHANGE), ckpt)
+        old = saved.get("options")  # a run from before --output-layer used the tanh layer
+        check_resume_options(None if old is None else {"output_layer": "luong", **old},
+                             run_options(args, MAY_CHANGE), ckpt)
         check_checkpoint_world(saved, ckpt, world)
 
     train_raw = load_multi30k("train", args.data_dir)
@@ -418,13 +445,14 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     config = ModelConfig(vocab_size=tok.vocab_size, mode=args.attention, embed=args.embed,
                          hidden=args.hidden, layers=args.layers, dropout=args.dropout,
                          k_max=args.k_max, max_jump=args.max_jump,
-                         max_bytes=args.max_bytes * 2**20)
+                         max_bytes=args.max_bytes * 2**20, output_layer=args.output_layer)
     model = Seq2Seq(config).to(device)
-    trainer = Trainer(args, model, train, device, world, rank, valid=valid)
+    trainer = Trainer(args, model, train, device, world, rank, valid=valid, tokenizer=tok)
     if saved is not None:
         trainer.restore(saved, ckpt)
         log_main(f"resumed from {ckpt}: {resume_position(trainer)}")
-    log_main(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.attention}")
+    log_main(f"{sum(p.numel() for p in model.parameters()):,} parameters; mode {args.attention}, "
+             f"{args.output_layer} output layer")
 
     trainer.fit(ckpt, best_path)
 
@@ -497,6 +525,11 @@ def _final(args: argparse.Namespace, model: Seq2Seq, tok: Tokenizer, trainer: Tr
         atomic_write_text("\n".join(khyps) + "\n", out_dir / f"{args.test_split}.kmax{k}.hyp.en")
         results[f"test_kmax{k}"] = kres
     results["eval_seconds"] = time.perf_counter() - t0
+    # every split a run was evaluated on stays in results.json (--resume --test-split NAME
+    # evaluates a finished run on another one)
+    results["evaluations"] = dict(_previous_evaluations(out_dir / "results.json"))
+    results["evaluations"][args.test_split] = {
+        k: v for k, v in results.items() if k == "test" or k.startswith("test_kmax")}
     alignment_figure(model, tok, valid, args.heatmaps, device, out_dir / "alignments.png")
     write_json(results, out_dir / "results.json")
     t = results["test"]
@@ -509,6 +542,36 @@ def _final(args: argparse.Namespace, model: Seq2Seq, tok: Tokenizer, trainer: Tr
     return results
 
 
+def _previous_evaluations(path: Path) -> dict[str, Any]:
+    """The per-split test figures of an earlier ``results.json`` of the run (``{}`` if none or
+    unreadable); one written before they were recorded gives its one ``test`` split."""
+    import json
+
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict):
+        return {}
+    evals = old.get("evaluations")
+    if isinstance(evals, dict):
+        return evals
+    if isinstance(old.get("test"), dict) and isinstance(old.get("test_split"), str):
+        return {old["test_split"]: {k: v for k, v in old.items()
+                                    if k == "test" or k.startswith("test_kmax")}}
+    return {}
+
+
 def cli(argv: Sequence[str] | None = None) -> None:
-    """``python -m examples.translation``: :func:`main` with one-line errors (:func:`run_cli`)."""
-    run_cli(PROG, main, argv)
+    """``python -m examples.translation``: :func:`main` with one-line errors (:func:`run_cli`);
+    ``python -m examples.translation translate ...``:
+    :func:`examples.translation.translate.main`."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["translate"]:
+        from . import translate
+
+        run_cli(translate.PROG, translate.main, args[1:], resumable=False)
+        return
+    run_cli(PROG, main, args)
