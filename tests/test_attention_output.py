@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
+from test_attention_modules import MaxNumel
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attention import (
     OUTPUT_LAYERS,
@@ -205,22 +205,6 @@ def test_second_derivative_is_refused() -> None:
         torch.autograd.grad(out, h, create_graph=True)
     (gh,) = torch.autograd.grad(layer.log_lik(h, vals, y).sum(), h)  # once is fine
     assert torch.isfinite(gh).all()
-
-
-class MaxNumel(TorchDispatchMode):
-    """The largest output of any op dispatched while active (forward and backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.max = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-                           ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(x, Tensor):
-                self.max = max(self.max, x.numel())
-        return out
 
 
 def test_no_tensor_of_every_pair_and_word() -> None:
