@@ -16,7 +16,14 @@ is folded into a running summary that is exact:
 * the two-level model's sums over segments (chunks hold whole segments; the segment prior is
   normalised by a running ``logaddexp`` of the segment scores, the frame prior within each
   segment by the chunk itself);
-* the inference network's mode (variational modes).
+* the inference network's mode (variational modes);
+* ``"markov"``: the chain over needle frames is carried across chunks by its forward message,
+  for every answer: the log evidence so far and the filtered distribution of the last frame's
+  state, from which the next chunk's chain starts (each chunk is one engine call, the exact
+  :class:`attention.markov.MarkovAlignment` of its frames). The posterior's mode needs the
+  evidence after a frame too, so a second pass reads the chunks backwards (encoding them again),
+  carrying the backward message of the true answer; between the passes only one
+  ``(B, 3)`` message per chunk is kept.
 
 **The memory cap.** ``C`` is chosen (:func:`chunk_frames`) so that the tensors one chunk
 creates, counted by :func:`bytes_per_frame` (the encoder's window input and hidden layers, the
@@ -39,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import VideoQA
+from attention.markov import MarkovAlignment
+
+from .model import BEFORE, IN, VideoQA, needle_chain_logits, needle_emission
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "LongVideoAnswer", "analyse_long", "bytes_per_frame",
            "chunk_frames"]
@@ -63,7 +72,11 @@ class LongVideoAnswer:
     :ivar chunk: the frames per chunk used; :ivar chunks: how many chunks.
     :ivar log_norm: ``(B,)`` :math:`\\log \\sum_t e^{s_t}` of the prior's frame scores (every
         mode but two-level, whose prior is not a softmax of frame scores; ``None`` there), so
-        that :math:`p(z = t) = e^{s_t - \\text{log_norm}}`.
+        that :math:`p(z = t) = e^{s_t - \\text{log_norm}}`. For ``"markov"``, whose prior is the
+        chain over needle frames, it is still the normaliser of the frame scores :math:`s_t`
+        (so a recall grid's needle mass there is the softmax of the scores, not the chain's
+        probability), and ``prior_map`` / ``posterior_map`` are the frames most probably in the
+        needle, a priori and given the true answer.
     """
 
     log_pred: Tensor
@@ -98,6 +111,8 @@ def bytes_per_frame(model: VideoQA, questions: int) -> int:
         per_question += 2 * a + 3
     elif c.mode.startswith("variational"):
         per_question += d
+    elif c.mode == "markov":  # the chain's factors and the engine's work, for every answer
+        per_question += 60 * a + 60
     return elem * (encoder + d + questions * per_question)
 
 
@@ -170,6 +185,8 @@ def analyse_long(model: VideoQA, video: Tensor, words: Tensor, word_lengths: Ten
         raise ValueError(f"chunk must be a positive number of frames (two-level: a multiple of "
                          f"segment_len={c.segment_len}), got {chunk}")
     q = model.encode_question(words, word_lengths)
+    if c.mode == "markov":
+        return _analyse_markov(model, video, q, answers, chunk)
     state = _State(model, q, answers)
     starts = range(0, t, chunk)
     for start in starts:
@@ -311,3 +328,83 @@ class _State:
 def _gather(logp: Tensor, answers: Tensor) -> Tensor:
     """``(B, C, A)`` -> ``(B, C)``: each question's true answer's log-probability."""
     return logp.gather(-1, answers.view(-1, 1, 1).expand(-1, logp.shape[1], 1)).squeeze(-1)
+
+
+def _enter(filtered: Tensor, trans_lp: Tensor) -> Tensor:
+    """``"markov"``: the log distribution ``(N, 3)`` of a chunk's first state, from the filtered
+    distribution ``(N, 3)`` of the state before it and the chunk's transition log-probabilities
+    ``(N, C, 3, 3)``."""
+    return (filtered.log()[:, :, None] + trans_lp[:, 0]).logsumexp(1)
+
+
+def _analyse_markov(model: VideoQA, video: Tensor, q: Tensor, answers: Tensor, chunk: int
+                    ) -> LongVideoAnswer:
+    """:func:`analyse_long` of ``"markov"`` mode (module docstring): a forward pass for the
+    predictive and the prior, a backward pass for the posterior's mode."""
+    assert model.needle_bias is not None
+    t, b, a = int(video.shape[0]), int(q.shape[0]), model.config.num_answers
+    starts = list(range(0, t, chunk))
+    rows = torch.arange(b, device=q.device)
+
+    def chunk_chain(start: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(scores (B, C), trans logits (B, C, 3, 3), their log-softmax, the emissions (B, C,
+        A, 3))`` of the chunk at ``start``."""
+        stop = min(start + chunk, t)
+        mem = model.frames.encode_span(video, start, stop)
+        scores = model.attention.score(q.unsqueeze(1), mem.unsqueeze(0)).squeeze(1)
+        assert model.needle_bias is not None
+        trans = needle_chain_logits(scores, model.needle_bias)
+        logp = model.answer_log_probs(mem.expand(b, -1, -1), q)
+        last = (torch.arange(start, stop, device=q.device) == t - 1).expand(b, -1)
+        emit = needle_emission(logp, last, last)
+        return scores, trans, trans.log_softmax(-1), emit
+
+    # the forward pass: per (question, answer) the log evidence so far and the filtered state
+    start_state = q.new_zeros(3)
+    start_state[BEFORE] = 1.0
+    filtered = start_state.expand(b * a, 3)
+    prior_filtered = start_state.expand(b, 3)
+    log_z = q.new_zeros(b * a)
+    log_norm: Tensor | None = None
+    prior = _RunningMax()
+    before_chunk: list[Tensor] = []  # the true answer's filtered state before each chunk
+    for start in starts:
+        scores, trans, trans_lp, emit = chunk_chain(start)
+        log_norm = _logaddexp(log_norm, scores.logsumexp(-1))
+        steps = scores.shape[1]
+        marg = MarkovAlignment(_enter(prior_filtered, trans_lp), trans,
+                               scores.new_zeros(b, steps, 3)).marginals()
+        prior.add(marg[..., IN], start)
+        prior_filtered = marg[:, -1]
+        before_chunk.append(filtered.view(b, a, 3)[rows, answers])
+        chain = MarkovAlignment(_enter(filtered, trans_lp.repeat_interleave(a, 0)),
+                                trans.repeat_interleave(a, 0),
+                                emit.transpose(1, 2).reshape(b * a, steps, 3))
+        log_z = log_z + chain.log_marginal()
+        filtered = chain.marginals()[:, -1]
+    joint = log_z.view(b, a)
+    log_pred = joint - joint.logsumexp(-1, keepdim=True)
+    # the backward pass: the true answer's posterior marginals, chunk by chunk from the end,
+    # the evidence after the chunk folded into its last frame's emission
+    beta = q.new_zeros(b, 3)  # log p(evidence after the chunk | its last state)
+    best: list[tuple[Tensor, Tensor]] = []
+    for start, before in zip(reversed(starts), reversed(before_chunk), strict=True):
+        scores, trans, trans_lp, emit = chunk_chain(start)
+        steps = scores.shape[1]
+        own = emit[rows, :, answers]  # (B, C, 3)
+        own = torch.cat([own[:, :-1], own[:, -1:] + beta[:, None]], 1)
+        post = MarkovAlignment(_enter(before, trans_lp), trans, own).marginals()[..., IN]
+        value, at = post.max(-1)
+        best.append((value, at + start))
+        if start > 0:  # the message for the previous chunk's last state, each state in turn
+            beta = MarkovAlignment(trans_lp[:, 0].reshape(b * 3, 3),
+                                   trans.repeat_interleave(3, 0),
+                                   own.repeat_interleave(3, 0)).log_marginal().view(b, 3)
+    posterior_map = best[-1][1]
+    top = best[-1][0]
+    for value, at in reversed(best[:-1]):  # in the frames' order: ties go to the first frame
+        better = value > top
+        top, posterior_map = torch.where(better, value, top), torch.where(better, at,
+                                                                           posterior_map)
+    return LongVideoAnswer(log_pred, prior.result(), posterior_map, None, None, chunk,
+                           len(starts), log_norm)

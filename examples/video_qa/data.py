@@ -28,8 +28,32 @@ appeared or left), so a latent alignment that picks the evidence frame can answe
 question says which event to find. Objects' colours change during their lives, so for
 the colour questions a frame away from the event usually gives another answer.
 
+**The identifiable variant** (``generate(..., variant="identifiable")``, ``--variant
+identifiable``). Above, the evidence frame is not identifiable: the named object keeps the
+answer's colour over a stretch of frames, and a count or a direction is read at the frames
+around the event too. In this variant the objects live and move as above but are drawn grey,
+except at the *event frames* (a frame where an object appears, from frame 1 on, or leaves, up to
+the last frame but one): there the object that appears is white, the one that leaves brown, and
+every other visible object shows a colour, drawn per object without replacement, so an object
+never shows one colour twice. Only the question types that one frame answers are asked:
+
+==========================  ==========================================================  ==========
+type                        question (answer)                                           evidence
+==========================  ==========================================================  ==========
+``colour_when_appears``     what colour is the circle when the square appears? (red:    the frame
+                            the circle's colour where the square is white)              the square
+                                                                                        is white
+``colour_when_leaves``      what colour is the circle when the square leaves?           the frame
+                            (the circle's colour where the square is brown)             it is brown
+``shape_turns``             what shape turns cyan? (the only object that is ever cyan)  that frame
+==========================  ==========================================================  ==========
+
+So the evidence frame alone answers each question (with ``--window 1``, so does its encoding),
+and no other frame shows the named object in the answer's colour (for ``shape_turns``: no other
+frame holds the colour at all). :data:`IDENTIFIABLE_VERSION` versions it.
+
 Generation is seeded (numpy's PCG64) and vectorised per object; :func:`load_or_generate`
-caches a data set under a name that holds every generator setting.
+caches a data set under a name that holds every generator setting (the variant included).
 
 **Real features** (:func:`load_features`): a folder with
 
@@ -50,7 +74,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -64,10 +88,15 @@ __all__ = [
     "COLOURS",
     "DIRECTIONS",
     "GENERATOR_VERSION",
+    "IDENTIFIABLE_TYPES",
+    "IDENTIFIABLE_VERSION",
     "QUESTION_TYPES",
     "SHAPES",
+    "SHOWN_COLOURS",
+    "VARIANTS",
     "Batch",
     "Question",
+    "Variant",
     "VideoQAData",
     "Vocab",
     "collate",
@@ -94,6 +123,21 @@ QUESTION_TYPES = ("colour_when_appears", "colour_when_leaves", "count_when_appea
                   "direction_when_appears", "shape_turns")
 OBJECT = 7  # side of an object's sprite in pixels
 SPLITS = ("train", "val", "test")
+
+#: The generator variants (see the module docstring): ``"default"`` (the data of
+#: :data:`GENERATOR_VERSION`, unchanged) and ``"identifiable"``.
+Variant = Literal["default", "identifiable"]
+VARIANTS: tuple[Variant, ...] = get_args(Variant)
+#: Bumped whenever the identifiable variant's data change (its caches are named by it).
+IDENTIFIABLE_VERSION = 1
+#: The question types of the identifiable variant: those one frame answers.
+IDENTIFIABLE_TYPES = ("colour_when_appears", "colour_when_leaves", "shape_turns")
+#: What the identifiable variant draws: an object's colour index into this (``COLOURS``, then
+#: grey away from events, white where it appears and brown where it leaves).
+SHOWN_COLOURS = COLOURS + ("grey", "white", "brown")
+GREY, APPEARS, LEAVES = (SHOWN_COLOURS.index(c) for c in ("grey", "white", "brown"))
+_SHOWN_RGB = np.concatenate([_RGB, np.array([(128, 128, 128), (255, 255, 255), (150, 90, 30)],
+                                            dtype=np.uint8)])
 
 
 def _sprites() -> np.ndarray:
@@ -221,14 +265,16 @@ def _overlap(objs: list[dict[str, Any]]) -> bool:
     return False
 
 
-def _render(objs: list[dict[str, Any]], frames: int, size: int) -> np.ndarray:
+def _render(objs: list[dict[str, Any]], frames: int, size: int, palette: np.ndarray = _RGB
+            ) -> np.ndarray:
+    """The ``(frames, size, size, 3)`` pixels; ``o["colour"][f]`` indexes ``palette``."""
     video = np.zeros((frames, size, size, 3), dtype=np.uint8)
     for o in objs:
         sprite = _SPRITES[o["shape"]]
         for f in range(o["first"], o["last"] + 1):
             r, c = o["pos"][f]
             patch = video[f, r:r + OBJECT, c:c + OBJECT]
-            patch[sprite] = _RGB[o["colour"][f]]
+            patch[sprite] = palette[o["colour"][f]]
     return video
 
 
@@ -273,8 +319,66 @@ def _questions(objs: list[dict[str, Any]], frames: int
     return out
 
 
+def _events(objs: list[dict[str, Any]], frames: int) -> list[tuple[dict[str, Any], str, int]]:
+    """Every (object, ``"appears"`` or ``"leaves"``, frame) that a question may name: an
+    appearance from frame 1 on, a leaving up to the last frame but one."""
+    out = []
+    for o in objs:
+        if o["first"] >= 1:
+            out.append((o, "appears", o["first"]))
+        if o["last"] <= frames - 2:
+            out.append((o, "leaves", o["last"]))
+    return out
+
+
+def _identifiable(rng: np.random.Generator, objs: list[dict[str, Any]], frames: int
+                  ) -> list[dict[str, Any]]:
+    """The objects of the identifiable variant: the same lives and moves, with ``"colour"``
+    replaced by the index into :data:`SHOWN_COLOURS` each frame shows (``-1`` where invisible).
+
+    Grey everywhere except at the event frames (:func:`_events`): white where the object
+    appears, brown where it leaves, and at another object's event a colour of :data:`COLOURS`,
+    drawn without replacement per object (an object is at most at 2 x 2 other objects' events,
+    fewer than the 6 colours), so that no object shows one colour at two frames.
+    """
+    events = _events(objs, frames)
+    event_frames = sorted({e for _, _, e in events})
+    out = []
+    for o in objs:
+        shown = np.where(o["colour"] >= 0, GREY, -1)
+        own = {e: APPEARS if event == "appears" else LEAVES
+               for b, event, e in events if b is o}
+        others = [e for e in event_frames if shown[e] >= 0 and e not in own]
+        shown[others] = rng.choice(len(COLOURS), size=len(others), replace=False)
+        for e, marker in own.items():
+            shown[e] = marker
+        out.append({**o, "colour": shown})
+    return out
+
+
+def _identifiable_questions(objs: list[dict[str, Any]], frames: int
+                            ) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """Every valid (type, question, answer, evidence) of one video of the identifiable variant
+    (objects from :func:`_identifiable`)."""
+    out: list[tuple[str, str, str, tuple[int, ...]]] = []
+    for b, event, e in _events(objs, frames):
+        for a in objs:
+            if a is not b and 0 <= a["colour"][e] < len(COLOURS):
+                out.append((f"colour_when_{event}",
+                            f"what colour is the {SHAPES[a['shape']]} when the "
+                            f"{SHAPES[b['shape']]} {event}?", COLOURS[a["colour"][e]], (e,)))
+    for c in range(len(COLOURS)):
+        holders = [o for o in objs if np.any(o["colour"] == c)]
+        if len(holders) == 1:  # never at its first frame, which is grey or white
+            o = holders[0]
+            out.append(("shape_turns", f"what shape turns {COLOURS[c]}?", SHAPES[o["shape"]],
+                        tuple(int(f) for f in np.flatnonzero(o["colour"] == c))))
+    return out
+
+
 def generate(num_videos: int, frames: int = 16, size: int = 32, questions_per_video: int = 4,
-             seed: int = 0, split_fractions: tuple[float, float] = (0.8, 0.1)) -> VideoQAData:
+             seed: int = 0, split_fractions: tuple[float, float] = (0.8, 0.1),
+             variant: Variant = "default") -> VideoQAData:
     """Generate a grounded video-QA data set (see the module docstring).
 
     :param num_videos: videos to render.
@@ -285,8 +389,13 @@ def generate(num_videos: int, frames: int = 16, size: int = 32, questions_per_vi
     :param seed: the seed; the same arguments give the same data set.
     :param split_fractions: the fractions of videos in the train and validation splits (the
         rest is test); splits are by video.
-    :raises ValueError: on sizes too small to hold three moving objects.
+    :param variant: ``"default"`` or ``"identifiable"`` (only the evidence frame shows the
+        answer; see the module docstring); the default variant's data are those of
+        :data:`GENERATOR_VERSION`, unchanged.
+    :raises ValueError: on sizes too small to hold three moving objects, or another variant.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if frames < 8 or size < 3 * OBJECT + 3 or num_videos < 1 or questions_per_video < 1:
         raise ValueError(f"need frames >= 8, size >= {3 * OBJECT + 3}, num_videos >= 1 and "
                          f"questions_per_video >= 1; got frames={frames}, size={size}, "
@@ -303,10 +412,15 @@ def generate(num_videos: int, frames: int = 16, size: int = 32, questions_per_vi
             objs = [_object(rng, int(s), frames, size) for s in shapes]
             if _overlap(objs):
                 continue
-            qs = _questions(objs, frames)
+            if variant == "identifiable":
+                objs = _identifiable(rng, objs, frames)
+                qs = _identifiable_questions(objs, frames)
+            else:
+                qs = _questions(objs, frames)
             if qs:
                 break
-        videos[v] = _render(objs, frames, size)
+        videos[v] = _render(objs, frames, size,
+                            _SHOWN_RGB if variant == "identifiable" else _RGB)
         objects.append([{k: (x.tolist() if isinstance(x, np.ndarray) else x)
                          for k, x in o.items()} for o in objs])
         by_type: dict[str, list[int]] = {}
@@ -319,31 +433,36 @@ def generate(num_videos: int, frames: int = 16, size: int = 32, questions_per_vi
         for i in (order + [int(i) for i in rest])[:questions_per_video]:
             t, text, answer, ev = qs[i]
             questions.append(Question(v, text, answer, t, ev, split))
+    version = (f"identifiable version {IDENTIFIABLE_VERSION}" if variant == "identifiable"
+               else f"version {GENERATOR_VERSION}")
     return VideoQAData(torch.from_numpy(videos), torch.full((num_videos,), frames),
-                       questions, f"generated (version {GENERATOR_VERSION}, seed {seed})",
-                       objects)
+                       questions, f"generated ({version}, seed {seed})", objects)
 
 
 def cache_name(num_videos: int, frames: int, size: int, questions_per_video: int,
-               seed: int) -> str:
-    """The file name of a cached generated data set: every setting is part of it."""
-    return (f"videoqa-v{GENERATOR_VERSION}-n{num_videos}-t{frames}-s{size}-"
+               seed: int, variant: Variant = "default") -> str:
+    """The file name of a cached generated data set: every setting is part of it (the default
+    variant's names are those from before variants existed)."""
+    version = (f"identifiable-v{IDENTIFIABLE_VERSION}" if variant == "identifiable"
+               else f"v{GENERATOR_VERSION}")
+    return (f"videoqa-{version}-n{num_videos}-t{frames}-s{size}-"
             f"q{questions_per_video}-seed{seed}.pt")
 
 
 def load_or_generate(cache_dir: str | os.PathLike[str] | None, num_videos: int,
                      frames: int = 16, size: int = 32, questions_per_video: int = 4,
-                     seed: int = 0) -> VideoQAData:
+                     seed: int = 0, variant: Variant = "default") -> VideoQAData:
     """:func:`generate`, cached (atomically) in ``cache_dir`` when given."""
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / cache_name(num_videos, frames, size, questions_per_video, seed)
+        path = Path(cache_dir) / cache_name(num_videos, frames, size, questions_per_video, seed,
+                                            variant)
         if path.is_file():
             st = torch.load(path, weights_only=False)
             return VideoQAData(st["videos"], st["lengths"],
                                [Question(**q) for q in st["questions"]], st["source"],
                                st["objects"])
-    data = generate(num_videos, frames, size, questions_per_video, seed)
+    data = generate(num_videos, frames, size, questions_per_video, seed, variant=variant)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"videos": data.videos, "lengths": data.lengths,

@@ -30,6 +30,40 @@ answer model sees only those frames, at training and at test time. For every lat
 answer's predictive distribution is exact: the engine's marginal of an answer variable ``a`` in
 the same graph. For videos too long to score at once, :mod:`examples.video_qa.chunked` gives
 the same answers chunk by chunk.
+
+``"markov"`` is for needles that span several frames. Its latent is not one frame but which
+frames hold the needle: a first-order Markov chain :math:`h_1, \dots, h_T` over the states
+*before*, *in* and *after* the needle (left to right, so the needle is one run of consecutive
+frames), whose transitions depend on the frame's score :math:`s_t = \mathrm{score}(q, v_t)`
+and on two learned biases :math:`\beta_{\mathrm{enter}}, \beta_{\mathrm{stay}}`:
+
+.. math::
+
+    p(h_t = \mathrm{in} \mid h_{t-1} = \mathrm{before}) = \sigma(s_t + \beta_{\mathrm{enter}}),
+    \qquad p(h_t = \mathrm{in} \mid h_{t-1} = \mathrm{in}) = \sigma(s_t + \beta_{\mathrm{stay}})
+
+(else *before* stays *before*, *in* goes *after*, *after* stays), with :math:`h_0` drawn from the
+*before* row. The answer is the one every needle frame agrees on, a product of experts over the
+run, and the run must not be empty:
+
+.. math::
+
+    p(a \mid x, q) = \frac{Z_a}{\sum_{a'} Z_{a'}}, \qquad
+    Z_a = \sum_{h:\, \exists t\, h_t = \mathrm{in}} p(h \mid x, q)
+        \prod_{t:\, h_t = \mathrm{in}} p(a \mid v_t, q).
+
+Each :math:`Z_a` is the exact log marginal of an :class:`attention.markov.MarkovAlignment` chain
+(the frames are its steps, the three states its "source positions", :math:`\log p(a \mid v_t,
+q)` the emission of *in*, and :math:`-\infty` for *before* at the last frame), one engine call
+for every answer at once (answers stacked on the batch). When every run has one frame this is
+exactly ``"marginal"``'s :math:`\sum_z p(z \mid x, q)\, p(a \mid v_z, q)` (then
+:math:`\sum_a Z_a = 1`); with longer runs the evidence of all the needle's frames is
+multiplied, instead of one frame being picked. Why this and not one frame with a Markov prior:
+a single answer has a single alignment, so there is no sequence of alignments for a Markov
+prior to link; the needle's *frames* are the sequence. Its ``prior`` is :math:`p(h_t =
+\mathrm{in} \mid x, q)` (the chain alone, without the non-empty condition), its
+``posterior`` :math:`p(h_t = \mathrm{in} \mid x, q, a)`; both are engine marginals, and
+neither sums to one over frames (their sum is the expected needle length).
 """
 
 from __future__ import annotations
@@ -49,14 +83,18 @@ from attention import (
     LatentAlignmentAttention,
     make_score,
 )
+from attention.markov import MarkovAlignment
 from plated import Factor, Plate, PlatedFactorGraph
 
 from .data import Batch
 
-__all__ = ["MODES", "ModelConfig", "VideoQA", "two_level_graph"]
+__all__ = ["MODES", "ModelConfig", "VideoQA", "needle_chain_logits", "needle_emission",
+           "needle_log_evidence", "two_level_graph"]
 
 MODES = ("soft", "marginal", "hard-enum", "hard-sample", "variational-enum",
-         "variational-sample", "two-level", "k-max")
+         "variational-sample", "two-level", "k-max", "markov")
+#: The states of ``"markov"`` mode's chain over frames.
+BEFORE, IN, AFTER = 0, 1, 2
 _VARIATIONAL = ("variational-enum", "variational-sample")
 _SAMPLE = ("hard-sample", "variational-sample")
 
@@ -190,7 +228,8 @@ class VideoQA(nn.Module):
         hidden = d if config.score == "additive" else None
         self.attention = LatentAlignmentAttention(
             d, d, score=config.score, score_hidden=hidden,  # type: ignore[arg-type]
-            mode="marginal" if mode in ("two-level", "k-max") else mode,  # type: ignore[arg-type]
+            mode="marginal" if mode in ("two-level", "k-max", "markov")
+            else mode,  # type: ignore[arg-type]
             k_max=config.k_max if mode == "k-max" else None)
         self.classifier = nn.Sequential(nn.Linear(3 * d, d), nn.ReLU(),
                                         nn.Linear(d, config.num_answers))
@@ -202,6 +241,9 @@ class VideoQA(nn.Module):
         self.segment_score: nn.Module | None = None
         if mode == "two-level":
             self.segment_score = make_score(config.score, d, d, hidden)  # type: ignore[arg-type]
+        self.needle_bias: nn.Parameter | None = None
+        if mode == "markov":  # (enter, stay)
+            self.needle_bias = nn.Parameter(torch.zeros(2))
 
     # -- encoders ---------------------------------------------------------------------------------
 
@@ -262,6 +304,16 @@ class VideoQA(nn.Module):
         live = torch.where(seg_ok.unsqueeze(-1), frame_logits, 0.0)
         return log_p1, torch.log_softmax(live, -1), m3
 
+    # -- the Markov chain over needle frames ------------------------------------------------------
+
+    def needle_chain(self, mem: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """``"markov"``: ``(init_logits (B, 3), trans_logits (B, T, 3, 3))`` of the chain over
+        the frames ``mem`` ``(B, T, D)`` (:func:`needle_chain_logits`)."""
+        assert self.needle_bias is not None
+        scores = self.attention.score(q.unsqueeze(1), mem).squeeze(1)
+        trans = needle_chain_logits(scores, self.needle_bias)
+        return trans[:, 0, BEFORE], trans
+
     # -- training ---------------------------------------------------------------------------------
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -275,6 +327,10 @@ class VideoQA(nn.Module):
         exact negative log marginal likelihood, or the mode's bound / surrogate."""
         mem, q = self.encode(batch)
         mask, mode = batch.frame_mask, self.config.mode
+        if mode == "markov":
+            init, trans = self.needle_chain(mem, q)
+            log_z = needle_log_evidence(init, trans, self.answer_log_probs(mem, q), mask)
+            return log_z.logsumexp(-1) - log_z.gather(1, batch.answers[:, None]).squeeze(1)
         if mode == "two-level":
             log_p1, log_p2, m3 = self.two_level_factors(mem, q, mask)
             ll = self._gather_answer(self.answer_log_probs(mem, q), batch.answers)
@@ -319,6 +375,18 @@ class VideoQA(nn.Module):
         mask, mode = batch.frame_mask, self.config.mode
         t = mem.shape[1]
         res: dict[str, Tensor] = {}
+        if mode == "markov":
+            init, trans = self.needle_chain(mem, q)
+            logp = self.answer_log_probs(mem, q)
+            log_z = needle_log_evidence(init, trans, logp, mask)
+            res["log_pred"] = log_z - log_z.logsumexp(-1, keepdim=True)
+            zero = mem.new_zeros(mem.shape[0], t, 3)
+            prior = MarkovAlignment(init, trans, zero, tgt_mask=mask).marginals()[..., IN]
+            emit = needle_emission(self._gather_answer(logp, batch.answers)[..., None], mask)
+            marg = MarkovAlignment(init, trans, emit[:, :, 0], tgt_mask=mask).marginals()
+            res["prior"], res["prior_map"] = prior, prior.argmax(-1)
+            res["posterior"], res["posterior_map"] = marg[..., IN], marg[..., IN].argmax(-1)
+            return res
         if mode == "two-level":
             log_p1, log_p2, m3 = self.two_level_factors(mem, q, mask)
             b, g, seg = log_p2.shape
@@ -376,6 +444,44 @@ class VideoQA(nn.Module):
             -1, out.topk_indices, post * out.topk_mask)
         res["posterior_map"] = out.topk_indices.gather(-1, post.argmax(-1, keepdim=True))[:, 0]
         return res
+
+
+def needle_chain_logits(scores: Tensor, bias: Tensor) -> Tensor:
+    """The transition logits of ``"markov"`` mode's chain (module docstring): ``scores`` ``(B,
+    T)`` and ``bias`` ``(2,)`` (enter, stay) -> ``(B, T, 3, 3)``, ``[b, t, i, j]`` scoring
+    :math:`h_t = j` given :math:`h_{t-1} = i` (``-inf`` for the moves the chain forbids)."""
+    zero = torch.zeros_like(scores)
+    never = torch.full_like(scores, -math.inf)
+    enter, stay = scores + bias[0], scores + bias[1]
+    rows = [(zero, enter, never), (never, stay, zero), (never, never, zero)]
+    return torch.stack([torch.stack(row, -1) for row in rows], -2)
+
+
+def needle_emission(logp: Tensor, mask: Tensor, last: Tensor | None = None) -> Tensor:
+    """``"markov"``: the chain's log-likelihoods ``(B, T, A, 3)`` from :math:`\\log p(a \\mid
+    v_t, q)` ``logp`` ``(B, T, A)``: 0 for *before* and *after*, ``logp`` for *in*, and
+    ``-inf`` for *before* at the video's last frame (``last`` ``(B, T)`` bool; default: the
+    last ``True`` frame of the right-padded ``mask`` ``(B, T)``)."""
+    if last is None:
+        steps = torch.arange(mask.shape[1], device=mask.device)
+        last = steps == (mask.sum(-1, keepdim=True) - 1)
+    zero = torch.zeros_like(logp)
+    before = torch.where(last[..., None], -math.inf, zero)
+    return torch.stack([before, logp, zero], -1)
+
+
+def needle_log_evidence(init_logits: Tensor, trans_logits: Tensor, logp: Tensor, mask: Tensor,
+                        last: Tensor | None = None) -> Tensor:
+    """``"markov"``: :math:`\\log Z_a` ``(B, A)`` for every answer (module docstring), one
+    :class:`~attention.markov.MarkovAlignment` log marginal over the batch of (question,
+    answer) pairs. ``init_logits`` ``(B, 3)``, ``trans_logits`` ``(B, T, 3, 3)``, ``logp``
+    ``(B, T, A)``, ``mask`` ``(B, T)`` the real frames, ``last`` as :func:`needle_emission`."""
+    b, t, a = logp.shape
+    emit = needle_emission(logp, mask, last).transpose(1, 2).reshape(b * a, t, 3)
+    chain = MarkovAlignment(init_logits.repeat_interleave(a, 0),
+                            trans_logits.repeat_interleave(a, 0), emit,
+                            tgt_mask=mask.repeat_interleave(a, 0))
+    return chain.log_marginal().view(b, a)
 
 
 def mask_pad(m3: Tensor) -> Tensor:

@@ -124,7 +124,8 @@ def _data(results: dict[str, Any], cache_dir: str | None) -> VideoQAData:
     if a["features"]:
         return load_features(a["features"])
     return load_or_generate(cache_dir, a["videos"], a["frames"], a["size"],
-                            a["questions_per_video"], a["data_seed"])
+                            a["questions_per_video"], a["data_seed"],
+                            variant=a.get("variant", "default"))
 
 
 def figure(runs: list[Path], path: Path, cache_dir: str | None, device: torch.device,

@@ -39,6 +39,7 @@ from ..data import DataError
 from . import needle
 from .data import (
     OBJECT,
+    VARIANTS,
     Batch,
     Question,
     VideoQAData,
@@ -89,9 +90,9 @@ NEEDLE_ONLY = ("task", "min_frames", "needle_span", "distractors", "feature_size
                "needle_strength", "eval_lengths", "eval_depths", "eval_questions", "chunk_mb")
 #: Options added after grounded runs were first checkpointed, left out of their recorded
 #: options while they keep these values.
-LATER_DEFAULTS = {"window": 3, "k_max": 4}
+LATER_DEFAULTS = {"window": 3, "k_max": 4, "variant": "default"}
 #: Likewise for needle runs.
-NEEDLE_LATER_DEFAULTS = {"needle_strength": 1.0}
+NEEDLE_LATER_DEFAULTS = {"needle_strength": 1.0, "variant": "default"}
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,6 +164,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--questions-per-video", type=positive_int, default=4,
                    help="questions drawn per generated video")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the generated data set")
+    g.add_argument("--variant", choices=VARIANTS, default="default",
+                   help="generator variant: default, or identifiable (objects grey except at "
+                        "the frames where one appears or leaves; only questions answered by "
+                        "that one frame; best with --window 1; see examples/video_qa/data.py)")
     g.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where generated data sets are cached (default: OUT_DIR/../cache)")
     g.add_argument("--features", default=None, metavar="DIR",
@@ -242,6 +247,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if needle and args.features:
         raise ExampleError("--features trains on real features; the needle task generates its "
                            "own: give one of --task needle and --features")
+    if args.variant != "default" and (needle or args.features):
+        raise ExampleError(f"--variant {args.variant} chooses how the grounded videos are "
+                           "generated: leave it out with --task needle or --features")
     return args
 
 
@@ -250,7 +258,7 @@ def load_data(args: argparse.Namespace, out_dir: Path) -> VideoQAData:
         return load_features(args.features)
     cache = Path(args.cache_dir) if args.cache_dir else out_dir.parent / "cache"
     return load_or_generate(cache, args.videos, args.frames, args.size,
-                            args.questions_per_video, args.data_seed)
+                            args.questions_per_video, args.data_seed, args.variant)
 
 
 class Trainer(EpochTrainer[VideoQA]):
@@ -594,7 +602,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         "mode": args.mode, "task": args.task, "config": config.as_dict(), "data": data.source,
         "data_args": {"features": args.features, "videos": args.videos, "frames": args.frames,
                       "size": args.size, "questions_per_video": args.questions_per_video,
-                      "data_seed": args.data_seed},
+                      "data_seed": args.data_seed,
+                      # recorded only where not the default, as before variants existed
+                      **({"variant": args.variant} if args.variant != "default" else {})},
         "videos": int(data.videos.shape[0]), "frames": int(data.videos.shape[1]),
         "train_questions": len(train), "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
