@@ -18,15 +18,25 @@ import torch
 
 from .errors import GraphError
 from .factor import Plate
-from .markov import Eliminated, chain_backward, chain_forward, scan_backward, scan_forward, unravel
+from .markov import (
+    Eliminated,
+    chain_backward,
+    chain_forward,
+    factored_scan,
+    scan_backward,
+    scan_forward,
+    unravel,
+)
 from .plan import (
     ChainStep,
     NormalizeStep,
+    PairLayout,
     PairStep,
     Plan,
     PlateProduct,
     ReduceStep,
     ScanStep,
+    Step,
     Structure,
     check_query_memory,
     make_plan,
@@ -167,7 +177,14 @@ def run_plan(
     for k, (t, perm) in enumerate(zip(tensors, plan.input_perms, strict=True)):
         vals[k] = t if perm is None else t.permute(perm)
     saved: dict[int, Saved] = {}
+    fuse = bool(plan.fused) and not keep and ring.name == "log"
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor, PairLayout]] = {}
     for k, step in enumerate(plan.steps):
+        if fuse and (k in plan.fused or (isinstance(step, ScanStep) and step.ins[0] in pending)):
+            _fused(ring, step, vals, pending)
+            for i in plan.frees[k]:
+                vals[i] = None
+            continue
         ins = [_live(vals, i) for i in step.ins]
         x = ins[0]
         match step:
@@ -205,6 +222,22 @@ def run_plan(
             for i in plan.frees[k]:
                 vals[i] = None
     return vals, saved
+
+
+def _fused(ring: Semiring, step: Step, vals: list[torch.Tensor | None],
+           pending: dict[int, tuple[torch.Tensor, torch.Tensor, PairLayout]]) -> None:
+    """Run a step of a fused pair (:attr:`~plated.plan.Plan.fused`): the pair step hands its
+    operands on, unsummed; the chain step eliminates them by
+    :func:`~plated.markov.factored_scan`, or sums them first where they are not of its form."""
+    if isinstance(step, PairStep):
+        pending[step.out] = (_live(vals, step.ins[0]), _live(vals, step.ins[1]), step.layout)
+        return
+    assert isinstance(step, ScanStep)
+    a, b, layout = pending.pop(step.ins[0])
+    result = factored_scan(a, b, layout, step.layout)
+    if result is None:
+        result, _ = scan_forward(ring, ring.pair(a, b, layout), step.layout, step.method)
+    vals[step.out] = result
 
 
 def _gather(x: torch.Tensor, dims: tuple[str, ...], ctx: dict[str, torch.Tensor],

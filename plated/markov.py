@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan.ir import ChainLayout, ScanLayout
-from .recursion import recursion_descend, recursion_forward
+from .plan.ir import ChainLayout, PairLayout, ScanLayout
+from .recursion import factored_chain, recursion_descend, recursion_forward
 from .rings import Semiring
 from .typing import ChainMethod
 
-__all__ = ["scan_forward", "scan_backward", "chain_forward", "chain_backward", "unravel",
-           "scan_levels", "descend", "Eliminated"]
+__all__ = ["scan_forward", "factored_scan", "scan_backward", "chain_forward", "chain_backward",
+           "unravel", "scan_levels", "descend", "Eliminated"]
 
 
 @dataclass
@@ -158,12 +158,75 @@ def scan_forward(
     top, kept = _eliminate(ring, m, method)
     # eliminate the last state of the chain (the recursion's messages already have)
     res = ring.reduce(top, (-1,)) if method == "scan" else top
+    return _scan_result(res, spec), kept
+
+
+def _scan_result(res: torch.Tensor, spec: ScanLayout) -> torch.Tensor:
+    """The chain's result ``(batch, K)`` laid out over the scan's result dims."""
     res = res.reshape(tuple(spec.batch_shape) + tuple(spec.prev_sizes))
     nb = len(spec.batch_shape)
     for j in reversed(range(len(spec.prev))):
         if spec.prev[j] not in spec.present_prev:
             res = res.select(nb + j, 0)  # constant along a prev dim no factor mentions
-    return res.permute(spec.out_perm), kept
+    return res.permute(spec.out_perm)
+
+
+def _scan_part(x: torch.Tensor, spec: ScanLayout, narrow: bool) -> torch.Tensor:
+    """One operand of the transition's sum, laid along the slot's dims (extent 1 where it
+    lacks one), as a view over the scan's target dims ``(*plates_after, *outer, plate, *prev,
+    *curr)``; with ``narrow``, a dim it is only broadcast along (stride 0) gets extent 1."""
+    p = x.permute(spec.in_perm)
+    extents = iter(p.shape)
+    p = p.reshape([next(extents) if present else 1 for present in spec.in_present])
+    if narrow and any(st == 0 and n > 1 for st, n in zip(p.stride(), p.shape, strict=True)):
+        p = p[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                    for st, n in zip(p.stride(), p.shape, strict=True))]
+    return p
+
+
+def _may_narrow(x: torch.Tensor) -> bool:
+    """Whether a stride-0 operand may be read as its one element along the broadcast dims.
+    The gradient then reaches the storage exactly (every broadcast position's share summed
+    into it), but lands on the first position of a broadcast tensor. So not where gradients are
+    read at a broadcast tensor, the operand or the tensor it is a view of (``run_plan`` permutes
+    its inputs): a leaf that requires grad (as :meth:`~plated.PlatedFactorGraph.marginals` makes
+    of each factor) or one that retains its gradient, with a stride-0 dim of its own."""
+    for t in (x, x._base):
+        if (t is not None and t.requires_grad and (t.is_leaf or t.retains_grad)
+                and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True))):
+            return False
+    return True
+
+
+def factored_scan(a: torch.Tensor, b: torch.Tensor, pair: PairLayout, spec: ScanLayout
+                  ) -> torch.Tensor | None:
+    """Eliminate the chain of ``spec.plate`` by the log ring's recursion, its transition
+    being the broadcast sum of ``a`` and ``b`` (a fused pair step, :attr:`Plan.fused`) that
+    is never formed: where one operand varies only with the chain's previous and current states
+    (a ``(K, K)`` matrix shared by every batch element and step) and the other not with the
+    previous state, :func:`~plated.recursion.factored_chain` runs one ``(batch, K) x (K, K)``
+    product a step.
+
+    :return: the result as :func:`scan_forward`'s, or ``None`` where the operands are not of
+        that form (the caller then sums them).
+    """
+    if not spec.in_present:
+        return None
+    nb = len(spec.batch_shape)
+    npv = len(spec.prev)
+    full = spec.in_full
+    mat = vec = None
+    parts = (_scan_part(x.reshape(view), spec, _may_narrow(x))
+             for x, view in ((a, pair.view_a), (b, pair.view_b)))
+    for p in parts:
+        if mat is None and all(n == 1 for n in p.shape[: nb + 1]):
+            mat = p.expand(*p.shape[: nb + 1], *full[nb + 1:]).reshape(spec.state, spec.state)
+        elif vec is None and all(n == 1 for n in p.shape[nb + 1: nb + 1 + npv]):
+            vec = p.expand(*full[: nb + 1], *p.shape[nb + 1: nb + 1 + npv], *full[nb + 1 + npv:])
+            vec = vec.reshape(-1, spec.length, spec.state)
+    if mat is None or vec is None:
+        return None
+    return _scan_result(factored_chain(mat, vec.transpose(0, 1).contiguous()), spec)
 
 
 def unravel(flat: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:

@@ -46,7 +46,8 @@ import torch
 
 from .rings import Semiring, underflow_threshold
 
-__all__ = ["recursion_forward", "recursion_descend", "exact_messages", "chain_messages"]
+__all__ = ["recursion_forward", "recursion_descend", "exact_messages", "chain_messages",
+           "factored_chain", "factored_messages"]
 
 
 def _shifted(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,3 +263,120 @@ def recursion_descend(ring: Semiring, m: torch.Tensor, beta: torch.Tensor,
             x = ring.choose(m[b, t, x] + beta[b, t + 1])
         states.append(x)
     return torch.stack(states, dim=-1)
+
+
+# -- a factored transition: M_t[i, j] = A[i, j] + u_t[j] ------------------------------------------
+
+
+def factored_messages(a: torch.Tensor, u: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The local backward messages of the chain ``M_t[i, j] = a[i, j] + u[t, :, j]`` (``a``
+    ``(K, K)``, shared by every batch element and step; ``u`` time-major ``(n, batch, K)``),
+    without forming ``M``: each step is one ``(batch, K) x (K, K)`` matrix product,
+
+    .. math::
+
+        p_t[i] = \sum_j e^{a[i, j] - r[i]}\, e^{u_t[j] - \rho_t}\, v_{t+1}[j], \qquad
+        d_t[i] = \log p_t[i] + r[i] + \rho_t,
+
+    with :math:`r` the row maxima of ``a``, :math:`\rho_t` the max of ``u_t`` and
+    :math:`v_{t+1} = e^{d_{t+1} - mx_{t+1}}`. A shifted sum under the underflow threshold (the
+    row of ``a`` and the step's ``u`` peak apart) flags its batch element for the exact
+    recursion, as in :func:`_fast_messages`.
+
+    :return: ``d`` ``(n + 1, batch, K)``, ``mx`` ``(n + 1, batch)``, ``p`` ``(n, batch, K)``, the
+        shifted factors ``ea`` ``(K, K)`` and ``eu`` ``(n, batch, K)``, ``w`` ``(n, batch, K)``
+        (``eu * v``) and the ``(batch,)`` flag.
+    """
+    n, batch, k = u.shape
+    lo = torch.finfo(u.dtype).min
+    r = a.amax(dim=-1, keepdim=True).clamp_(min=lo)
+    ea_t = torch.sub(a, r).exp_().t().contiguous()  # (K_j, K_i): p = w @ ea^T
+    rho = u.amax(dim=-1, keepdim=True).clamp_(min=lo)  # (n, batch, 1)
+    eu = torch.sub(u, rho).exp_()
+    d = u.new_empty(n + 1, batch, k)
+    d[n] = 0.0
+    p = u.new_empty(n, batch, k)
+    w = u.new_empty(n, batch, k)
+    offset = rho + r.squeeze(-1)  # (n, batch, K)
+    for t in range(n - 1, -1, -1):  # the plan chose the recursion by its cost model
+        v, _ = _shifted(d[t + 1], -1)
+        torch.mul(eu[t], v, out=w[t])
+        torch.mm(w[t], ea_t, out=p[t])
+        torch.add(p[t].log(), offset[t], out=d[t])
+    mx = d.amax(dim=-1).clamp_(min=lo)
+    suspect = p.amin(dim=(0, 2)) < underflow_threshold(u.dtype)
+    return d, mx, p, ea_t.t(), eu, w, suspect
+
+
+class _FactoredChain(torch.autograd.Function):
+    r"""``a`` ``(K, K)`` and ``u`` ``(n, batch, K)`` to :math:`\beta_0` ``(batch, K)`` of the
+    chain ``M_t = a + u_t`` (rows the state before), by :func:`factored_messages`.
+
+    The gradient is :func:`_linear_grad`'s in factored form: with :math:`z_t = q_{t-1} / p_t`,
+    :math:`\partial / \partial u_t = w_t \odot (z_t\, e^{a - r})`, which is also :math:`q_t`, and
+    :math:`\partial / \partial a = e^{a - r} \odot \sum_{t, b} z_t^\top w_t`: one small matrix
+    product a step and one large one at the end. Flagged batch elements are recomputed by the
+    exact recursion on their materialised ``M`` (in float64 for lower precisions); a higher
+    derivative differentiates the exact twin on the materialised ``M``.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, u: torch.Tensor
+                ) -> torch.Tensor:
+        a_in, u_in = a, u
+        a, u = a.detach(), u.detach()
+        d, mx, p, ea, eu, w, suspect = factored_messages(a, u)
+        beta0 = _beta0(d, mx)
+        idx = suspect.nonzero().squeeze(-1)
+        exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if idx.numel():
+            wide = _EXACT_DTYPE.get(u.dtype, u.dtype)
+            m = (a.to(wide) + u[:, idx].to(wide).unsqueeze(-2)).transpose(0, 1)
+            de, mxe = exact_messages(m)
+            exact = (m, de, mxe)
+            beta0[idx] = _beta0(de, mxe).to(u.dtype)
+        ctx.exact = exact  # type: ignore[attr-defined]
+        ctx.save_for_backward(a_in, u_in, p, ea, w, idx)
+        return beta0
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        a, u, p, ea, w, idx = ctx.saved_tensors  # type: ignore[attr-defined]
+        g = grads[0]
+        if torch.is_grad_enabled():  # a higher derivative: differentiate the exact twin
+            with torch.enable_grad():  # an input without a graph gets a leaf of its own
+                a, u = (x if x.requires_grad else x.detach().requires_grad_() for x in (a, u))
+                m = (a + u.unsqueeze(-2)).transpose(0, 1)
+                ga, gu = torch.autograd.grad(_beta0(*exact_messages(m)), (a, u), g,
+                                             create_graph=True)
+            return ga, gu
+        n = u.shape[0]
+        inv = torch.where(p > 0, p.reciprocal(), torch.zeros_like(p))
+        z = torch.empty_like(p)
+        gu = torch.empty_like(p)
+        q = g
+        for t in range(n):  # the plan chose the recursion by its cost model
+            torch.mul(q, inv[t], out=z[t])
+            torch.mm(z[t], ea, out=gu[t]).mul_(w[t])
+            q = gu[t]
+        k = ea.shape[0]
+        exact = ctx.exact  # type: ignore[attr-defined]
+        if exact is not None:  # the flagged elements' fast-path terms are not trusted
+            z[:, idx] = 0.0
+        ga = (z.reshape(-1, k).t() @ w.reshape(-1, k)).mul_(ea)
+        if exact is not None:  # ... and come from their exact messages instead
+            m, de, mxe = exact
+            gm = _weighted(_log_transitions(m, de, mxe), g[idx].to(m.dtype))
+            ga = ga + gm.sum(dim=(0, 1)).to(ga.dtype)
+            gu[:, idx] = gm.sum(dim=-2).transpose(0, 1).to(gu.dtype)
+        return ga, gu
+
+
+def factored_chain(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    r""":math:`\beta_0` ``(batch, K)`` of the log ring's chain ``M_t[i, j] = a[i, j] +
+    u[t, :, j]`` (``a`` ``(K, K)``, ``u`` time-major ``(n, batch, K)``), exact and
+    differentiable (see :class:`_FactoredChain`)."""
+    return _FactoredChain.apply(a, u)

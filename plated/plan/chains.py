@@ -126,7 +126,8 @@ def scan_layout(source: Slot, plate: str, leaf: frozenset[str], outer: set[str],
         length=sizes[plate], state=math.prod(sizes[c] for c in curr),
         prev_sizes=tuple(sizes[q] for q in prev), curr_sizes=tuple(sizes[c] for c in curr),
         out_batch_dims=tuple(out_batch), out_perm=tuple(out_batch.index(d) for d in out_dims),
-        plates_before=analysis.canon(leaf), plates_after=plates_after)
+        plates_before=analysis.canon(leaf), plates_after=plates_after,
+        in_present=tuple(d in source.dims for d in target))
     return layout, out_dims
 
 

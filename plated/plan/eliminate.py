@@ -22,6 +22,7 @@ variables whose plates are not nested: the paper's tractability condition.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..errors import IntractableError
 from .analysis import Analysis, analyse, connected_components, plate_str
@@ -35,7 +36,29 @@ from .chains import (
 )
 from .cost import CAP_MARGIN, cost_report
 from .emit import Emitter
-from .ir import Plan, ScanStep, Structure, check_working_memory
+from .ir import PairStep, Plan, ScanStep, Step, Structure, check_working_memory
+
+#: What a fused pair step adds to its chain step's note (see :attr:`Plan.fused`).
+FUSED_NOTE = ("; its transition's two parts are passed unsummed (where one is a (K, K) matrix "
+              "shared by every element and step, each step is one matrix product)")
+
+
+def fused_pairs(steps: list[Step], last_read: dict[int, int], result: int) -> set[int]:
+    """The pair steps whose output, a broadcast sum (nothing eliminated), is read only by the
+    next step, a chain eliminated by recursion (see :attr:`Plan.fused`)."""
+    readers: dict[int, int] = {}
+    for step in steps:
+        for i in step.ins:
+            readers[i] = readers.get(i, 0) + 1
+    fused = set()
+    for k, (step, nxt) in enumerate(zip(steps, steps[1:], strict=False)):
+        if (isinstance(step, PairStep) and not step.elim and step.slice_dim is None
+                and not step.recompute and isinstance(nxt, ScanStep)
+                and nxt.method == "recursion" and nxt.ins == (step.out,)
+                and readers.get(step.out) == 1 and last_read.get(step.out) == k + 1
+                and step.out != result):
+            fused.add(k)
+    return fused
 
 __all__ = ["build_plan"]
 
@@ -143,10 +166,14 @@ class _Elimination:
                 last_read[i] = k
         frees = [tuple(i for i in step.ins if i >= n_inputs and last_read[i] == k)
                  for k, step in enumerate(emitter.steps)]
-        cost = cost_report(emitter.slots, emitter.steps, n_inputs, structure.itemsize)
-        return Plan(structure, emitter.slots, tuple(emitter.steps), input_perms, result,
+        steps = list(emitter.steps)
+        fused = fused_pairs(steps, last_read, result) if structure.ring == "log" else set()
+        for k in fused:
+            steps[k + 1] = replace(steps[k + 1], note=steps[k + 1].note + FUSED_NOTE)
+        cost = cost_report(emitter.slots, steps, n_inputs, structure.itemsize)
+        return Plan(structure, emitter.slots, tuple(steps), input_perms, result,
                     emitter.slots[result].dims, analysis.var_sizes, analysis.ordinals,
-                    analysis.order, cost, frees)
+                    analysis.order, cost, frees, frozenset(fused))
 
     def components(self, terms: list[int], local: set[str]) -> list[tuple[list[int], set[str]]]:
         """The connected components of ``terms``, joined by shared variables of ``local``.

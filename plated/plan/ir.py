@@ -158,6 +158,8 @@ class ScanLayout:
     out_perm: tuple[int, ...]
     plates_before: tuple[str, ...]
     plates_after: tuple[str, ...]
+    #: per dim of ``in_full``: whether the transition slot has it (``in_perm``'s dims, in order)
+    in_present: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -412,6 +414,11 @@ class Plan:
     order: dict[str, int]
     cost: CostReport
     frees: list[tuple[int, ...]] = field(default_factory=list)
+    #: pair steps whose broadcast sum only feeds the next step, a log-ring recursion: when
+    #: ``run_plan`` keeps no intermediates, it hands the two operands to the chain instead
+    #: (:func:`plated.markov.factored_scan`), which runs without forming their sum where one
+    #: operand is a ``(K, K)`` matrix shared by every batch element and step
+    fused: frozenset[int] = frozenset()
 
     @property
     def ops(self) -> tuple[Step, ...]:
