@@ -14,6 +14,8 @@ The cases come from the other scripts, built the same way in both checkouts:
   sequential-plate graph (case (b), smaller);
 * ``pyro_hmm.py``'s ``TVE_ELBO`` training step on JSB chorales (the vectorised model);
 * ``attention.py``'s training steps (marginal, variational-enum, K-max, Markov);
+* ``examples.music``'s ``TVE_ELBO`` step of a model at ``K`` states a chain on the full JSB
+  training set (``music:MODEL-K``, e.g. ``music:fhmm-8``; only with ``--cases``);
 * MAP, 8 samples and marginals of a sequential-plate HMM graph and of a plated mixture
   (``query:*``, built here from the public graph API).
 
@@ -90,6 +92,37 @@ def _pyro_hmm() -> Fn:
     return step
 
 
+def _music(spec: str) -> Fn:
+    """``MODEL-K``: one ``TVE_ELBO`` ``loss_and_grads`` of ``examples.music``'s model ``MODEL``
+    with ``K`` states a chain, ``markov_plate`` form, on the full JSB chorales training set
+    (229 sequences, float32), at parameter values drawn from the priors (seed 0)."""
+    import pyro
+    import torch
+
+    from examples.data import load_polyphonic
+    from examples.music import Config, Music
+    from plated.pyro import TVE_ELBO
+
+    model, _, k = spec.partition("-")
+    torch.set_default_dtype(torch.float32)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    sequences, lengths = load_polyphonic("JSB_Chorales", "train", dtype=torch.float32)
+    lens = [int(n) for n in lengths]
+    seqs = sequences[:, : max(lens)].contiguous()
+    music = Music(Config(model, int(k), seqs.shape[-1]))
+    elbo = TVE_ELBO(max_plate_nesting=2)
+    elbo.loss(music.model, music.guide, seqs, lens)  # makes the guide's parameters
+
+    def step() -> object:
+        loss = elbo.loss_and_grads(music.model, music.guide, seqs, lens)
+        for _, param in pyro.get_param_store().named_parameters():
+            param.grad = None
+        return loss
+
+    return step
+
+
 def _attention(variant: str) -> Fn:
     from benchmarks.attention import KMAX, MARGINAL, MARKOV, VENUM, Bench, Config
 
@@ -147,6 +180,8 @@ def build(case: str) -> Fn:
         return _pyro_hmm()
     if kind == "attention":
         return _attention(arg)
+    if kind == "music":
+        return _music(arg)
     if kind == "query":
         return _query(arg)
     raise SystemExit(f"unknown case {case!r}")
@@ -182,6 +217,9 @@ def worker() -> None:
 # the parent: alternates the two workers
 
 
+#: ``music:*`` cases (the factorial, partially factorial and second-order HMMs at 8 states a
+#: chain, full batch) are not in the default set: run them with ``--cases``.
+MUSIC_CASES = [f"music:{m}-8" for m in ("fhmm", "pfhmm", "hmm2")]
 CASES = ([f"battery:{k}" for k in range(15)] + ["hmm:einsum", "hmm:graph", "pyro_hmm"]
          + [f"attention:{v}" for v in ("marginal", "variational-enum", "k-max", "markov")]
          + [f"query:{g}-{q}" for g in ("hmm", "mixture") for q in ("map", "sample", "marginals")])

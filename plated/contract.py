@@ -94,14 +94,21 @@ def check_types(tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
             )
 
 
+#: The dtype :func:`value_suspects` sums a factor of each dtype in (its own where not listed).
+_SUM_DTYPE = {torch.float16: torch.float32}
+
+
 def value_suspects(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A 0-dim bool tensor, ``True`` when some factor may hold a NaN or ``+inf``; no sync.
 
     One reduction per factor: a NaN or ``+inf`` anywhere makes its sum NaN or ``+inf`` (``-inf``
     alone gives ``-inf``), so ``False`` proves every factor clean; on ``True``, call
-    :func:`name_bad_values`.
+    :func:`name_bad_values`. The sums run in the factors' own dtype (float32 for half precision,
+    whose range a sum of ordinary log values exceeds), with no converted copy of any factor: a
+    sum that overflows only makes a false alarm, which :func:`name_bad_values` clears.
     """
-    total = torch.stack([t.detach().sum(dtype=torch.float64) for t in tensors])
+    total = torch.stack([t.detach().sum(dtype=_SUM_DTYPE.get(t.dtype, t.dtype))
+                         for t in tensors])
     return (torch.isnan(total) | (total == torch.inf)).any()
 
 

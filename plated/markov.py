@@ -34,7 +34,7 @@ __all__ = ["scan_forward", "factored_scan", "scan_backward", "chain_forward", "c
 class Eliminated:
     """What a chain's elimination keeps for its backward choice (MAP or sampling).
 
-    :ivar m: the transitions ``(batch, n, K, K)`` (recursion).
+    :ivar m: the transitions ``(batch, n, K, K)``, or their steps ``(batch, K, K)`` (recursion).
     :ivar beta: the recursion's messages ``(batch, n + 1, K)``; ``pointers`` the max ring's
         back-pointers ``(batch, n, K)``.
     :ivar levels: the scan's levels and their ``lengths`` (scan).
@@ -42,7 +42,7 @@ class Eliminated:
     """
 
     method: ChainMethod
-    m: torch.Tensor | None = None
+    m: torch.Tensor | list[torch.Tensor] | None = None
     beta: torch.Tensor | None = None
     pointers: torch.Tensor | None = None
     levels: list[torch.Tensor] | None = None
@@ -69,13 +69,15 @@ class Eliminated:
         return descend(ring, self.levels, self.lengths, b, torch.stack([first, last], dim=-1))
 
 
-def _eliminate(ring: Semiring, m: torch.Tensor, method: ChainMethod
+def _eliminate(ring: Semiring, m: torch.Tensor | list[torch.Tensor], method: ChainMethod
                ) -> tuple[torch.Tensor, Eliminated]:
-    """Eliminate the chain ``m`` ``(batch, n, K, K)`` by ``method``: the result over the first
-    and (scan) last state, and what the backward choice needs."""
+    """Eliminate the chain ``m`` ``(batch, n, K, K)`` (for the recursion, also its steps as
+    separate ``(batch, K, K)`` tensors) by ``method``: the result over the first and (scan) last
+    state, and what the backward choice needs."""
     if method == "recursion":
         top, beta, pointers = recursion_forward(ring, m)
         return top, Eliminated(method, m=m, beta=beta, pointers=pointers)
+    assert isinstance(m, torch.Tensor)
     levels, lengths = scan_levels(ring, m)
     return levels[-1][:, 0], Eliminated(method, levels=levels, lengths=lengths)
 
@@ -320,9 +322,10 @@ def chain_forward(ring: Semiring, xs: list[torch.Tensor], spec: ChainLayout,
             start = y if start is None else start + y
         else:
             const = y if const is None else const + y
-    mats = [m.expand(*bshape, k, k) for m in steps if m is not None]
-    m = torch.stack(mats, dim=-3).reshape(batch, n, k, k)
-    top, kept = _eliminate(ring, m, method)
+    mats = [m.expand(*bshape, k, k).reshape(batch, k, k) for m in steps if m is not None]
+    # the recursion takes the steps as they are; the scan's levels need them in one tensor
+    top, kept = _eliminate(ring, mats if method == "recursion" else torch.stack(mats, dim=1),
+                           method)
     if start is not None:
         kept.start = start.expand(*bshape, k).reshape(batch, k)
         top = top + (kept.start.unsqueeze(-1) if method == "scan" else kept.start)

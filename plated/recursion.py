@@ -12,10 +12,11 @@ whose :math:`\beta_0` is the chain's result, a factor of the state before it. Th
 :math:`n` dependent steps instead of :math:`\log_2 n`; the plan chooses between them by its cost
 model (:func:`plated.plan.emit.chain_costs`).
 
-**Forward, exactly.** Each step multiplies the row-shifted matrix :math:`e^{M_t - r_t}` (all
-steps exponentiated at once) by the vector :math:`e^{\beta_{t+1} - s}` shifted by its own max,
-and takes the log. A step's entry underflows only where the peak of its row and the peak of the
-vector sit apart (the trap of :func:`plated.rings.repair_entries`): every shifted sum under
+**Forward, exactly.** Each step exponentiates its matrix shifted by the matrix's max,
+:math:`e^{M_t - r_t}`, and multiplies it by the vector :math:`e^{\beta_{t+1} - s}` shifted by
+its own max, and takes the log. A step's entry underflows only where the peak of its row and the
+peak of the vector sit apart (the trap of :func:`plated.rings.repair_entries`), or where a row
+lies some 80 (float32) to 700 (float64) below its matrix's peak: every shifted sum under
 ``tiny / eps`` of the dtype is recorded, without a host-device sync, and checked once after the
 loop. The batch elements with such an entry are recomputed by the exact recursion, each entry
 shifted by its own max (:func:`exact_messages`). ``-inf`` entries (hard zeros) are allowed.
@@ -29,8 +30,9 @@ matrix), the gradient of :math:`\sum_i g[i]\,\beta_0[i]` is
     \frac{\partial}{\partial M_t[i, j]} = q_{t-1}[i]\, T_t[i, j], \qquad q_{-1} = g, \quad
     q_t = q_{t-1} T_t,
 
-the pairwise marginals weighted by ``g``: one forward recursion of vectors, and a few passes over
-the ``(batch, n, K, K)`` tensor, all bounded (no rescaling, no underflow). Where a higher
+the pairwise marginals weighted by ``g``: one forward recursion of vectors, each step's
+exponentials (kept from the forward pass, where a gradient is wanted) scaled in place into its
+gradient, all bounded (no rescaling, no underflow). Where a higher
 derivative is asked for (``create_graph``), the backward pass differentiates the exact recursion
 written in differentiable operations instead.
 
@@ -41,6 +43,8 @@ chain once, left to right, given its first state (:func:`recursion_descend`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -86,28 +90,37 @@ def exact_messages(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(ds[::-1]), torch.stack(mxs[::-1])
 
 
-def _fast_messages(m: torch.Tensor
+def _fast_messages(steps: Sequence[torch.Tensor], e: Sequence[torch.Tensor] | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The local backward messages ``d``, ``mx`` (as :func:`exact_messages`) by row-shifted
-    linear products; each step's row maxima ``r`` ``(n, batch, K, 1)`` and shifted sums ``p``
-    ``(n, batch, K)``; and a ``(batch,)`` flag of the batch elements where some shifted sum fell
-    under the underflow threshold (no host-device sync). Each step exponentiates its own
-    ``(batch, K, K)`` slice, which stays in cache, instead of one pass over the whole chain."""
-    batch, n, k, _ = m.shape
-    lo = torch.finfo(m.dtype).min
-    d = m.new_empty(n + 1, batch, k)
+    """The local backward messages ``d``, ``mx`` (as :func:`exact_messages`) of the chain
+    ``steps`` (``n`` tensors ``(batch, K, K)``) by shifted linear products; each step's maxima
+    ``r`` ``(n, batch, 1, 1)`` (one per matrix) and shifted sums ``p`` ``(n, batch, K)``; and a
+    ``(batch,)`` flag of the batch elements where some shifted sum fell under the underflow
+    threshold (no host-device sync). Each step exponentiates its own slice while it is in cache,
+    into ``e[t]`` (kept for the gradient) or, with ``e`` ``None``, into one scratch buffer.
+
+    A matrix is shifted by its own max, not row by row (a reduction over a short last dim costs
+    as much as the exponentials): a row far below its matrix's peak keeps its relative precision
+    in the floating-point sum, down to the underflow threshold, where its batch element is
+    flagged for the exact recursion like any other."""
+    n = len(steps)
+    x = steps[0]
+    batch, k, _ = x.shape
+    lo = torch.finfo(x.dtype).min
+    d = x.new_empty(n + 1, batch, k)
     d[n] = 0.0
-    r = m.amax(dim=-1, keepdim=True).clamp_(min=lo).transpose(0, 1)  # one pass: (n, batch, K, 1)
-    p = m.new_empty(n, batch, k, 1)
-    steps = m.unbind(1)
+    r = x.new_empty(n, batch, 1, 1)
+    p = x.new_empty(n, batch, k, 1)
+    scratch = x.new_empty(batch, k, k) if e is None else None
     for t in range(n - 1, -1, -1):  # the plan chose the recursion by its cost model
-        e = torch.sub(steps[t], r[t]).exp_()
+        torch.amax(steps[t], dim=(-2, -1), keepdim=True, out=r[t]).clamp_(min=lo)
+        et = torch.sub(steps[t], r[t], out=scratch if e is None else e[t]).exp_()
         v, _ = _shifted(d[t + 1], -1)
-        torch.bmm(e, v.unsqueeze(-1), out=p[t])
-        torch.add(p[t].squeeze(-1).log(), r[t].squeeze(-1), out=d[t])
+        torch.bmm(et, v.unsqueeze(-1), out=p[t])
+        torch.add(p[t].squeeze(-1).log(), r[t].view(batch, 1), out=d[t])
     mx = d.amax(dim=-1).clamp_(min=lo)
     p = p.squeeze(-1)
-    suspect = p.amin(dim=(0, 2)) < underflow_threshold(m.dtype)
+    suspect = p.amin(dim=0).amin(dim=-1) < underflow_threshold(x.dtype)
     return d, mx, r, p, suspect
 
 
@@ -123,6 +136,59 @@ _EXACT_DTYPE = {torch.float32: torch.float64, torch.bfloat16: torch.float64,
                 torch.float16: torch.float64}
 
 
+def _needs(ctx: torch.autograd.function.FunctionCtx) -> tuple[bool, ...]:
+    """Which inputs of an autograd function want a gradient."""
+    return ctx.needs_input_grad  # type: ignore[attr-defined]
+
+
+def _chain_forward(ctx: torch.autograd.function.FunctionCtx, given: Sequence[torch.Tensor],
+                   steps: Sequence[torch.Tensor], e: Sequence[torch.Tensor] | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of :class:`_ChainMessages` and :class:`_ChainSteps` on the detached
+    ``steps``: each ``e[t]`` ``(batch, K, K)`` receives its step's shifted exponential (where a
+    gradient is wanted) and becomes the step's gradient in place (:func:`_grad_into`); the
+    inputs ``given`` are saved first."""
+    d, mx, r, p, suspect = _fast_messages(steps, e)
+    beta0 = _beta0(d, mx)
+    idx = suspect.nonzero().squeeze(-1)
+    exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    if idx.numel():
+        wide = _EXACT_DTYPE.get(beta0.dtype, beta0.dtype)
+        m = torch.stack([s[idx] for s in steps], dim=1).to(wide)
+        de, mxe = exact_messages(m)
+        exact = (m, de, mxe)
+        d[:, idx], mx[:, idx] = de.to(d.dtype), mxe.to(d.dtype)
+        beta0[idx] = _beta0(de, mxe).to(beta0.dtype)
+    ctx.exact = exact  # type: ignore[attr-defined]
+    ctx.e = e  # type: ignore[attr-defined]  # not saved: the backward overwrites them
+    ctx.save_for_backward(*given, d, mx, r, p, idx)
+    w = d - mx.unsqueeze(-1)  # every message shifted to a max of 0 (for sampling)
+    ctx.mark_non_differentiable(w)
+    return beta0, w
+
+
+def _chain_backward(ctx: torch.autograd.function.FunctionCtx, steps: Sequence[torch.Tensor],
+                    g: torch.Tensor, out: torch.Tensor | None = None) -> Sequence[torch.Tensor]:
+    """The gradient of :func:`_chain_forward`'s ``beta0`` (weights ``g`` ``(batch, K)``) with
+    respect to every step, one ``(batch, K, K)`` tensor a step (the slices of ``out``
+    ``(n, batch, K, K)`` where a second backward pass, ``retain_graph``, recomputes them)."""
+    d, mx, r, p, idx = ctx.saved_tensors[-5:]  # type: ignore[attr-defined]
+    e = ctx.e  # type: ignore[attr-defined]
+    ctx.e = None  # type: ignore[attr-defined]  # consumed: a second backward recomputes them
+    if e is None:
+        e = (out if out is not None else steps[0].new_empty(len(steps), *steps[0].shape)).unbind(0)
+        for t, s in enumerate(steps):
+            torch.sub(s.detach(), r[t], out=e[t]).exp_()
+    grad = _grad_into(e, d, mx, p, g)
+    exact = ctx.exact  # type: ignore[attr-defined]
+    if exact is not None:  # the flagged elements, from their exact messages
+        tr = _log_transitions(*exact)
+        fix = _weighted(tr, g[idx].to(tr.dtype)).to(g.dtype)
+        for t, gt in enumerate(grad):
+            gt[idx] = fix[:, t]
+    return grad
+
+
 class _ChainMessages(torch.autograd.Function):
     r"""``m`` ``(batch, n, K, K)`` to ``beta_0`` ``(batch, K)`` and the local messages shifted to
     a max of 0 (time-major ``(n + 1, batch, K)``, not differentiable), with the fused backward
@@ -131,64 +197,78 @@ class _ChainMessages(torch.autograd.Function):
     The fast path's flagged batch elements (one host-device sync) are recomputed by the exact
     recursion, in float64 for lower-precision factors; their gradient is computed from those
     messages, everyone else's from the fast path's linear quantities, in which each conditional
-    transition :math:`T_t[i, j] = e^{M_t[i, j] - r_t[i]}\, v_{t+1}[j] / p_t[i]` has the relative
-    rounding error of a few products.
+    transition :math:`T_t[i, j] = e^{M_t[i, j] - r_t}\, v_{t+1}[j] / p_t[i]` has the relative
+    rounding error of a few products. The exponentials :math:`e^{M_t - r_t}` are kept from the
+    forward pass and turned into the gradient in place: the gradient costs no chain-sized
+    tensor of its own.
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, m: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        given, m = m, m.detach()
-        d, mx, r, p, suspect = _fast_messages(m)
-        beta0 = _beta0(d, mx)
-        idx = suspect.nonzero().squeeze(-1)
-        exact: tuple[torch.Tensor, torch.Tensor] | None = None
-        if idx.numel():
-            wide = _EXACT_DTYPE.get(m.dtype, m.dtype)
-            exact = exact_messages(m[idx].to(wide))
-            d[:, idx], mx[:, idx] = exact[0].to(m.dtype), exact[1].to(m.dtype)
-            beta0[idx] = _beta0(*exact).to(m.dtype)
-        ctx.exact = exact  # type: ignore[attr-defined]
-        ctx.save_for_backward(given, d, mx, r, p, idx)
-        w = d - mx.unsqueeze(-1)  # every message shifted to a max of 0 (for sampling)
-        ctx.mark_non_differentiable(w)
-        return beta0, w
+        x = m.detach()
+        buf = x.new_empty(x.shape[1], x.shape[0], *x.shape[2:]) if _needs(ctx)[0] else None
+        ctx.buf = buf  # type: ignore[attr-defined]
+        return _chain_forward(ctx, (m,), x.unbind(1), None if buf is None else buf.unbind(0))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor) -> torch.Tensor:
-        m, d, mx, r, p, idx = ctx.saved_tensors  # type: ignore[attr-defined]
-        g = grads[0]
+        m = ctx.saved_tensors[0]  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # a higher derivative: differentiate the exact twin
             with torch.enable_grad():
-                d2, mx2 = exact_messages(m)
-                (gm,) = torch.autograd.grad(_beta0(d2, mx2), (m,), g, create_graph=True)
+                (gm,) = torch.autograd.grad(_beta0(*exact_messages(m)), (m,), grads[0],
+                                            create_graph=True)
             return gm
-        m = m.detach()
-        grad = _linear_grad(m, d, mx, r, p, g)
-        exact = ctx.exact  # type: ignore[attr-defined]
-        if exact is not None:  # the flagged elements, from their exact messages
-            tr = _log_transitions(m[idx].to(exact[0].dtype), *exact)
-            grad[idx] = _weighted(tr, g[idx].to(tr.dtype)).to(m.dtype)
-        return grad
+        buf = ctx.buf  # type: ignore[attr-defined]
+        ctx.buf = None  # type: ignore[attr-defined]
+        if buf is None:
+            buf = m.new_empty(m.shape[1], m.shape[0], *m.shape[2:])
+        _chain_backward(ctx, m.unbind(1), grads[0], buf)
+        return buf.transpose(0, 1)
 
 
-def _linear_grad(m: torch.Tensor, d: torch.Tensor, mx: torch.Tensor, r: torch.Tensor,
-                 p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The gradient ``q_{t-1}[i] T_t[i, j]`` with ``T_t[i, j] = e^{M_t[i, j] - r_t[i]}
-    v_{t+1}[j] / p_t[i]`` (a zero row, ``p = 0``, stays 0), step by step, each step's slice
-    recomputed in cache and written once into the gradient."""
-    n = m.shape[1]
+class _ChainSteps(torch.autograd.Function):
+    """:class:`_ChainMessages` on the chain's steps as separate tensors, each ``(batch, K, K)``
+    (a chain of variables, one factor a step): nothing is stacked, and each step's gradient is
+    its own kept exponential (one allocation a step, which the allocator reuses from call to
+    call, where one chain-sized buffer may be mapped afresh each time)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, *steps: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = [s.detach() for s in steps]
+        e = [x.new_empty(x.shape) for x in xs] if any(_needs(ctx)) else None
+        return _chain_forward(ctx, steps, xs, e)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, ...]:
+        steps = ctx.saved_tensors[:-5]  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # a higher derivative: differentiate the exact twin
+            wanted = [s for s, need in zip(steps, _needs(ctx), strict=True) if need]
+            with torch.enable_grad():
+                m = torch.stack(steps, dim=1)
+                got = iter(torch.autograd.grad(_beta0(*exact_messages(m)), wanted, grads[0],
+                                               create_graph=True))
+            return tuple(next(got) if need else None for need in _needs(ctx))
+        return tuple(_chain_backward(ctx, steps, grads[0]))
+
+
+def _grad_into(e: Sequence[torch.Tensor], d: torch.Tensor, mx: torch.Tensor, p: torch.Tensor,
+               g: torch.Tensor) -> Sequence[torch.Tensor]:
+    r"""The gradient ``q_{t-1}[i] T_t[i, j]``, with ``T_t[i, j] = e_t[i, j]\, v_{t+1}[j] /
+    p_t[i]`` and ``e`` the steps' shifted exponentials ``(batch, K, K)`` (overwritten and
+    returned), step by step: with :math:`z_t = q_{t-1} / p_t` (a zero row, ``p = 0``, gives 0),
+    the gradient is :math:`z_t[i]\, e_t[i, j]\, v_{t+1}[j]` and :math:`q_t` its column sums."""
+    n = len(e)
     v = torch.sub(d[1:], mx[1:].unsqueeze(-1)).exp_()  # (n, batch, K)
-    inv = torch.where(p > 0, p.reciprocal(), torch.zeros_like(p)).unsqueeze(-1)
-    grad = m.new_empty(n, *m.shape[:1], *m.shape[2:])  # time-major: each step's slice contiguous
-    steps, out = m.unbind(1), grad.unbind(0)
-    q = g.unsqueeze(-2)  # (batch, 1, K): q_{-1}
+    inv = torch.where(p > 0, p.reciprocal(), torch.zeros_like(p))
+    q = g
     for t in range(n):  # the plan chose the recursion by its cost model
-        tr = torch.sub(steps[t], r[t]).exp_().mul_(v[t].unsqueeze(-2)).mul_(inv[t])
-        torch.mul(tr, q.transpose(-1, -2), out=out[t])
+        et = e[t].mul_(v[t].unsqueeze(-2)).mul_((q * inv[t]).unsqueeze(-1))
         if t + 1 < n:
-            q = torch.bmm(q, tr)
-    return grad.transpose(0, 1)
+            q = et.sum(dim=-2)  # q_t[j] = sum_i q_{t-1}[i] T_t[i, j]
+    return e
 
 
 def _log_transitions(m: torch.Tensor, d: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
@@ -211,17 +291,23 @@ def _weighted(tr: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return tr.mul_(q.squeeze(-2).transpose(0, 1).unsqueeze(-1))
 
 
-def chain_messages(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The log ring's exact backward messages of ``m`` ``(batch, n, K, K)``: ``beta_0``
-    ``(batch, K)``, differentiable (see the module docstring), and every message shifted to a
-    max of 0, ``(batch, n + 1, K)`` (not differentiable; for the backward choice)."""
-    beta0, w = _ChainMessages.apply(m)
+def chain_messages(m: torch.Tensor | Sequence[torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log ring's exact backward messages of the chain ``m``, one tensor ``(batch, n, K,
+    K)`` or its ``n`` steps ``(batch, K, K)`` as separate tensors: ``beta_0`` ``(batch, K)``,
+    differentiable (see the module docstring), and every message shifted to a max of 0,
+    ``(batch, n + 1, K)`` (not differentiable; for the backward choice)."""
+    if isinstance(m, torch.Tensor):
+        beta0, w = _ChainMessages.apply(m)
+    else:
+        beta0, w = _ChainSteps.apply(*m)
     return beta0, w.transpose(0, 1)
 
 
-def recursion_forward(ring: Semiring, m: torch.Tensor
+def recursion_forward(ring: Semiring, m: torch.Tensor | Sequence[torch.Tensor]
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    r"""Eliminate the chain ``m`` ``(batch, n, K, K)`` by recursion in ``ring``.
+    r"""Eliminate the chain ``m`` ``(batch, n, K, K)``, or its ``n`` steps ``(batch, K, K)`` as
+    separate tensors, by recursion in ``ring``.
 
     :return: :math:`\beta_0` ``(batch, K)`` (the result, a factor of the state before the
         chain), every message ``(batch, n + 1, K)`` up to a constant per step (for the backward
@@ -230,11 +316,13 @@ def recursion_forward(ring: Semiring, m: torch.Tensor
     if ring.name == "log":
         beta0, beta = chain_messages(m)
         return beta0, beta, None
-    batch, n, k, _ = m.shape
-    b = m.new_zeros(batch, k)
+    # one view each (a select per step would each take a full gradient)
+    steps = m.unbind(1) if isinstance(m, torch.Tensor) else m
+    n = len(steps)
+    batch, k, _ = steps[0].shape
+    b = steps[0].new_zeros(batch, k)
     betas = [b]
     pointers = []
-    steps = m.unbind(1)  # one view each (a select per step would each take a full gradient)
     for t in range(n - 1, -1, -1):  # the plan chose the recursion by its cost model
         b, arg = (steps[t] + b.unsqueeze(-2)).max(dim=-1)
         betas.append(b)
@@ -242,25 +330,27 @@ def recursion_forward(ring: Semiring, m: torch.Tensor
     return b, torch.stack(betas[::-1], dim=1), torch.stack(pointers[::-1], dim=1)
 
 
-def recursion_descend(ring: Semiring, m: torch.Tensor, beta: torch.Tensor,
+def recursion_descend(ring: Semiring, m: torch.Tensor | Sequence[torch.Tensor],
+                      beta: torch.Tensor,
                       pointers: torch.Tensor | None, b: torch.Tensor, first: torch.Tensor
                       ) -> torch.Tensor:
     """Choose every later state of chains given their first states.
 
-    :param m: the transitions ``(batch, n, K, K)``; ``beta`` their messages and ``pointers``
+    :param m: the transitions ``(batch, n, K, K)`` (or their steps, as for
+        :func:`recursion_forward`); ``beta`` their messages and ``pointers``
         their back-pointers (max ring), from :func:`recursion_forward`.
     :param b: batch index of each chain, ``(S, P)``.
     :param first: the state before the first transition, ``(S, P)``.
     :return: all ``n + 1`` states, ``(S, P, n + 1)``.
     """
-    n = m.shape[1]
+    steps = m.unbind(1) if isinstance(m, torch.Tensor) else m
     states = [first]
     x = first
-    for t in range(n):  # the plan chose the recursion by its cost model
+    for t in range(len(steps)):  # the plan chose the recursion by its cost model
         if pointers is not None:
             x = pointers[b, t, x]
         else:
-            x = ring.choose(m[b, t, x] + beta[b, t + 1])
+            x = ring.choose(steps[t][b, x] + beta[b, t + 1])
         states.append(x)
     return torch.stack(states, dim=-1)
 
@@ -314,7 +404,7 @@ class _FactoredChain(torch.autograd.Function):
     r"""``a`` ``(K, K)`` and ``u`` ``(n, batch, K)`` to :math:`\beta_0` ``(batch, K)`` of the
     chain ``M_t = a + u_t`` (rows the state before), by :func:`factored_messages`.
 
-    The gradient is :func:`_linear_grad`'s in factored form: with :math:`z_t = q_{t-1} / p_t`,
+    The gradient is :func:`_grad_into`'s in factored form: with :math:`z_t = q_{t-1} / p_t`,
     :math:`\partial / \partial u_t = w_t \odot (z_t\, e^{a - r})`, which is also :math:`q_t`, and
     :math:`\partial / \partial a = e^{a - r} \odot \sum_{t, b} z_t^\top w_t`: one small matrix
     product a step and one large one at the end. Flagged batch elements are recomputed by the

@@ -281,3 +281,21 @@ def test_infinite_loss_row_has_zero_gradients(mode: str) -> None:
     for g in grads:
         assert bool(torch.isfinite(g).all())
         assert bool((g[1] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_value_check_sums_in_the_factor_dtype_without_false_errors(dtype: torch.dtype) -> None:
+    """The value check sums each factor in its own dtype (float32 for float16): a sum that
+    overflows to +inf although every entry is finite is a false alarm that the entry-by-entry
+    check clears, so the call succeeds; a real +inf or NaN is still named."""
+    big = torch.finfo(dtype).max / 4
+    x = torch.full((64,), big, dtype=dtype)
+    x[0] = -math.inf
+    (z,) = plated.einsum("a->", x)  # every entry finite or -inf, the sum overflows
+    assert z.dtype == dtype and torch.isfinite(z.float())
+    assert_close(z.double(), torch.logsumexp(x.double(), 0), rtol=1e-2, atol=0)
+    for bad, word in ((math.inf, r"\+inf"), (math.nan, "NaN")):
+        y = x.clone()
+        y[5] = bad
+        with pytest.raises(GraphError, match=word):
+            plated.einsum("a->", y)

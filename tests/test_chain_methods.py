@@ -241,6 +241,87 @@ def test_recursion_with_impossible_rows() -> None:
     assert not g.isnan().any() and g[1].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype,gap,tol", [(torch.float64, 900.0, 1e-12),
+                                           (torch.float32, 120.0, 2e-5),
+                                           (torch.float32, 40.0, 2e-5),
+                                           (torch.bfloat16, 150.0, 3e-2)])
+def test_recursion_rows_far_below_their_matrix(dtype: torch.dtype, gap: float, tol: float) -> None:
+    """A step is shifted by its matrix's max, not row by row: rows ``gap`` below the peak of
+    their matrix (beyond the dtype's underflow at the larger gaps, within it at 40 in float32)
+    give log Z and gradients equal to the exact float64 recursion, for the chain as one tensor
+    and as separate steps."""
+    gen = torch.Generator().manual_seed(3)
+    m64 = torch.randn(3, 12, 4, 4, generator=gen, dtype=torch.float64)
+    m64[:, :, 1:] -= gap  # every row but the first far below the matrix's peak
+    m64[1, 5, 0] -= 2 * gap  # ... and at one step the peak row too, in one sequence
+    ref_in = m64.clone().requires_grad_()
+    d, mx = exact_messages(ref_in)
+    truth = (d[0] + mx[1:].sum(0).unsqueeze(-1)).logsumexp(-1)
+    (g_ref,) = torch.autograd.grad(truth.sum(), ref_in)
+    one = m64.to(dtype).requires_grad_()
+    steps = [x.detach().clone().requires_grad_() for x in one.detach().unbind(1)]
+    for z, wrt in ((chain_messages(one)[0], [one]), (chain_messages(steps)[0], steps)):
+        top = z.logsumexp(-1)
+        assert torch.isfinite(top).all()
+        assert (top.double() - truth).abs().max() <= tol * (1 + gap)
+        g = torch.autograd.grad(top.sum(), wrt)
+        g = g[0] if len(g) == 1 else torch.stack(g, dim=1)
+        assert not g.isnan().any()
+        assert_close(g.double(), g_ref, rtol=0, atol=tol)
+
+
+def test_steps_form_equals_tensor_form_and_survives_a_second_backward() -> None:
+    """The chain as separate step tensors (a chain of variables) gives the tensor form's
+    result and gradient; a second backward pass (``retain_graph``) recomputes the
+    exponentials the first turned into its gradient and gives the same gradient; so does the
+    tensor form."""
+    gen = torch.Generator().manual_seed(8)
+    m = torch.randn(5, 9, 3, 3, generator=gen, dtype=torch.float64)
+    m[0, 3, 2] = -math.inf
+    whole = m.clone().requires_grad_()
+    steps = [x.clone().requires_grad_() for x in m.unbind(1)]
+    z1, w1 = chain_messages(whole)
+    z2, w2 = chain_messages(steps)
+    assert_close(z1, z2, rtol=1e-13, atol=1e-13)
+    assert_close(w1, w2, rtol=1e-13, atol=1e-13)
+    weights = torch.rand(5, 3, generator=gen, dtype=torch.float64)
+    for z, wrt in ((z1, [whole]), (z2, steps)):
+        first = torch.autograd.grad(z, wrt, weights, retain_graph=True)
+        second = torch.autograd.grad(z, wrt, weights)
+        for a, b in zip(first, second, strict=True):
+            assert a.abs().max() > 0
+            assert_close(a, b, rtol=1e-13, atol=1e-13)
+        got = first[0] if len(first) == 1 else torch.stack(first, dim=1)
+        ref = m.clone().requires_grad_()
+        b = torch.ones(5, 3, 1, dtype=torch.float64)  # linear space: the values are modest
+        for t in reversed(range(9)):
+            b = ref[:, t].exp() @ b
+        (g_ref,) = torch.autograd.grad(b.squeeze(-1).log(), ref, weights)
+        assert_close(got, g_ref, rtol=0, atol=1e-12)
+
+
+def test_steps_form_second_derivatives_with_a_constant_step() -> None:
+    """A Hessian through the steps form, one step a constant (no gradient): the twin
+    differentiates only the steps that want it, and agrees with the exact recursion."""
+    gen = torch.Generator().manual_seed(9)
+    m = torch.randn(2, 4, 2, 2, generator=gen, dtype=torch.float64)
+    const = m[:, 1]
+
+    def ours(x: torch.Tensor) -> torch.Tensor:
+        steps = [x[:, 0], const, x[:, 1], x[:, 2]]
+        return chain_messages(steps)[0].logsumexp(-1).sum()
+
+    def ref(x: torch.Tensor) -> torch.Tensor:
+        full = torch.stack([x[:, 0], const, x[:, 1], x[:, 2]], dim=1)
+        d, mx = exact_messages(full)
+        return (d[0] + mx[1:].sum(0).unsqueeze(-1)).logsumexp(-1).sum()
+
+    x = m[:, [0, 2, 3]].clone()
+    h = torch.autograd.functional.hessian(ours, x)
+    assert h.abs().max() > 1e-3
+    assert_close(h, torch.autograd.functional.hessian(ref, x), rtol=0, atol=1e-10)
+
+
 def test_max_ring_recursion_is_viterbi() -> None:
     m = torch.randn(4, 7, 3, 3, dtype=torch.float64)
     best, beta, pointers = recursion_forward(MAX, m)
@@ -299,18 +380,18 @@ def test_choice_follows_the_predicted_times() -> None:
 
 def test_capped_chain_takes_the_method_that_fits() -> None:
     """Under a cap that the faster method does not fit, the other one is chosen."""
-    free = chain_method("log", 64, 2000, 8, "cpu", 8, None)
+    free = chain_method("log", 1, 20_000, 4, "cpu", 8, None)
     assert free is not None
     fastest = free[0]
     other = "scan" if fastest == "recursion" else "recursion"
     from plated.plan.chains import chain_need, recursion_cost, scan_cost
-    need = {"recursion": chain_need(recursion_cost("log", 64, 2000, 8)),
-            "scan": chain_need(scan_cost("log", 64, 2000, 8))}
+    need = {"recursion": chain_need(recursion_cost("log", 1, 20_000, 4)),
+            "scan": chain_need(scan_cost("log", 1, 20_000, 4))}
     assert need[other] < need[fastest], need  # the shape is chosen so that the other one fits
     cap = int(need[other] * 8 * 1.3)
-    capped = chain_method("log", 64, 2000, 8, "cpu", 8, cap)
+    capped = chain_method("log", 1, 20_000, 4, "cpu", 8, cap)
     assert capped is not None and capped[0] == other
-    assert chain_method("log", 64, 2000, 8, "cpu", 8, 1000) is None
+    assert chain_method("log", 1, 20_000, 4, "cpu", 8, 1000) is None
 
 
 def test_recursion_ops_grow_linearly_only_when_chosen() -> None:

@@ -162,27 +162,31 @@ def recursion_cost(ring: str, batch: int, length: int, state: int, stacked: bool
     """Predicted cost of the sequential recursion (:mod:`plated.recursion`) over ``length``
     ``(state, state)`` matrices per batch element, the fields of :func:`scan_cost`.
 
-    The log ring exponentiates every matrix at once (one copy of the chain) and keeps the
-    ``(batch, length + 1, state)`` messages; its gradient makes one chain-sized tensor (the
-    conditional transitions, turned into the gradient in place). The max ring's recursion keeps
-    its messages and back-pointers, and its gradient (autograd's) scatters into one chain-sized
-    tensor. ``stacked``: the chain's factors are first stacked into one tensor (a chain of
-    variables), kept for the backward pass; ``copied``: laying out a sequential plate's
-    transitions copies them.
+    The log ring exponentiates each matrix in its turn: into one scratch matrix a batch without
+    a gradient, or, with one, into a chain-sized set of exponentials that it keeps (with the
+    ``(batch, length + 1, state)`` messages and the shifted sums) and that its gradient turns
+    into the gradient in place. The max ring's recursion keeps its messages and back-pointers,
+    and its gradient (autograd's) scatters into one chain-sized tensor. A chain of variables'
+    steps are taken as they are (``stacked`` is for :func:`scan_cost`'s signature; the
+    recursion stacks nothing); ``copied``: laying out a sequential plate's transitions copies
+    them.
     """
+    del stacked  # the recursion takes a chain of variables' steps without stacking them
     n = batch * length * state * state
     vectors = batch * (length + 1) * state
-    layout = n if (stacked or copied) else 0
+    layout = n if copied else 0
     if ring == "max":
         temp = 2 * batch * state * state + 3 * vectors
         flops = 2 * n
         saved = 2 * vectors
+        backward = n + 2 * vectors
     else:
-        temp = n + 3 * vectors
+        temp = batch * state * state + 3 * vectors
         flops = 2 * n + 4 * n
-        saved = vectors
-    return {"flops": flops, "backward_flops": 5 * n, "temp_numel": temp + layout,
-            "saved_numel": saved + layout, "backward_numel": n + 2 * vectors,
+        saved = n + 2 * vectors + batch * length
+        backward = 2 * vectors
+    return {"flops": flops, "backward_flops": 3 * n, "temp_numel": temp + layout,
+            "saved_numel": saved + layout, "backward_numel": backward,
             "kept_numel": 2 * vectors + layout,
             "choose_numel": 3 * batch * state + batch * (length + 1),
             "choose_flops": 4 * batch * length * state}
@@ -210,8 +214,15 @@ DEVICE_SPEEDS: dict[str, DeviceSpeed] = {
     "cuda": DeviceSpeed(op_s=1.5e-5, elem_s=5e-12, flop_s=5e-14),
 }
 
-#: Tensor operations a step (recursion) or a level (scan) launches, forward plus backward.
-_RECURSION_OPS = {"log": 16, "max": 8}
+#: Tensor operations a step (recursion) or a level (scan) launches, forward plus backward, in
+#: units of :attr:`DeviceSpeed.op_s`; and the recursion's passes over the chain. The log ring's
+#: figures were fitted on the 2-core EPYC (``benchmarks/chains.py``, float32, one thread) to
+#: batch x length x states of 229 x 128 x 16 and x 64, 16 x 10,000 x 16, 8 x 128 x 64 and
+#: 1 x 20,000 x 4.
+#: On other devices every one of the log ring's some 15 launches a step costs a launch.
+_RECURSION_OPS = {"log": 6, "max": 8}
+_RECURSION_LAUNCHES = {"log": 15, "max": 8}
+_RECURSION_PASSES = {"log": 2.2, "max": 20.0}
 _SCAN_OPS = {"log": 40, "max": 16}
 
 
@@ -224,8 +235,9 @@ def chain_times(ring: str, batch: int, length: int, state: int, device: str
     speed = DEVICE_SPEEDS.get(device, DEVICE_SPEEDS["cuda"])
     n = batch * length * state * state
     levels = max(1, math.ceil(math.log2(max(length, 1)))) + 1
-    recursion = (length * _RECURSION_OPS[ring] * speed.op_s + 20 * n * speed.elem_s
-                 + 4 * n * speed.flop_s)
+    ops = (_RECURSION_OPS if device == "cpu" else _RECURSION_LAUNCHES)[ring]
+    recursion = (length * ops * speed.op_s
+                 + _RECURSION_PASSES[ring] * n * speed.elem_s + 4 * n * speed.flop_s)
     if ring == "max":
         products = 3 * n * state * speed.elem_s
     else:
