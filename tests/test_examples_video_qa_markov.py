@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from examples.video_qa.chunked import analyse_long
+from examples.video_qa.chunked import _chain_backward, _chain_forward, _message_before, analyse_long
 from examples.video_qa.data import Batch
-from examples.video_qa.model import AFTER, BEFORE, IN, ModelConfig, VideoQA
+from examples.video_qa.model import AFTER, BEFORE, IN, ModelConfig, VideoQA, needle_chain_logits
 from examples.video_qa.train import main
 
 QUIET = ["--no-progress", "--device", "cpu", "--threads", "1"]
@@ -172,6 +172,69 @@ def test_chunked_markov_equals_the_unchunked_model(window: int) -> None:
         assert got.posterior_map is not None
         assert torch.equal(got.posterior_map, ref["posterior_map"])
         assert got.q_map is None and got.segment_map is None
+
+
+def _brute_chain(trans_lp: Tensor, e_in: Tensor, e_before: Tensor) -> tuple[Tensor, Tensor]:
+    """log Z ``(N,)`` and log p(in at t) ``(N, T)`` of the before / in / after chain by
+    enumerating every state path (the state before the first frame is *before*)."""
+    n, t = e_in.shape
+    emit = torch.stack([e_before, e_in, torch.zeros_like(e_in)], -1)  # (N, T, 3)
+    joints, ins = [], []
+    for path in itertools.product(range(3), repeat=t):
+        prev = [BEFORE, *path[:-1]]
+        lj = sum(trans_lp[:, k, prev[k], path[k]] + emit[:, k, path[k]] for k in range(t))
+        joints.append(lj)
+        ins.append(torch.tensor([h == IN for h in path]))
+    lj = torch.stack(joints, -1)  # (N, paths)
+    log_z = lj.logsumexp(-1)
+    mask = torch.stack(ins, 0).T  # (T, paths)
+    marg = torch.stack([lj.masked_fill(~mask[k], -math.inf).logsumexp(-1) for k in range(t)], -1)
+    return log_z, marg - log_z[:, None]
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_closed_form_chain_messages_equal_brute_force(scale: float) -> None:
+    """The chunked scorer's closed-form forward and backward messages, chunk by chunk with
+    messages carried between chunks of 1, 2, 3 and 7 frames: log Z, the posterior marginals of
+    *in* (forward times backward) and the prior's marginals (forward alone) against enumeration
+    of every state path, with ordinary and with peaked (x40) scores and emissions, and the
+    last frame barred from *before*."""
+    gen = torch.Generator().manual_seed(int(scale))
+    n, t = 3, 7
+    scores = scale * torch.randn(n, t, generator=gen, dtype=torch.float64)
+    bias = torch.tensor([-1.0, 0.5], dtype=torch.float64)
+    trans_lp = needle_chain_logits(scores, bias).log_softmax(-1)
+    e_in = scale * torch.randn(n, t, generator=gen, dtype=torch.float64)
+    e_before = torch.zeros(n, t, dtype=torch.float64)
+    e_before[:, -1] = -math.inf
+    log_z, marg = _brute_chain(trans_lp, e_in, e_before)
+    _, prior = _brute_chain(trans_lp, torch.zeros_like(e_in), torch.zeros_like(e_in))
+    start = torch.tensor([0.0, -math.inf, -math.inf], dtype=torch.float64).expand(n, 3)
+    for size in (1, 2, 3, 7):
+        cuts = list(range(0, t, size))
+        alpha, palpha, fwd, pf = start, start, [], []
+        for c in cuts:
+            part = slice(c, c + size)
+            fa = _chain_forward(alpha, trans_lp[:, part], e_in[:, part], e_before[:, part])
+            pa = _chain_forward(palpha, trans_lp[:, part], torch.zeros_like(e_in[:, part]),
+                                torch.zeros_like(e_in[:, part]))
+            fwd.append(fa)
+            pf.append(pa)
+            alpha, palpha = fa[:, -1], pa[:, -1]
+        got_z = alpha.logsumexp(-1)
+        torch.testing.assert_close(got_z, log_z, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(torch.cat(pf, 1)[..., IN].exp(), prior.exp(), rtol=0,
+                                   atol=1e-12)
+        beta, bwd = torch.zeros(n, 3, dtype=torch.float64), []
+        for c in reversed(cuts):
+            part = slice(c, c + size)
+            ba = _chain_backward(beta, trans_lp[:, part], e_in[:, part], e_before[:, part])
+            bwd.insert(0, ba)
+            beta = _message_before(trans_lp[:, part], e_in[:, part], e_before[:, part], ba[:, 0])
+        got = torch.cat(fwd, 1)[..., IN] + torch.cat(bwd, 1)[..., IN] - got_z[:, None]
+        torch.testing.assert_close(got.exp(), marg.exp(), rtol=0, atol=1e-12)
+        # the message before the first frame is log Z given the start state before
+        torch.testing.assert_close(beta[:, BEFORE], log_z, rtol=1e-12, atol=1e-10)
 
 
 @pytest.fixture

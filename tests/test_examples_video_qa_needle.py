@@ -289,9 +289,12 @@ def test_needle_smoke_run_resume_and_report(tmp_path: Path,
     speed = examples.video_qa.speed.main(
         [str(out), "--out", str(tmp_path / "speed.json"), "--frames", "3000", "--repeats", "1",
          "--chunk-mb", "0.25", "--step-modes", "soft,k-max", "--steps", "1", "--dim", "8",
-         "--embed", "4", "--feature-size", "16", "--batch-size", "4", "--no-progress"])
-    one = speed["inference"][0]
+         "--embed", "4", "--feature-size", "16", "--batch-size", "4", "--no-progress",
+         "--fresh", "markov"])
+    one, fresh = speed["inference"]
     assert one["mode"] == "k-max" and one["frames"] == 3000 and one["chunks"] > 1
+    assert not one["fresh"] and fresh["fresh"] and fresh["mode"] == "markov"
+    assert fresh["chunks"] > 1 and fresh["chunk_bytes_counted_mib"] <= 0.25
     assert one["chunk_bytes_counted_mib"] <= 0.25 and one["peak_growth_mib"] >= 0.0
     assert one["median_seconds"] > 0.0 and isinstance(one["correct"], bool)
     assert set(speed["training"]["median_ms"]) == {"soft", "k-max"}

@@ -18,12 +18,14 @@ is folded into a running summary that is exact:
   segment by the chunk itself);
 * the inference network's mode (variational modes);
 * ``"markov"``: the chain over needle frames is carried across chunks by its forward message,
-  for every answer: the log evidence so far and the filtered distribution of the last frame's
-  state, from which the next chunk's chain starts (each chunk is one engine call, the exact
-  :class:`attention.markov.MarkovAlignment` of its frames). The posterior's mode needs the
-  evidence after a frame too, so a second pass reads the chunks backwards (encoding them again),
-  carrying the backward message of the true answer; between the passes only one
-  ``(B, 3)`` message per chunk is kept.
+  for every answer (the log probability of each state at the chunk's last frame, with the
+  evidence so far), from which the next chunk's chain starts. The chain only moves right
+  (*before*, *in*, *after*), so a chunk's messages are prefix sums and ``logcumsumexp``\ s of
+  its frames' transition log-probabilities and emissions (:func:`_chain_forward`): O(C)
+  vectorised work, no step-by-step recursion and no matrix products. The posterior's mode needs
+  the evidence after a frame too, so a second pass reads the chunks backwards (encoding them
+  again), carrying the backward message of the true answer (:func:`_chain_backward`); between
+  the passes only one ``(B, 3)`` message per chunk is kept.
 
 **The memory cap.** ``C`` is chosen (:func:`chunk_frames`) so that the tensors one chunk
 creates, counted by :func:`bytes_per_frame` (the encoder's window input and hidden layers, the
@@ -46,9 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attention.markov import MarkovAlignment
-
-from .model import BEFORE, IN, VideoQA, needle_chain_logits, needle_emission
+from .model import AFTER, BEFORE, IN, VideoQA, needle_chain_logits
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "LongVideoAnswer", "analyse_long", "bytes_per_frame",
            "chunk_frames"]
@@ -330,76 +330,129 @@ def _gather(logp: Tensor, answers: Tensor) -> Tensor:
     return logp.gather(-1, answers.view(-1, 1, 1).expand(-1, logp.shape[1], 1)).squeeze(-1)
 
 
-def _enter(filtered: Tensor, trans_lp: Tensor) -> Tensor:
-    """``"markov"``: the log distribution ``(N, 3)`` of a chunk's first state, from the filtered
-    distribution ``(N, 3)`` of the state before it and the chunk's transition log-probabilities
-    ``(N, C, 3, 3)``."""
-    return (filtered.log()[:, :, None] + trans_lp[:, 0]).logsumexp(1)
+def _revlcse(x: Tensor) -> Tensor:
+    """``logcumsumexp`` from the right along the last dim."""
+    return torch.logcumsumexp(x.flip(-1), -1).flip(-1)
+
+
+def _chain_parts(trans_lp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four moves of the before / in / after chain that are not ``-inf``, from its
+    transition log-probabilities ``(N, C, 3, 3)``: stay before, enter, stay in, leave (each
+    ``(N, C)``; staying after has probability 1)."""
+    return (trans_lp[..., BEFORE, BEFORE], trans_lp[..., BEFORE, IN], trans_lp[..., IN, IN],
+            trans_lp[..., IN, AFTER])
+
+
+def _chain_forward(alpha: Tensor, trans_lp: Tensor, e_in: Tensor, e_before: Tensor) -> Tensor:
+    r"""``"markov"``: the forward messages :math:`\alpha_t(h) = \log p(h_t = h, \text{evidence
+    up to } t)` ``(N, C, 3)`` of a chunk in closed form, from the message ``alpha`` ``(N, 3)``
+    of the frame before it, the chunk's transition log-probabilities ``(N, C, 3, 3)`` and the
+    emissions of *in* and *before* ``(N, C)`` (*after*'s is 0).
+
+    The chain only moves right, so each state's message is a prefix sum, or the
+    ``logcumsumexp`` of the earlier states' messages with a prefix sum taken out:
+    :math:`\alpha_t(\text{in}) = c_t + \log \sum_{s \le t} e^{\alpha_{s-1}(\text{before}) +
+    \text{enter}_s + e_s - c_s}` with :math:`c_t` the prefix sum of *stay in* plus *in*'s
+    emission; O(C) vectorised work, in float64 (prefix sums of long videos are large)."""
+    bb, bi, ii, ia = (x.double() for x in _chain_parts(trans_lp))
+    e_in, e_before, alpha = e_in.double(), e_before.double(), alpha.double()
+    a_b = alpha[:, BEFORE, None] + torch.cumsum(bb + e_before, -1)
+    b_prev = torch.cat([alpha[:, BEFORE, None], a_b[:, :-1]], -1)
+    c = torch.cumsum(ii + e_in, -1)
+    a_i = c + torch.logaddexp(alpha[:, IN, None], torch.logcumsumexp(b_prev + bi + e_in - c, -1))
+    i_prev = torch.cat([alpha[:, IN, None], a_i[:, :-1]], -1)
+    a_a = torch.logaddexp(alpha[:, AFTER, None], torch.logcumsumexp(i_prev + ia, -1))
+    return torch.stack([a_b, a_i, a_a], -1)
+
+
+def _chain_backward(beta: Tensor, trans_lp: Tensor, e_in: Tensor, e_before: Tensor) -> Tensor:
+    r"""``"markov"``: the backward messages :math:`\beta_t(h) = \log p(\text{evidence after }
+    t \mid h_t = h)` ``(N, C, 3)`` of a chunk in closed form (as :func:`_chain_forward`), from
+    the message ``beta`` ``(N, 3)`` of its last frame (which the chunk after it gives)."""
+    bb, bi, ii, ia = (x.double() for x in _chain_parts(trans_lp))
+    e_in, e_before, beta = e_in.double(), e_before.double(), beta.double()
+    n, steps = e_in.shape
+    b_a = beta[:, AFTER, None].expand(n, steps)
+    c = torch.cumsum(ii + e_in, -1)
+    # stay in through e, then leave at e + 1 (or stay in to the chunk's last frame)
+    w = torch.cat([c[:, :-1] + ia[:, 1:] + beta[:, AFTER, None],
+                   c[:, -1:] + beta[:, IN, None]], -1)
+    b_i = _revlcse(w) - c
+    # stay before through s - 1, then enter at s > t (or stay before to the last frame)
+    cb = torch.cumsum(bb + e_before, -1)
+    v = torch.cat([cb[:, :-1] + bi[:, 1:] + e_in[:, 1:] + b_i[:, 1:],
+                   cb[:, -1:] + beta[:, BEFORE, None]], -1)
+    b_b = torch.cat([_revlcse(v)[:, :-1] - cb[:, :-1], beta[:, BEFORE, None]], -1)
+    return torch.stack([b_b, b_i, b_a], -1)
+
+
+def _message_before(trans_lp: Tensor, e_in: Tensor, e_before: Tensor, beta: Tensor) -> Tensor:
+    """The backward message ``(N, 3)`` of the frame before a chunk, from its first frame's
+    transitions, emissions and backward message ``(N, 3)``."""
+    first = torch.stack([e_before[:, 0], e_in[:, 0], torch.zeros_like(e_in[:, 0])], -1)
+    return (trans_lp[:, 0].double() + (first.double() + beta.double())[:, None]).logsumexp(-1)
 
 
 def _analyse_markov(model: VideoQA, video: Tensor, q: Tensor, answers: Tensor, chunk: int
                     ) -> LongVideoAnswer:
     """:func:`analyse_long` of ``"markov"`` mode (module docstring): a forward pass for the
-    predictive and the prior, a backward pass for the posterior's mode."""
+    predictive and the prior, a backward pass for the posterior's mode, each chunk's chain in
+    closed form (:func:`_chain_forward`, :func:`_chain_backward`)."""
     assert model.needle_bias is not None
     t, b, a = int(video.shape[0]), int(q.shape[0]), model.config.num_answers
     starts = list(range(0, t, chunk))
     rows = torch.arange(b, device=q.device)
+    dtype = q.dtype
 
     def chunk_chain(start: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(scores (B, C), trans logits (B, C, 3, 3), their log-softmax, the emissions (B, C,
-        A, 3))`` of the chunk at ``start``."""
+        """``(scores (B, C), transition log-probabilities (B, C, 3, 3), the answers'
+        log-likelihoods (B, C, A), before's emission (B, C))`` of the chunk at ``start``."""
         stop = min(start + chunk, t)
         mem = model.frames.encode_span(video, start, stop)
         scores = model.attention.score(q.unsqueeze(1), mem.unsqueeze(0)).squeeze(1)
         assert model.needle_bias is not None
-        trans = needle_chain_logits(scores, model.needle_bias)
+        trans_lp = needle_chain_logits(scores, model.needle_bias).log_softmax(-1)
         logp = model.answer_log_probs(mem.expand(b, -1, -1), q)
         last = (torch.arange(start, stop, device=q.device) == t - 1).expand(b, -1)
-        emit = needle_emission(logp, last, last)
-        return scores, trans, trans.log_softmax(-1), emit
+        e_before = torch.where(last, -math.inf, torch.zeros_like(scores))
+        return scores, trans_lp, logp, e_before
 
-    # the forward pass: per (question, answer) the log evidence so far and the filtered state
-    start_state = q.new_zeros(3)
-    start_state[BEFORE] = 1.0
-    filtered = start_state.expand(b * a, 3)
-    prior_filtered = start_state.expand(b, 3)
-    log_z = q.new_zeros(b * a)
+    start_state = torch.full((3,), -math.inf, dtype=torch.float64, device=video.device)
+    start_state[BEFORE] = 0.0
+    alpha = start_state.expand(b * a, 3)  # every (question, answer) pair's forward message
+    prior_alpha = start_state.expand(b, 3)
     log_norm: Tensor | None = None
     prior = _RunningMax()
-    before_chunk: list[Tensor] = []  # the true answer's filtered state before each chunk
+    before_chunk: list[Tensor] = []  # the true answer's forward message before each chunk
     for start in starts:
-        scores, trans, trans_lp, emit = chunk_chain(start)
+        scores, trans_lp, logp, e_before = chunk_chain(start)
         log_norm = _logaddexp(log_norm, scores.logsumexp(-1))
+        # the prior: no evidence, so every backward message is 0 and alpha is the marginal
+        pa = _chain_forward(prior_alpha, trans_lp, torch.zeros_like(scores),
+                            torch.zeros_like(scores))
+        prior.add(pa[..., IN], start)
+        prior_alpha = pa[:, -1]
+        before_chunk.append(alpha.view(b, a, 3)[rows, answers])
         steps = scores.shape[1]
-        marg = MarkovAlignment(_enter(prior_filtered, trans_lp), trans,
-                               scores.new_zeros(b, steps, 3)).marginals()
-        prior.add(marg[..., IN], start)
-        prior_filtered = marg[:, -1]
-        before_chunk.append(filtered.view(b, a, 3)[rows, answers])
-        chain = MarkovAlignment(_enter(filtered, trans_lp.repeat_interleave(a, 0)),
-                                trans.repeat_interleave(a, 0),
-                                emit.transpose(1, 2).reshape(b * a, steps, 3))
-        log_z = log_z + chain.log_marginal()
-        filtered = chain.marginals()[:, -1]
-    joint = log_z.view(b, a)
-    log_pred = joint - joint.logsumexp(-1, keepdim=True)
-    # the backward pass: the true answer's posterior marginals, chunk by chunk from the end,
-    # the evidence after the chunk folded into its last frame's emission
-    beta = q.new_zeros(b, 3)  # log p(evidence after the chunk | its last state)
+        fa = _chain_forward(alpha, trans_lp.repeat_interleave(a, 0),
+                            logp.transpose(1, 2).reshape(b * a, steps),
+                            e_before.repeat_interleave(a, 0))
+        alpha = fa[:, -1]
+    joint = alpha.logsumexp(-1).view(b, a)
+    log_pred = (joint - joint.logsumexp(-1, keepdim=True)).to(dtype)
+    log_z = joint[rows, answers]
+    # the backward pass: the true answer's posterior marginals, chunk by chunk from the end
+    beta = torch.zeros(b, 3, dtype=torch.float64, device=video.device)
     best: list[tuple[Tensor, Tensor]] = []
     for start, before in zip(reversed(starts), reversed(before_chunk), strict=True):
-        scores, trans, trans_lp, emit = chunk_chain(start)
-        steps = scores.shape[1]
-        own = emit[rows, :, answers]  # (B, C, 3)
-        own = torch.cat([own[:, :-1], own[:, -1:] + beta[:, None]], 1)
-        post = MarkovAlignment(_enter(before, trans_lp), trans, own).marginals()[..., IN]
+        scores, trans_lp, logp, e_before = chunk_chain(start)
+        own = logp[rows, :, answers]  # (B, C)
+        fa = _chain_forward(before, trans_lp, own, e_before)
+        ba = _chain_backward(beta, trans_lp, own, e_before)
+        post = fa[..., IN] + ba[..., IN] - log_z[:, None]
         value, at = post.max(-1)
         best.append((value, at + start))
-        if start > 0:  # the message for the previous chunk's last state, each state in turn
-            beta = MarkovAlignment(trans_lp[:, 0].reshape(b * 3, 3),
-                                   trans.repeat_interleave(3, 0),
-                                   own.repeat_interleave(3, 0)).log_marginal().view(b, 3)
+        beta = _message_before(trans_lp, own, e_before, ba[:, 0])
     posterior_map = best[-1][1]
     top = best[-1][0]
     for value, at in reversed(best[:-1]):  # in the frames' order: ties go to the first frame

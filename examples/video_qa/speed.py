@@ -2,8 +2,10 @@
 
 Two measurements, on the machine it runs on:
 
-* **Inference on one long video.** For each trained ``--task needle`` run given, a fresh process
-  (so that no earlier allocation is reused) loads the best model, draws one video of
+* **Inference on one long video.** For each trained ``--task needle`` run given (and each mode
+  of ``--fresh``, on a fresh model of the size of ``--feature-size``, ``--dim`` and
+  ``--embed``), a fresh process (so that no earlier allocation is reused) loads the best
+  model, draws one video of
   ``--frames`` frames (default 100,000) with its needle at half depth, and answers one question
   about it with :func:`examples.video_qa.chunked.analyse_long` under the cap ``--chunk-mb``.
   *Peak memory* is the growth of the process's peak resident set (Linux ``VmHWM``, reset
@@ -62,19 +64,39 @@ def _memory_kib() -> tuple[int, int]:
     return int(peak.group(1)), int(now.group(1))
 
 
+def _fresh(mode: str, feature_size: int, dim: int, embed: int) -> tuple[Any, Any, int]:
+    """A fresh (untrained) needle-task model of ``mode``, its vocabulary and its data seed."""
+    from .data import Vocab
+    from .model import ModelConfig, VideoQA
+    from .needle import CODES, generate_needle
+
+    data = generate_needle(64, 16, 16, 0, dim=feature_size)
+    vocab = Vocab.build(data.questions)
+    torch.manual_seed(0)
+    model = VideoQA(ModelConfig(len(vocab.words), len(CODES) + 1, mode, feature_size, dim=dim,
+                                embed=embed, window=1))
+    model.eval()
+    return model, vocab, 0
+
+
 def inference(run: str, frames: int, repeats: int, chunk_mb: float, threads: int,
-              seed: int = 0) -> dict[str, Any]:
-    """The inference figures of one run (module docstring); call it in a fresh process."""
+              seed: int = 0, fresh: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """The inference figures of one run (module docstring); call it in a fresh process. With
+    ``fresh`` ``(feature_size, dim, embed)``, ``run`` is a mode instead, timed on a fresh model
+    of that size (the time does not depend on the weights)."""
     from .chunked import analyse_long, bytes_per_frame, chunk_frames
     from .needle import CODES, make_world, needle_position, needle_question, needle_video
     from .train import load_run
 
     torch.set_num_threads(threads)
-    model, vocab, results = load_run(run)
-    args = results.get("data_args", {})
-    if results.get("task") != "needle":
-        raise ExampleError(f"{run!r} is not a run of --task needle")
-    world = make_world(args["data_seed"], int(model.config.feature_dim or 0))
+    if fresh is not None:
+        model, vocab, data_seed = _fresh(run, *fresh)
+    else:
+        model, vocab, results = load_run(run)
+        if results.get("task") != "needle":
+            raise ExampleError(f"{run!r} is not a run of --task needle")
+        data_seed = results.get("data_args", {})["data_seed"]
+    world = make_world(data_seed, int(model.config.feature_dim or 0))
     rng = np.random.Generator(np.random.PCG64(seed))
     key, code = 3, 7
     x, _ = needle_video(world, rng, frames, needle_position(frames, 0.5), key, code)
@@ -150,6 +172,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="*", metavar="RUN_DIR",
                    help="runs of python -m examples.video_qa --task needle to time on one long "
                         "video")
+    p.add_argument("--fresh", default="", metavar="MODE,MODE,...",
+                   help="also time inference of fresh (untrained) models of these modes, of "
+                        "the size given by --feature-size, --dim and --embed")
     p.add_argument("--out", required=True, metavar="FILE", help="write the figures (JSON) here")
     p.add_argument("--frames", type=positive_int, default=100000,
                    help="frames of the long video")
@@ -181,10 +206,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = make_parser().parse_args(argv)
     out: dict[str, Any] = {"torch": torch.__version__, "inference": [], "training": None}
     spawn = multiprocessing.get_context("spawn")
-    for run in args.runs:
+    fresh = (args.feature_size, args.dim, args.embed)
+    jobs = [(run, None) for run in args.runs] + [(m, fresh) for m in args.fresh.split(",") if m]
+    for run, size in jobs:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
             r = pool.submit(inference, run, args.frames, args.repeats, args.chunk_mb,
-                            args.threads).result()
+                            args.threads, 0, size).result()
+        r["fresh"] = size is not None
         out["inference"].append(r)
         print(f"| {r['mode']} | {r['frames']:,} | {r['median_seconds']:.3f} s "
               f"(first {r['first_seconds']:.3f} s) | {r['peak_growth_mib']:.0f} MiB | "
