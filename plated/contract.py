@@ -30,7 +30,6 @@ from .markov import (
 from .plan import (
     ChainStep,
     NormalizeStep,
-    PairLayout,
     PairStep,
     Plan,
     PlateProduct,
@@ -185,10 +184,10 @@ def run_plan(
         vals[k] = t if perm is None else t.permute(perm)
     saved: dict[int, Saved] = {}
     fuse = bool(plan.fused) and not keep and ring.name == "log"
-    pending: dict[int, tuple[torch.Tensor, torch.Tensor, PairLayout]] = {}
+    pending: dict[int, list[torch.Tensor]] = {}
     for k, step in enumerate(plan.steps):
         if fuse and (k in plan.fused or (isinstance(step, ScanStep) and step.ins[0] in pending)):
-            _fused(ring, step, vals, pending)
+            _fused(ring, plan, step, vals, pending)
             for i in plan.frees[k]:
                 vals[i] = None
             continue
@@ -231,19 +230,32 @@ def run_plan(
     return vals, saved
 
 
-def _fused(ring: Semiring, step: Step, vals: list[torch.Tensor | None],
-           pending: dict[int, tuple[torch.Tensor, torch.Tensor, PairLayout]]) -> None:
-    """Run a step of a fused pair (:attr:`~plated.plan.Plan.fused`): the pair step hands its
-    operands on, unsummed; the chain step eliminates them by
-    :func:`~plated.markov.factored_scan`, or sums them first where they are not of its form."""
+def _fused(ring: Semiring, plan: Plan, step: Step, vals: list[torch.Tensor | None],
+           pending: dict[int, list[torch.Tensor]]) -> None:
+    """Run a step of a fused transition (:attr:`~plated.plan.Plan.fused`): each pair step
+    hands its operands on, unsummed, laid along its output's dims (extent 1 where one lacks a
+    dim); the chain step eliminates them by :func:`~plated.markov.factored_scan`, or sums them
+    first where they are not of a form it can use."""
     if isinstance(step, PairStep):
-        pending[step.out] = (_live(vals, step.ins[0]), _live(vals, step.ins[1]), step.layout)
+        out = plan.slots[step.out].dims
+        parts: list[torch.Tensor] = []
+        for i, view in zip(step.ins, (step.layout.view_a, step.layout.view_b), strict=True):
+            if i in pending:  # the parts of an earlier fused pair, laid along this output
+                dims = plan.slots[i].dims
+                parts += [p.reshape([p.shape[dims.index(d)] if d in dims else 1 for d in out])
+                          for p in pending.pop(i)]
+            else:
+                parts.append(_live(vals, i).reshape(view))
+        pending[step.out] = parts
         return
     assert isinstance(step, ScanStep)
-    a, b, layout = pending.pop(step.ins[0])
-    result = factored_scan(a, b, layout, step.layout)
+    parts = pending.pop(step.ins[0])
+    result = factored_scan(parts, step.layout)
     if result is None:
-        result, _ = scan_forward(ring, ring.pair(a, b, layout), step.layout, step.method)
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        result, _ = scan_forward(ring, total, step.layout, step.method)
     vals[step.out] = result
 
 

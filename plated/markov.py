@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan.ir import ChainLayout, PairLayout, ScanLayout
-from .recursion import factored_chain, recursion_descend, recursion_forward
+from .plan.ir import ChainLayout, ScanLayout
+from .recursion import factored_chain, factorial_chain, recursion_descend, recursion_forward
 from .rings import Semiring
 from .typing import ChainMethod
 
@@ -200,35 +200,54 @@ def _may_narrow(x: torch.Tensor) -> bool:
     return True
 
 
-def factored_scan(a: torch.Tensor, b: torch.Tensor, pair: PairLayout, spec: ScanLayout
-                  ) -> torch.Tensor | None:
+def factored_scan(parts: list[torch.Tensor], spec: ScanLayout) -> torch.Tensor | None:
     """Eliminate the chain of ``spec.plate`` by the log ring's recursion, its transition
-    being the broadcast sum of ``a`` and ``b`` (a fused pair step, :attr:`Plan.fused`) that
-    is never formed: where one operand varies only with the chain's previous and current states
-    (a ``(K, K)`` matrix shared by every batch element and step) and the other not with the
-    previous state, :func:`~plated.recursion.factored_chain` runs one ``(batch, K) x (K, K)``
-    product a step.
+    being the broadcast sum of ``parts`` (a fused transition, :attr:`Plan.fused`; each part
+    laid along the transition slot's dims, extent 1 where it lacks one) that is never formed:
 
-    :return: the result as :func:`scan_forward`'s, or ``None`` where the operands are not of
-        that form (the caller then sums them).
+    * two parts, one varying only with the chain's previous and current states (a ``(K, K)``
+      matrix shared by every batch element and step) and the other not with the previous
+      state: :func:`~plated.recursion.factored_chain` runs one ``(batch, K) x (K, K)`` product
+      a step;
+    * a state of several variables (a factorial chain) and no part over all of its previous
+      and current variables: :func:`~plated.recursion.factorial_chain` contracts the parts
+      with the message one by one, each step (``K_1 K_2 (K_1 + K_2)`` work for two chains of
+      ``K_1`` and ``K_2`` states, where the joint matrix has ``(K_1 K_2)^2`` entries).
+
+    :return: the result as :func:`scan_forward`'s, or ``None`` where the parts are of neither
+        form (the caller then sums them).
     """
     if not spec.in_present:
         return None
     nb = len(spec.batch_shape)
     npv = len(spec.prev)
     full = spec.in_full
-    mat = vec = None
-    parts = (_scan_part(x.reshape(view), spec, _may_narrow(x))
-             for x, view in ((a, pair.view_a), (b, pair.view_b)))
-    for p in parts:
-        if mat is None and all(n == 1 for n in p.shape[: nb + 1]):
-            mat = p.expand(*p.shape[: nb + 1], *full[nb + 1:]).reshape(spec.state, spec.state)
-        elif vec is None and all(n == 1 for n in p.shape[nb + 1: nb + 1 + npv]):
-            vec = p.expand(*full[: nb + 1], *p.shape[nb + 1: nb + 1 + npv], *full[nb + 1 + npv:])
-            vec = vec.reshape(-1, spec.length, spec.state)
-    if mat is None or vec is None:
+    laid = [_scan_part(x, spec, _may_narrow(x)) for x in parts]
+    if len(laid) == 2:
+        mat = vec = None
+        for p in laid:
+            if mat is None and all(n == 1 for n in p.shape[: nb + 1]):
+                mat = p.expand(*p.shape[: nb + 1], *full[nb + 1:]).reshape(spec.state, spec.state)
+            elif vec is None and all(n == 1 for n in p.shape[nb + 1: nb + 1 + npv]):
+                vec = p.expand(*full[: nb + 1], *p.shape[nb + 1: nb + 1 + npv],
+                               *full[nb + 1 + npv:])
+                vec = vec.reshape(-1, spec.length, spec.state)
+        if mat is not None and vec is not None:
+            return _scan_result(factored_chain(mat, vec.transpose(0, 1).contiguous()), spec)
+    state_dims = range(nb + 1, len(full))
+    if npv < 2 or any(all(p.shape[d] == full[d] or full[d] == 1 for d in state_dims)
+                      for p in laid):
         return None
-    return _scan_result(factored_chain(mat, vec.transpose(0, 1).contiguous()), spec)
+    batch = math.prod(spec.batch_shape)
+    flat = []
+    for p in laid:  # (batch or 1, length or 1, *prev, *curr), extent 1 where absent
+        if any(p.shape[d] != 1 for d in range(nb)):
+            p = p.expand(*full[:nb], *p.shape[nb:]).reshape(batch, *p.shape[nb:])
+        else:
+            p = p.reshape(1, *p.shape[nb:])
+        flat.append(p)
+    beta0 = factorial_chain(flat, spec.prev_sizes)
+    return _scan_result(beta0.reshape(batch, spec.state), spec)
 
 
 def unravel(flat: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:

@@ -44,14 +44,18 @@ chain once, left to right, given its first state (:func:`recursion_descend`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
 
+import opt_einsum
 import torch
 
 from .rings import Semiring, underflow_threshold
 
 __all__ = ["recursion_forward", "recursion_descend", "exact_messages", "chain_messages",
-           "factored_chain", "factored_messages"]
+           "factored_chain", "factored_messages", "factorial_chain"]
 
 
 def _shifted(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -470,3 +474,95 @@ def factored_chain(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     u[t, :, j]`` (``a`` ``(K, K)``, ``u`` time-major ``(n, batch, K)``), exact and
     differentiable (see :class:`_FactoredChain`)."""
     return _FactoredChain.apply(a, u)
+
+
+# -- a factorial transition: the state is several variables, no part spans them all -------------
+
+_PREV, _CURR = "abcdefgh", "ijklmnop"
+
+
+@lru_cache(maxsize=256)
+def _step_expression(subscripts: tuple[str, ...], out: str, shapes: tuple[tuple[int, ...], ...]
+                     ) -> Any:
+    """The contraction of one step of :func:`factorial_chain`, its order found once by
+    opt_einsum for these shapes."""
+    return opt_einsum.contract_expression(",".join(subscripts) + "->" + out, *shapes,
+                                          optimize="optimal")
+
+
+def factorial_chain(parts: Sequence[torch.Tensor], sizes: tuple[int, ...]) -> torch.Tensor:
+    r""":math:`\beta_0` ``(batch, *sizes)`` of the log ring's chain over a state of several
+    variables of ``sizes`` whose transition at step ``t`` is the broadcast sum of ``parts``,
+    each ``(batch or 1, n or 1, *prev, *curr)`` (extent 1 where it lacks a dim), without forming
+    it: each step contracts the parts' exponentials (each shifted by its own max) with the
+    message's, one by one in the order opt_einsum finds, for example
+    :math:`\beta_t[w', x'] = \log \sum_w e^{A[w', w]} \sum_x e^{B[x', x]}\,
+    e^{C[w, x] + \beta_{t+1}[w, x]}` for a factorial HMM. Differentiable (to every order) by
+    autograd through the steps.
+
+    Exact: a step's entry under the underflow threshold (the parts' peaks apart) flags its
+    batch element, recomputed by :func:`exact_messages` on its materialised transitions (in
+    float64 for lower precisions), as in the recursion's fast path.
+    """
+    nv = len(sizes)
+    if nv > len(_PREV):
+        raise ValueError(f"a factorial chain of {nv} variables; at most {len(_PREV)}")
+    batch = max(p.shape[0] for p in parts)
+    n = max(p.shape[1] for p in parts)
+    x0 = parts[0]
+    lo, tiny = torch.finfo(x0.dtype).min, torch.finfo(x0.dtype).tiny
+    live = [k for k in range(nv) if sizes[k] > 1]
+    exps, offsets, subscripts = [], x0.new_zeros(batch, n), []
+    for p in parts:
+        state = tuple(range(2, p.dim()))
+        shift = p.detach().amax(dim=state, keepdim=True).clamp(min=lo)
+        exps.append(torch.sub(p, shift).exp())
+        offsets = offsets + shift.reshape(shift.shape[:2])
+        has = [p.shape[2 + k] > 1 for k in range(nv)] + [p.shape[2 + nv + k] > 1 for k in range(nv)]
+        subscripts.append(("z" if p.shape[0] > 1 else "")
+                          + "".join(_PREV[k] for k in live if has[k])
+                          + "".join(_CURR[k] for k in live if has[nv + k]))
+    out = "z" + "".join(_PREV[k] for k in live)
+    message = "z" + "".join(_CURR[k] for k in live)
+
+    def squeezed(sl: torch.Tensor) -> torch.Tensor:
+        """A step's slice ``(batch or 1, *prev, *curr)`` without its extent-1 dims (and
+        without the batch dim where it is 1), as the step's subscripts have it."""
+        keep = [1 + d for d in range(2 * nv) if sl.shape[1 + d] > 1]
+        return sl.reshape(([sl.shape[0]] if sl.shape[0] > 1 else []) + [sl.shape[d] for d in keep])
+
+    # one view a step (a select per step would each take a gradient the size of the whole part)
+    slices = [[squeezed(sl) for sl in e.unbind(1)] for e in exps]
+
+    beta = x0.new_zeros(batch, *(sizes[k] for k in live))
+    curr_dims = tuple(range(1, beta.dim()))
+    flag = torch.zeros(batch, dtype=torch.bool, device=x0.device)
+    thr = underflow_threshold(x0.dtype)
+    shapes: tuple[tuple[int, ...], ...] | None = None
+    expr = None
+    for t in range(n - 1, -1, -1):  # the plan chose the recursion by its cost model
+        mx = beta.detach().amax(dim=curr_dims, keepdim=True).clamp(min=lo) if curr_dims else (
+            beta.detach().clamp(min=lo))
+        ops = [sl[t if len(sl) > 1 else 0] for sl in slices] + [torch.sub(beta, mx).exp()]
+        if expr is None:
+            shapes = tuple(tuple(o.shape) for o in ops)
+            expr = _step_expression(tuple(subscripts) + (message,), out, shapes)
+        r = expr(*ops, backend="torch")
+        low = r.detach() < thr
+        flag = flag | (low.flatten(1).any(-1) if r.dim() > 1 else low)
+        beta = torch.log(r.clamp(min=tiny)) + mx + offsets[:, t].reshape(
+            (batch,) + (1,) * len(curr_dims))
+    beta0 = beta.reshape(batch, *sizes)
+    idx = flag.nonzero().squeeze(-1)  # the one host-device sync
+    if idx.numel():
+        wide = _EXACT_DTYPE.get(x0.dtype, x0.dtype)
+        k = math.prod(sizes)
+        full = (len(idx), n, *sizes, *sizes)
+        rows = [(p[idx] if p.shape[0] > 1 else p).to(wide).expand(full) for p in parts]
+        m = rows[0]
+        for r in rows[1:]:
+            m = m + r
+        d, mx = exact_messages(m.reshape(len(idx), n, k, k))
+        beta0 = beta0.clone()
+        beta0[idx] = _beta0(d, mx).to(x0.dtype).reshape(len(idx), *sizes)
+    return beta0

@@ -39,22 +39,28 @@ from .emit import Emitter
 from .ir import PairStep, Plan, ScanStep, Step, Structure, check_working_memory
 
 #: What a fused pair step adds to its chain step's note (see :attr:`Plan.fused`).
-FUSED_NOTE = ("; its transition's two parts are passed unsummed (where one is a (K, K) matrix "
-              "shared by every element and step, each step is one matrix product)")
+FUSED_NOTE = ("; its transition's parts are passed unsummed (where one is a (K, K) matrix "
+              "shared by every element and step, each step is one matrix product; where the "
+              "state is several variables and no part spans them all, each step contracts the "
+              "parts one by one)")
 
 
 def fused_pairs(steps: list[Step], last_read: dict[int, int], result: int) -> set[int]:
     """The pair steps whose output, a broadcast sum (nothing eliminated), is read only by the
-    next step, a chain eliminated by recursion (see :attr:`Plan.fused`)."""
+    next step, a chain eliminated by recursion or another such pair step (see
+    :attr:`Plan.fused`)."""
     readers: dict[int, int] = {}
     for step in steps:
         for i in step.ins:
             readers[i] = readers.get(i, 0) + 1
-    fused = set()
-    for k, (step, nxt) in enumerate(zip(steps, steps[1:], strict=False)):
+    fused: set[int] = set()
+    for k in range(len(steps) - 2, -1, -1):  # from the end: a pair may feed a fused pair
+        step, nxt = steps[k], steps[k + 1]
+        feeds = ((isinstance(nxt, ScanStep) and nxt.method == "recursion"
+                  and nxt.ins == (step.out,))
+                 or (k + 1 in fused and step.out in nxt.ins))
         if (isinstance(step, PairStep) and not step.elim and step.slice_dim is None
-                and not step.recompute and isinstance(nxt, ScanStep)
-                and nxt.method == "recursion" and nxt.ins == (step.out,)
+                and not step.recompute and feeds
                 and readers.get(step.out) == 1 and last_read.get(step.out) == k + 1
                 and step.out != result):
             fused.add(k)
@@ -169,7 +175,8 @@ class _Elimination:
         steps = list(emitter.steps)
         fused = fused_pairs(steps, last_read, result) if structure.ring == "log" else set()
         for k in fused:
-            steps[k + 1] = replace(steps[k + 1], note=steps[k + 1].note + FUSED_NOTE)
+            if isinstance(steps[k + 1], ScanStep):
+                steps[k + 1] = replace(steps[k + 1], note=steps[k + 1].note + FUSED_NOTE)
         cost = cost_report(emitter.slots, steps, n_inputs, structure.itemsize)
         return Plan(structure, emitter.slots, tuple(steps), input_perms, result,
                     emitter.slots[result].dims, analysis.var_sizes, analysis.ordinals,

@@ -414,10 +414,11 @@ class Plan:
     order: dict[str, int]
     cost: CostReport
     frees: list[tuple[int, ...]] = field(default_factory=list)
-    #: pair steps whose broadcast sum only feeds the next step, a log-ring recursion: when
-    #: ``run_plan`` keeps no intermediates, it hands the two operands to the chain instead
-    #: (:func:`plated.markov.factored_scan`), which runs without forming their sum where one
-    #: operand is a ``(K, K)`` matrix shared by every batch element and step
+    #: pair steps whose broadcast sum only feeds the next step, a log-ring recursion or another
+    #: such pair step: when ``run_plan`` keeps no intermediates, it hands their operands to the
+    #: chain instead (:func:`plated.markov.factored_scan`), which runs without forming their sum
+    #: where one operand is a ``(K, K)`` matrix shared by every batch element and step, or
+    #: where the state is several variables and no operand spans them all
     fused: frozenset[int] = frozenset()
 
     @property
