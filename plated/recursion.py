@@ -44,8 +44,9 @@ chain once, left to right, given its first state (:func:`recursion_descend`).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -55,7 +56,7 @@ import torch
 from .rings import Semiring, underflow_threshold
 
 __all__ = ["recursion_forward", "recursion_descend", "exact_messages", "chain_messages",
-           "factored_chain", "factored_messages", "factorial_chain"]
+           "factored_chain", "factored_messages", "factorial_chain", "compiled_steps"]
 
 
 def _shifted(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,12 +117,9 @@ def _fast_messages(steps: Sequence[torch.Tensor], e: Sequence[torch.Tensor] | No
     r = x.new_empty(n, batch, 1, 1)
     p = x.new_empty(n, batch, k, 1)
     scratch = x.new_empty(batch, k, k) if e is None else None
+    step = _step("forward", _forward_step)
     for t in range(n - 1, -1, -1):  # the plan chose the recursion by its cost model
-        torch.amax(steps[t], dim=(-2, -1), keepdim=True, out=r[t]).clamp_(min=lo)
-        et = torch.sub(steps[t], r[t], out=scratch if e is None else e[t]).exp_()
-        v, _ = _shifted(d[t + 1], -1)
-        torch.bmm(et, v.unsqueeze(-1), out=p[t])
-        torch.add(p[t].squeeze(-1).log(), r[t].view(batch, 1), out=d[t])
+        step(steps[t], d[t + 1], scratch if e is None else e[t], r[t], p[t], d[t])
     mx = d.amax(dim=-1).clamp_(min=lo)
     p = p.squeeze(-1)
     suspect = p.amin(dim=0).amin(dim=-1) < underflow_threshold(x.dtype)
@@ -268,11 +266,59 @@ def _grad_into(e: Sequence[torch.Tensor], d: torch.Tensor, mx: torch.Tensor, p: 
     v = torch.sub(d[1:], mx[1:].unsqueeze(-1)).exp_()  # (n, batch, K)
     inv = torch.where(p > 0, p.reciprocal(), torch.zeros_like(p))
     q = g
+    step = _step("backward", _backward_step)
     for t in range(n):  # the plan chose the recursion by its cost model
-        et = e[t].mul_(v[t].unsqueeze(-2)).mul_((q * inv[t]).unsqueeze(-1))
-        if t + 1 < n:
-            q = et.sum(dim=-2)  # q_t[j] = sum_i q_{t-1}[i] T_t[i, j]
+        q = step(e[t], v[t], inv[t], q)
     return e
+
+
+def _forward_step(m: torch.Tensor, d_next: torch.Tensor, e: torch.Tensor, r: torch.Tensor,
+                  p: torch.Tensor, d: torch.Tensor) -> None:
+    """One step of :func:`_fast_messages`: the matrix ``m`` ``(batch, K, K)`` shifted by its
+    max ``r`` ``(batch, 1, 1)`` and exponentiated into ``e``, its product ``p`` ``(batch, K,
+    1)`` with the shifted exponential of the next message ``d_next`` ``(batch, K)``, and the
+    message ``d`` ``(batch, K)``; every output written in place."""
+    lo = torch.finfo(m.dtype).min
+    torch.amax(m, dim=(-2, -1), keepdim=True, out=r).clamp_(min=lo)
+    torch.sub(m, r, out=e).exp_()
+    v, _ = _shifted(d_next, -1)
+    torch.bmm(e, v.unsqueeze(-1), out=p)
+    torch.add(p.squeeze(-1).log(), r.view(-1, 1), out=d)
+
+
+def _backward_step(e: torch.Tensor, v: torch.Tensor, inv: torch.Tensor, q: torch.Tensor
+                   ) -> torch.Tensor:
+    """One step of :func:`_grad_into`: ``e`` ``(batch, K, K)`` scaled in place into the
+    step's gradient; returns the next ``q``, the gradient's column sums."""
+    e.mul_(v.unsqueeze(-2)).mul_((q * inv).unsqueeze(-1))
+    return e.sum(dim=-2)
+
+
+_COMPILE: list[bool] = [False]
+_COMPILED: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def compiled_steps(enabled: bool = True) -> Iterator[None]:
+    """Run the recursion's steps (forward and gradient) through :func:`torch.compile` inside
+    the block: each step's handful of operations becomes one or two fused kernels, compiled
+    once per shape of a step (``(batch, K, K)``), whatever the chain's length. Off by default:
+    the first call of each shape pays the compilation (seconds), which pays off over many
+    calls of the same shapes, as in training. ``benchmarks/compile.py`` measures it."""
+    _COMPILE.append(enabled)
+    try:
+        yield
+    finally:
+        _COMPILE.pop()
+
+
+def _step(name: str, fn: Any) -> Any:
+    """``fn``, or its compiled twin inside :func:`compiled_steps`."""
+    if not _COMPILE[-1]:
+        return fn
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED[name]
 
 
 def _log_transitions(m: torch.Tensor, d: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
