@@ -13,9 +13,19 @@ import pytest
 import torch
 from torch import Tensor
 
-from examples.video_qa.chunked import _chain_backward, _chain_forward, _message_before, analyse_long
+from examples.video_qa.chunked import analyse_long
 from examples.video_qa.data import Batch
-from examples.video_qa.model import AFTER, BEFORE, IN, ModelConfig, VideoQA, needle_chain_logits
+from examples.video_qa.model import (
+    AFTER,
+    BEFORE,
+    IN,
+    ModelConfig,
+    VideoQA,
+    needle_backward,
+    needle_chain_logits,
+    needle_forward,
+    needle_message_before,
+)
 from examples.video_qa.train import main
 
 QUIET = ["--no-progress", "--device", "cpu", "--threads", "1"]
@@ -192,17 +202,18 @@ def _brute_chain(trans_lp: Tensor, e_in: Tensor, e_before: Tensor) -> tuple[Tens
     return log_z, marg - log_z[:, None]
 
 
-@pytest.mark.parametrize("scale", [1.0, 40.0])
-def test_closed_form_chain_messages_equal_brute_force(scale: float) -> None:
+@pytest.mark.parametrize("scale,stay", [(1.0, 0.5), (40.0, 0.5), (1.0, -math.inf)])
+def test_closed_form_chain_messages_equal_brute_force(scale: float, stay: float) -> None:
     """The chunked scorer's closed-form forward and backward messages, chunk by chunk with
     messages carried between chunks of 1, 2, 3 and 7 frames: log Z, the posterior marginals of
     *in* (forward times backward) and the prior's marginals (forward alone) against enumeration
     of every state path, with ordinary and with peaked (x40) scores and emissions, and the
-    last frame barred from *before*."""
+    last frame barred from *before*; and with the needle unable to last (``stay`` -inf, every
+    needle one frame)."""
     gen = torch.Generator().manual_seed(int(scale))
     n, t = 3, 7
     scores = scale * torch.randn(n, t, generator=gen, dtype=torch.float64)
-    bias = torch.tensor([-1.0, 0.5], dtype=torch.float64)
+    bias = torch.tensor([-1.0, stay], dtype=torch.float64)
     trans_lp = needle_chain_logits(scores, bias).log_softmax(-1)
     e_in = scale * torch.randn(n, t, generator=gen, dtype=torch.float64)
     e_before = torch.zeros(n, t, dtype=torch.float64)
@@ -215,8 +226,8 @@ def test_closed_form_chain_messages_equal_brute_force(scale: float) -> None:
         alpha, palpha, fwd, pf = start, start, [], []
         for c in cuts:
             part = slice(c, c + size)
-            fa = _chain_forward(alpha, trans_lp[:, part], e_in[:, part], e_before[:, part])
-            pa = _chain_forward(palpha, trans_lp[:, part], torch.zeros_like(e_in[:, part]),
+            fa = needle_forward(alpha, trans_lp[:, part], e_in[:, part], e_before[:, part])
+            pa = needle_forward(palpha, trans_lp[:, part], torch.zeros_like(e_in[:, part]),
                                 torch.zeros_like(e_in[:, part]))
             fwd.append(fa)
             pf.append(pa)
@@ -228,9 +239,10 @@ def test_closed_form_chain_messages_equal_brute_force(scale: float) -> None:
         beta, bwd = torch.zeros(n, 3, dtype=torch.float64), []
         for c in reversed(cuts):
             part = slice(c, c + size)
-            ba = _chain_backward(beta, trans_lp[:, part], e_in[:, part], e_before[:, part])
+            ba = needle_backward(beta, trans_lp[:, part], e_in[:, part], e_before[:, part])
             bwd.insert(0, ba)
-            beta = _message_before(trans_lp[:, part], e_in[:, part], e_before[:, part], ba[:, 0])
+            beta = needle_message_before(trans_lp[:, part], e_in[:, part], e_before[:, part],
+                                         ba[:, 0])
         got = torch.cat(fwd, 1)[..., IN] + torch.cat(bwd, 1)[..., IN] - got_z[:, None]
         torch.testing.assert_close(got.exp(), marg.exp(), rtol=0, atol=1e-12)
         # the message before the first frame is log Z given the start state before

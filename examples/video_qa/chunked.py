@@ -21,10 +21,10 @@ is folded into a running summary that is exact:
   for every answer (the log probability of each state at the chunk's last frame, with the
   evidence so far), from which the next chunk's chain starts. The chain only moves right
   (*before*, *in*, *after*), so a chunk's messages are prefix sums and ``logcumsumexp``\ s of
-  its frames' transition log-probabilities and emissions (:func:`_chain_forward`): O(C)
+  its frames' transition log-probabilities and emissions (:func:`needle_forward`): O(C)
   vectorised work, no step-by-step recursion and no matrix products. The posterior's mode needs
   the evidence after a frame too, so a second pass reads the chunks backwards (encoding them
-  again), carrying the backward message of the true answer (:func:`_chain_backward`); between
+  again), carrying the backward message of the true answer (:func:`needle_backward`); between
   the passes only one ``(B, 3)`` message per chunk is kept.
 
 **The memory cap.** ``C`` is chosen (:func:`chunk_frames`) so that the tensors one chunk
@@ -48,7 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import AFTER, BEFORE, IN, VideoQA, needle_chain_logits
+from .model import (
+    BEFORE,
+    IN,
+    VideoQA,
+    needle_backward,
+    needle_chain_logits,
+    needle_forward,
+    needle_message_before,
+)
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "LongVideoAnswer", "analyse_long", "bytes_per_frame",
            "chunk_frames"]
@@ -330,74 +338,11 @@ def _gather(logp: Tensor, answers: Tensor) -> Tensor:
     return logp.gather(-1, answers.view(-1, 1, 1).expand(-1, logp.shape[1], 1)).squeeze(-1)
 
 
-def _revlcse(x: Tensor) -> Tensor:
-    """``logcumsumexp`` from the right along the last dim."""
-    return torch.logcumsumexp(x.flip(-1), -1).flip(-1)
-
-
-def _chain_parts(trans_lp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The four moves of the before / in / after chain that are not ``-inf``, from its
-    transition log-probabilities ``(N, C, 3, 3)``: stay before, enter, stay in, leave (each
-    ``(N, C)``; staying after has probability 1)."""
-    return (trans_lp[..., BEFORE, BEFORE], trans_lp[..., BEFORE, IN], trans_lp[..., IN, IN],
-            trans_lp[..., IN, AFTER])
-
-
-def _chain_forward(alpha: Tensor, trans_lp: Tensor, e_in: Tensor, e_before: Tensor) -> Tensor:
-    r"""``"markov"``: the forward messages :math:`\alpha_t(h) = \log p(h_t = h, \text{evidence
-    up to } t)` ``(N, C, 3)`` of a chunk in closed form, from the message ``alpha`` ``(N, 3)``
-    of the frame before it, the chunk's transition log-probabilities ``(N, C, 3, 3)`` and the
-    emissions of *in* and *before* ``(N, C)`` (*after*'s is 0).
-
-    The chain only moves right, so each state's message is a prefix sum, or the
-    ``logcumsumexp`` of the earlier states' messages with a prefix sum taken out:
-    :math:`\alpha_t(\text{in}) = c_t + \log \sum_{s \le t} e^{\alpha_{s-1}(\text{before}) +
-    \text{enter}_s + e_s - c_s}` with :math:`c_t` the prefix sum of *stay in* plus *in*'s
-    emission; O(C) vectorised work, in float64 (prefix sums of long videos are large)."""
-    bb, bi, ii, ia = (x.double() for x in _chain_parts(trans_lp))
-    e_in, e_before, alpha = e_in.double(), e_before.double(), alpha.double()
-    a_b = alpha[:, BEFORE, None] + torch.cumsum(bb + e_before, -1)
-    b_prev = torch.cat([alpha[:, BEFORE, None], a_b[:, :-1]], -1)
-    c = torch.cumsum(ii + e_in, -1)
-    a_i = c + torch.logaddexp(alpha[:, IN, None], torch.logcumsumexp(b_prev + bi + e_in - c, -1))
-    i_prev = torch.cat([alpha[:, IN, None], a_i[:, :-1]], -1)
-    a_a = torch.logaddexp(alpha[:, AFTER, None], torch.logcumsumexp(i_prev + ia, -1))
-    return torch.stack([a_b, a_i, a_a], -1)
-
-
-def _chain_backward(beta: Tensor, trans_lp: Tensor, e_in: Tensor, e_before: Tensor) -> Tensor:
-    r"""``"markov"``: the backward messages :math:`\beta_t(h) = \log p(\text{evidence after }
-    t \mid h_t = h)` ``(N, C, 3)`` of a chunk in closed form (as :func:`_chain_forward`), from
-    the message ``beta`` ``(N, 3)`` of its last frame (which the chunk after it gives)."""
-    bb, bi, ii, ia = (x.double() for x in _chain_parts(trans_lp))
-    e_in, e_before, beta = e_in.double(), e_before.double(), beta.double()
-    n, steps = e_in.shape
-    b_a = beta[:, AFTER, None].expand(n, steps)
-    c = torch.cumsum(ii + e_in, -1)
-    # stay in through e, then leave at e + 1 (or stay in to the chunk's last frame)
-    w = torch.cat([c[:, :-1] + ia[:, 1:] + beta[:, AFTER, None],
-                   c[:, -1:] + beta[:, IN, None]], -1)
-    b_i = _revlcse(w) - c
-    # stay before through s - 1, then enter at s > t (or stay before to the last frame)
-    cb = torch.cumsum(bb + e_before, -1)
-    v = torch.cat([cb[:, :-1] + bi[:, 1:] + e_in[:, 1:] + b_i[:, 1:],
-                   cb[:, -1:] + beta[:, BEFORE, None]], -1)
-    b_b = torch.cat([_revlcse(v)[:, :-1] - cb[:, :-1], beta[:, BEFORE, None]], -1)
-    return torch.stack([b_b, b_i, b_a], -1)
-
-
-def _message_before(trans_lp: Tensor, e_in: Tensor, e_before: Tensor, beta: Tensor) -> Tensor:
-    """The backward message ``(N, 3)`` of the frame before a chunk, from its first frame's
-    transitions, emissions and backward message ``(N, 3)``."""
-    first = torch.stack([e_before[:, 0], e_in[:, 0], torch.zeros_like(e_in[:, 0])], -1)
-    return (trans_lp[:, 0].double() + (first.double() + beta.double())[:, None]).logsumexp(-1)
-
-
 def _analyse_markov(model: VideoQA, video: Tensor, q: Tensor, answers: Tensor, chunk: int
                     ) -> LongVideoAnswer:
     """:func:`analyse_long` of ``"markov"`` mode (module docstring): a forward pass for the
     predictive and the prior, a backward pass for the posterior's mode, each chunk's chain in
-    closed form (:func:`_chain_forward`, :func:`_chain_backward`)."""
+    closed form (:func:`needle_forward`, :func:`needle_backward`)."""
     assert model.needle_bias is not None
     t, b, a = int(video.shape[0]), int(q.shape[0]), model.config.num_answers
     starts = list(range(0, t, chunk))
@@ -428,13 +373,13 @@ def _analyse_markov(model: VideoQA, video: Tensor, q: Tensor, answers: Tensor, c
         scores, trans_lp, logp, e_before = chunk_chain(start)
         log_norm = _logaddexp(log_norm, scores.logsumexp(-1))
         # the prior: no evidence, so every backward message is 0 and alpha is the marginal
-        pa = _chain_forward(prior_alpha, trans_lp, torch.zeros_like(scores),
+        pa = needle_forward(prior_alpha, trans_lp, torch.zeros_like(scores),
                             torch.zeros_like(scores))
         prior.add(pa[..., IN], start)
         prior_alpha = pa[:, -1]
         before_chunk.append(alpha.view(b, a, 3)[rows, answers])
         steps = scores.shape[1]
-        fa = _chain_forward(alpha, trans_lp.repeat_interleave(a, 0),
+        fa = needle_forward(alpha, trans_lp.repeat_interleave(a, 0),
                             logp.transpose(1, 2).reshape(b * a, steps),
                             e_before.repeat_interleave(a, 0))
         alpha = fa[:, -1]
@@ -447,12 +392,12 @@ def _analyse_markov(model: VideoQA, video: Tensor, q: Tensor, answers: Tensor, c
     for start, before in zip(reversed(starts), reversed(before_chunk), strict=True):
         scores, trans_lp, logp, e_before = chunk_chain(start)
         own = logp[rows, :, answers]  # (B, C)
-        fa = _chain_forward(before, trans_lp, own, e_before)
-        ba = _chain_backward(beta, trans_lp, own, e_before)
+        fa = needle_forward(before, trans_lp, own, e_before)
+        ba = needle_backward(beta, trans_lp, own, e_before)
         post = fa[..., IN] + ba[..., IN] - log_z[:, None]
         value, at = post.max(-1)
         best.append((value, at + start))
-        beta = _message_before(trans_lp, own, e_before, ba[:, 0])
+        beta = needle_message_before(trans_lp, own, e_before, ba[:, 0])
     posterior_map = best[-1][1]
     top = best[-1][0]
     for value, at in reversed(best[:-1]):  # in the frames' order: ties go to the first frame

@@ -52,10 +52,13 @@ run, and the run must not be empty:
     Z_a = \sum_{h:\, \exists t\, h_t = \mathrm{in}} p(h \mid x, q)
         \prod_{t:\, h_t = \mathrm{in}} p(a \mid v_t, q).
 
-Each :math:`Z_a` is the exact log marginal of an :class:`attention.markov.MarkovAlignment` chain
-(the frames are its steps, the three states its "source positions", :math:`\log p(a \mid v_t,
-q)` the emission of *in*, and :math:`-\infty` for *before* at the last frame), one engine call
-for every answer at once (answers stacked on the batch). When every run has one frame this is
+Each :math:`Z_a` is the exact log marginal of this chain (the frames are its steps,
+:math:`\log p(a \mid v_t, q)` the emission of *in*, and :math:`-\infty` for *before* at the
+last frame), for every answer at once (answers stacked on the batch). Since the chain only
+moves right, its forward messages are prefix sums and ``logcumsumexp``\ s
+(:func:`needle_forward`), which the loss uses; :meth:`VideoQA.analyse`'s prior and posterior
+marginals are the same chain's :class:`attention.markov.MarkovAlignment` (the engine), and the
+tests hold the two against each other and against enumeration of every state path. When every run has one frame this is
 exactly ``"marginal"``'s :math:`\sum_z p(z \mid x, q)\, p(a \mid v_z, q)` (then
 :math:`\sum_a Z_a = 1`); with longer runs the evidence of all the needle's frames is
 multiplied, instead of one frame being picked. Why this and not one frame with a Markov prior:
@@ -470,18 +473,107 @@ def needle_emission(logp: Tensor, mask: Tensor, last: Tensor | None = None) -> T
     return torch.stack([before, logp, zero], -1)
 
 
+def _revlcse(x: Tensor) -> Tensor:
+    """``logcumsumexp`` from the right along the last dim."""
+    return torch.logcumsumexp(x.flip(-1), -1).flip(-1)
+
+
+def _needle_moves(trans_lp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four moves of the before / in / after chain that are not ``-inf``, from its
+    transition log-probabilities ``(N, C, 3, 3)``: stay before, enter, stay in, leave (each
+    ``(N, C)``; staying after has probability 1)."""
+    return (trans_lp[..., BEFORE, BEFORE], trans_lp[..., BEFORE, IN], trans_lp[..., IN, IN],
+            trans_lp[..., IN, AFTER])
+
+
+#: What a ``-inf`` move (a stay made impossible, e.g. by a ``-inf`` bias) counts as inside the
+#: closed form's prefix sums, which subtract one prefix from another: ``e^{-10^4}`` is exactly 0
+#: in float64 beside any log-probability above -9,000, and the prefix sums stay finite (their
+#: rounding, ``|c| * 1e-16``, is some 1e-9 for a chunk of 6,000 frames that all take it).
+_IMPOSSIBLE = -1.0e4
+
+
+def _finite(x: Tensor) -> Tensor:
+    """``x`` with ``-inf`` replaced by :data:`_IMPOSSIBLE`."""
+    return torch.where(torch.isneginf(x), _IMPOSSIBLE, x)
+
+
+def needle_forward(alpha: Tensor, trans_lp: Tensor, e_in: Tensor, e_before: Tensor) -> Tensor:
+    r"""``"markov"``: the forward messages :math:`\alpha_t(h) = \log p(h_t = h, \text{evidence
+    up to } t)` ``(N, C, 3)`` of a chunk in closed form, from the message ``alpha`` ``(N, 3)``
+    of the frame before it, the chunk's transition log-probabilities ``(N, C, 3, 3)`` and the
+    emissions of *in* and *before* ``(N, C)`` (*after*'s is 0).
+
+    The chain only moves right, so each state's message is a prefix sum, or the
+    ``logcumsumexp`` of the earlier states' messages with a prefix sum taken out:
+    :math:`\alpha_t(\text{in}) = c_t + \log \sum_{s \le t} e^{\alpha_{s-1}(\text{before}) +
+    \text{enter}_s + e_s - c_s}` with :math:`c_t` the prefix sum of *stay in* plus *in*'s
+    emission; O(C) vectorised work, in float64 (prefix sums of long videos are large)."""
+    bb, bi, ii, ia = (x.double() for x in _needle_moves(trans_lp))
+    e_in, e_before, alpha = e_in.double(), e_before.double(), alpha.double()
+    a_b = alpha[:, BEFORE, None] + torch.cumsum(bb + e_before, -1)
+    b_prev = torch.cat([alpha[:, BEFORE, None], a_b[:, :-1]], -1)
+    c = torch.cumsum(_finite(ii + e_in), -1)
+    a_i = c + torch.logaddexp(alpha[:, IN, None], torch.logcumsumexp(b_prev + bi + e_in - c, -1))
+    i_prev = torch.cat([alpha[:, IN, None], a_i[:, :-1]], -1)
+    a_a = torch.logaddexp(alpha[:, AFTER, None], torch.logcumsumexp(i_prev + ia, -1))
+    return torch.stack([a_b, a_i, a_a], -1)
+
+
+def needle_backward(beta: Tensor, trans_lp: Tensor, e_in: Tensor, e_before: Tensor) -> Tensor:
+    r"""``"markov"``: the backward messages :math:`\beta_t(h) = \log p(\text{evidence after }
+    t \mid h_t = h)` ``(N, C, 3)`` of a chunk in closed form (as :func:`needle_forward`), from
+    the message ``beta`` ``(N, 3)`` of its last frame (which the chunk after it gives)."""
+    bb, bi, ii, ia = (x.double() for x in _needle_moves(trans_lp))
+    e_in, e_before, beta = e_in.double(), e_before.double(), beta.double()
+    n, steps = e_in.shape
+    b_a = beta[:, AFTER, None].expand(n, steps)
+    c = torch.cumsum(_finite(ii + e_in), -1)
+    # stay in through e, then leave at e + 1 (or stay in to the chunk's last frame)
+    w = torch.cat([c[:, :-1] + ia[:, 1:] + beta[:, AFTER, None],
+                   c[:, -1:] + beta[:, IN, None]], -1)
+    b_i = _revlcse(w) - c
+    # stay before through s - 1, then enter at s > t (or stay before to the last frame)
+    cb = torch.cumsum(_finite(bb) + e_before, -1)
+    v = torch.cat([cb[:, :-1] + bi[:, 1:] + e_in[:, 1:] + b_i[:, 1:],
+                   cb[:, -1:] + beta[:, BEFORE, None]], -1)
+    b_b = torch.cat([_revlcse(v)[:, :-1] - cb[:, :-1], beta[:, BEFORE, None]], -1)
+    return torch.stack([b_b, b_i, b_a], -1)
+
+
+def needle_message_before(trans_lp: Tensor, e_in: Tensor, e_before: Tensor, beta: Tensor) -> Tensor:
+    """The backward message ``(N, 3)`` of the frame before a chunk, from its first frame's
+    transitions, emissions and backward message ``(N, 3)``."""
+    first = torch.stack([e_before[:, 0], e_in[:, 0], torch.zeros_like(e_in[:, 0])], -1)
+    return (trans_lp[:, 0].double() + (first.double() + beta.double())[:, None]).logsumexp(-1)
+
+
 def needle_log_evidence(init_logits: Tensor, trans_logits: Tensor, logp: Tensor, mask: Tensor,
                         last: Tensor | None = None) -> Tensor:
-    """``"markov"``: :math:`\\log Z_a` ``(B, A)`` for every answer (module docstring), one
-    :class:`~attention.markov.MarkovAlignment` log marginal over the batch of (question,
-    answer) pairs. ``init_logits`` ``(B, 3)``, ``trans_logits`` ``(B, T, 3, 3)``, ``logp``
-    ``(B, T, A)``, ``mask`` ``(B, T)`` the real frames, ``last`` as :func:`needle_emission`."""
+    """``"markov"``: :math:`\\log Z_a` ``(B, A)`` for every answer (module docstring), the exact
+    log marginal of the chain over the batch of (question, answer) pairs, in closed form
+    (:func:`needle_forward`: prefix sums and ``logcumsumexp``, differentiable, in float64),
+    read at each video's last real frame. ``init_logits`` ``(B, 3)``, ``trans_logits``
+    ``(B, T, 3, 3)``, ``logp`` ``(B, T, A)``, ``mask`` ``(B, T)`` the real frames (right
+    padded), ``last`` as :func:`needle_emission`. Padded frames are zeroed before the prefix
+    sums, so that nothing they hold (``-inf`` scores) reaches a gradient."""
     b, t, a = logp.shape
-    emit = needle_emission(logp, mask, last).transpose(1, 2).reshape(b * a, t, 3)
-    chain = MarkovAlignment(init_logits.repeat_interleave(a, 0),
-                            trans_logits.repeat_interleave(a, 0), emit,
-                            tgt_mask=mask.repeat_interleave(a, 0))
-    return chain.log_marginal().view(b, a)
+    end = mask.sum(-1) - 1  # each video's last real frame
+    if last is None:
+        last = torch.arange(t, device=mask.device) == end[:, None]
+    trans_lp = torch.where(mask[..., None, None], trans_logits.log_softmax(-1), 0.0)
+    lp = trans_lp.repeat_interleave(a, 0)
+    e_in = torch.where(mask[..., None], logp, 0.0).transpose(1, 2).reshape(b * a, t)
+    e_before = torch.where(last & mask, -math.inf, 0.0).repeat_interleave(a, 0).to(logp.dtype)
+    init = init_logits.log_softmax(-1).repeat_interleave(a, 0).double()
+    first = init + torch.stack([e_before[:, 0], e_in[:, 0], torch.zeros_like(e_in[:, 0])],
+                               -1).double()
+    alphas = first[:, None]
+    if t > 1:
+        alphas = torch.cat([alphas, needle_forward(first, lp[:, 1:], e_in[:, 1:],
+                                                   e_before[:, 1:])], 1)
+    at_end = alphas.gather(1, end.repeat_interleave(a).view(-1, 1, 1).expand(-1, 1, 3))
+    return at_end.squeeze(1).logsumexp(-1).view(b, a).to(logp.dtype)
 
 
 def mask_pad(m3: Tensor) -> Tensor:
