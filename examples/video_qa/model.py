@@ -60,8 +60,8 @@ moves right, its forward messages are prefix sums and ``logcumsumexp``\ s
 marginals are the same chain's :class:`attention.markov.MarkovAlignment` (the engine), and the
 tests hold the two against each other and against enumeration of every state path. When
 every run has one frame this is exactly ``"marginal"``'s :math:`\sum_z p(z \mid x, q)\,
-p(a \mid v_z, q)` (then :math:`\sum_a Z_a = 1`); with longer runs the evidence of all the needle's frames is
-multiplied, instead of one frame being picked. Why this and not one frame with a Markov prior:
+p(a \mid v_z, q)` (then :math:`\sum_a Z_a = 1`); with longer runs the evidence of all the
+needle's frames is multiplied, instead of one frame being picked. Why this and not one frame with a Markov prior:
 a single answer has a single alignment, so there is no sequence of alignments for a Markov
 prior to link; the needle's *frames* are the sequence. Its ``prior`` is :math:`p(h_t =
 \mathrm{in} \mid x, q)` (the chain alone, without the non-empty condition), its
