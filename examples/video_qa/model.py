@@ -52,21 +52,21 @@ run, and the run must not be empty:
     Z_a = \sum_{h:\, \exists t\, h_t = \mathrm{in}} p(h \mid x, q)
         \prod_{t:\, h_t = \mathrm{in}} p(a \mid v_t, q).
 
-Each :math:`Z_a` is the exact log marginal of this chain (the frames are its steps,
-:math:`\log p(a \mid v_t, q)` the emission of *in*, and :math:`-\infty` for *before* at the
-last frame), for every answer at once (answers stacked on the batch). Since the chain only
-moves right, its forward messages are prefix sums and ``logcumsumexp``\ s
-(:func:`needle_forward`), which the loss uses; :meth:`VideoQA.analyse`'s prior and posterior
-marginals are the same chain's :class:`attention.markov.MarkovAlignment` (the engine), and the
-tests hold the two against each other and against enumeration of every state path. When
-every run has one frame this is exactly ``"marginal"``'s :math:`\sum_z p(z \mid x, q)\,
-p(a \mid v_z, q)` (then :math:`\sum_a Z_a = 1`); with longer runs the evidence of all the
-needle's frames is multiplied, instead of one frame being picked. Why this and not one frame with a Markov prior:
-a single answer has a single alignment, so there is no sequence of alignments for a Markov
-prior to link; the needle's *frames* are the sequence. Its ``prior`` is :math:`p(h_t =
-\mathrm{in} \mid x, q)` (the chain alone, without the non-empty condition), its
-``posterior`` :math:`p(h_t = \mathrm{in} \mid x, q, a)`; both are engine marginals, and
-neither sums to one over frames (their sum is the expected needle length).
+Each :math:`Z_a` is the exact log marginal of this chain (the frames are its steps, :math:`\log
+p(a \mid v_t, q)` the emission of *in*, and :math:`-\infty` for *before* at the last frame), for
+every answer at once (answers stacked on the batch). Since the chain only moves right, its
+forward messages are prefix sums and ``logcumsumexp``\ s (:func:`needle_forward`), which the
+loss uses; :meth:`VideoQA.analyse`'s prior and posterior marginals are the same chain's
+:class:`attention.markov.MarkovAlignment` (the engine), and the tests hold the two against each
+other and against enumeration of every state path. When every run has one frame this is exactly
+``"marginal"``'s :math:`\sum_z p(z \mid x, q)\, p(a \mid v_z, q)` (then :math:`\sum_a Z_a = 1`);
+with longer runs the evidence of all the needle's frames is multiplied, instead of one frame
+being picked. Why this and not one frame with a Markov prior: a single answer has a single
+alignment, so there is no sequence of alignments for a Markov prior to link; the needle's
+*frames* are the sequence. Its ``prior`` is :math:`p(h_t = \mathrm{in} \mid x, q)` (the chain
+alone, without the non-empty condition), its ``posterior`` :math:`p(h_t = \mathrm{in} \mid x, q,
+a)`; both are engine marginals, and neither sums to one over frames (their sum is the expected
+needle length).
 """
 
 from __future__ import annotations
