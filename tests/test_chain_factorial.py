@@ -237,3 +237,24 @@ def test_a_part_over_every_state_variable_is_not_factorial(monkeypatch: pytest.M
     z = PlatedFactorGraph(factors + [full], plates).log_partition()
     assert calls.n == 0
     assert_close(z, naive.log_partition(factors + [full], plates), rtol=1e-12, atol=1e-12)
+
+
+def test_parts_broadcast_over_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every part a stride-0 view along the sequence plate (the same chain in every sequence,
+    as a model with no per-sequence data hands it over): the factorial path runs on one batch
+    element and broadcasts the result; log Z and the gradients equal brute force's."""
+    one, plates = fhmm(1, 3, 2, 2, seed=6)
+    factors = [Factor(f.tensor.expand(2, *f.tensor.shape[1:]), f.dims) for f in one]
+    plates = [Plate("s", 2), plates[1]]
+    calls = Calls(monkeypatch)
+    base = [f.tensor.detach()[:1].clone().requires_grad_() for f in one]
+    z = PlatedFactorGraph([Factor(b.expand(2, *b.shape[1:]), f.dims)
+                           for b, f in zip(base, factors, strict=True)], plates).log_partition()
+    assert calls.n == 1
+    ref_in = [f.tensor.detach()[:1].clone().requires_grad_() for f in one]
+    ref = naive.log_partition([Factor(b.expand(2, *b.shape[1:]), f.dims)
+                               for b, f in zip(ref_in, factors, strict=True)], plates)
+    assert_close(z, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(z, base), torch.autograd.grad(ref, ref_in),
+                    strict=True):
+        assert_close(a, b, rtol=0, atol=1e-12)
