@@ -502,7 +502,8 @@ def needle_forward(alpha: Tensor, trans_lp: Tensor, e_in: Tensor, e_before: Tens
     r"""``"markov"``: the forward messages :math:`\alpha_t(h) = \log p(h_t = h, \text{evidence
     up to } t)` ``(N, C, 3)`` of a chunk in closed form, from the message ``alpha`` ``(N, 3)``
     of the frame before it, the chunk's transition log-probabilities ``(N, C, 3, 3)`` and the
-    emissions of *in* and *before* ``(N, C)`` (*after*'s is 0).
+    emissions of *in* and *before* ``(N, C)`` (*after*'s is 0). Leading dims broadcast: ``N``
+    may be several dims, e.g. ``(B, 1)`` transitions against ``(B, A)`` emissions.
 
     The chain only moves right, so each state's message is a prefix sum, or the
     ``logcumsumexp`` of the earlier states' messages with a prefix sum taken out:
@@ -511,12 +512,14 @@ def needle_forward(alpha: Tensor, trans_lp: Tensor, e_in: Tensor, e_before: Tens
     emission; O(C) vectorised work, in float64 (prefix sums of long videos are large)."""
     bb, bi, ii, ia = (x.double() for x in _needle_moves(trans_lp))
     e_in, e_before, alpha = e_in.double(), e_before.double(), alpha.double()
-    a_b = alpha[:, BEFORE, None] + torch.cumsum(bb + e_before, -1)
-    b_prev = torch.cat([alpha[:, BEFORE, None], a_b[:, :-1]], -1)
+    a_b = alpha[..., BEFORE, None] + torch.cumsum(bb + e_before, -1)
+    b_prev = torch.cat([alpha[..., BEFORE, None].expand(*a_b.shape[:-1], 1), a_b[..., :-1]], -1)
     c = torch.cumsum(_finite(ii + e_in), -1)
-    a_i = c + torch.logaddexp(alpha[:, IN, None], torch.logcumsumexp(b_prev + bi + e_in - c, -1))
-    i_prev = torch.cat([alpha[:, IN, None], a_i[:, :-1]], -1)
-    a_a = torch.logaddexp(alpha[:, AFTER, None], torch.logcumsumexp(i_prev + ia, -1))
+    a_i = c + torch.logaddexp(alpha[..., IN, None],
+                              torch.logcumsumexp(b_prev + bi + e_in - c, -1))
+    i_prev = torch.cat([alpha[..., IN, None].expand(*a_i.shape[:-1], 1), a_i[..., :-1]], -1)
+    a_a = torch.logaddexp(alpha[..., AFTER, None], torch.logcumsumexp(i_prev + ia, -1))
+    a_b, a_i, a_a = torch.broadcast_tensors(a_b, a_i, a_a)
     return torch.stack([a_b, a_i, a_a], -1)
 
 
@@ -561,19 +564,20 @@ def needle_log_evidence(init_logits: Tensor, trans_logits: Tensor, logp: Tensor,
     end = mask.sum(-1) - 1  # each video's last real frame
     if last is None:
         last = torch.arange(t, device=mask.device) == end[:, None]
-    trans_lp = torch.where(mask[..., None, None], trans_logits.log_softmax(-1), 0.0)
-    lp = trans_lp.repeat_interleave(a, 0)
-    e_in = torch.where(mask[..., None], logp, 0.0).transpose(1, 2).reshape(b * a, t)
-    e_before = torch.where(last & mask, -math.inf, 0.0).repeat_interleave(a, 0).to(logp.dtype)
-    init = init_logits.log_softmax(-1).repeat_interleave(a, 0).double()
-    first = init + torch.stack([e_before[:, 0], e_in[:, 0], torch.zeros_like(e_in[:, 0])],
+    # (B, 1, T, ...) transitions against (B, A, T) emissions: nothing repeated per answer
+    lp = torch.where(mask[..., None, None], trans_logits.log_softmax(-1), 0.0)[:, None]
+    e_in = torch.where(mask[..., None], logp, 0.0).transpose(1, 2)
+    e_before = torch.where(last & mask, -math.inf, 0.0).to(logp.dtype)[:, None]
+    init = init_logits.log_softmax(-1)[:, None].double()
+    first = init + torch.stack(torch.broadcast_tensors(e_before[..., 0], e_in[..., 0],
+                                                       torch.zeros_like(e_in[..., 0])),
                                -1).double()
-    alphas = first[:, None]
+    alphas = first[..., None, :]
     if t > 1:
-        alphas = torch.cat([alphas, needle_forward(first, lp[:, 1:], e_in[:, 1:],
-                                                   e_before[:, 1:])], 1)
-    at_end = alphas.gather(1, end.repeat_interleave(a).view(-1, 1, 1).expand(-1, 1, 3))
-    return at_end.squeeze(1).logsumexp(-1).view(b, a).to(logp.dtype)
+        alphas = torch.cat([alphas, needle_forward(first, lp[:, :, 1:], e_in[..., 1:],
+                                                   e_before[..., 1:])], -2)
+    at_end = alphas.gather(-2, end.view(b, 1, 1, 1).expand(b, a, 1, 3))
+    return at_end.squeeze(-2).logsumexp(-1).to(logp.dtype)
 
 
 def mask_pad(m3: Tensor) -> Tensor:
