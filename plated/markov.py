@@ -205,10 +205,10 @@ def factored_scan(parts: list[torch.Tensor], spec: ScanLayout) -> torch.Tensor |
     being the broadcast sum of ``parts`` (a fused transition, :attr:`Plan.fused`; each part
     laid along the transition slot's dims, extent 1 where it lacks one) that is never formed:
 
-    * two parts, one varying only with the chain's previous and current states (a ``(K, K)``
-      matrix shared by every batch element and step) and the other not with the previous
-      state: :func:`~plated.recursion.factored_chain` runs one ``(batch, K) x (K, K)`` product
-      a step;
+    * parts that vary only with the chain's previous and current states (they sum to a
+      ``(K, K)`` matrix shared by every batch element and step) and parts that do not vary
+      with the previous state (they sum to a vector a step), at least one of each:
+      :func:`~plated.recursion.factored_chain` runs one ``(batch, K) x (K, K)`` product a step;
     * a state of several variables (a factorial chain) and no part over all of its previous
       and current variables: :func:`~plated.recursion.factorial_chain` contracts the parts
       with the message one by one, each step (``K_1 K_2 (K_1 + K_2)`` work for two chains of
@@ -223,17 +223,21 @@ def factored_scan(parts: list[torch.Tensor], spec: ScanLayout) -> torch.Tensor |
     npv = len(spec.prev)
     full = spec.in_full
     laid = [_scan_part(x, spec, _may_narrow(x)) for x in parts]
-    if len(laid) == 2:
-        mat = vec = None
-        for p in laid:
-            if mat is None and all(n == 1 for n in p.shape[: nb + 1]):
-                mat = p.expand(*p.shape[: nb + 1], *full[nb + 1:]).reshape(spec.state, spec.state)
-            elif vec is None and all(n == 1 for n in p.shape[nb + 1: nb + 1 + npv]):
-                vec = p.expand(*full[: nb + 1], *p.shape[nb + 1: nb + 1 + npv],
-                               *full[nb + 1 + npv:])
-                vec = vec.reshape(-1, spec.length, spec.state)
-        if mat is not None and vec is not None:
-            return _scan_result(factored_chain(mat, vec.transpose(0, 1).contiguous()), spec)
+    shared = [all(n == 1 for n in p.shape[: nb + 1]) for p in laid]
+    no_prev = [all(n == 1 for n in p.shape[nb + 1: nb + 1 + npv]) for p in laid]
+    factored = all(a or b for a, b in zip(shared, no_prev, strict=True))
+    if factored and any(shared) and not all(shared):
+        mat = vec = None  # the shared parts sum to the matrix, the others to the vector
+        for p, is_shared in zip(laid, shared, strict=True):
+            if is_shared:
+                m = p.expand(*p.shape[: nb + 1], *full[nb + 1:]).reshape(spec.state, spec.state)
+                mat = m if mat is None else mat + m
+            else:
+                v = p.expand(*full[: nb + 1], *p.shape[nb + 1: nb + 1 + npv],
+                             *full[nb + 1 + npv:]).reshape(-1, spec.length, spec.state)
+                vec = v if vec is None else vec + v
+        assert mat is not None and vec is not None
+        return _scan_result(factored_chain(mat, vec.transpose(0, 1).contiguous()), spec)
     state_dims = range(nb + 1, len(full))
     if npv < 2 or any(all(p.shape[d] == full[d] or full[d] == 1 for d in state_dims)
                       for p in laid):

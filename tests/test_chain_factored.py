@@ -97,6 +97,31 @@ def test_fused_hmm_vs_brute_force(monkeypatch: pytest.MonkeyPatch, seed: int,
             assert_close(mine[v], m, rtol=0, atol=1e-12)
 
 
+def test_several_emissions_and_a_split_transition_fuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transition as two shared matrices and the evidence as two emissions per step (four
+    parts, three fused pair steps): the shared parts sum to the matrix, the others to the
+    vector, and the factored chain runs once; log Z and every gradient equal brute force's."""
+    factors, plates = hmm(batch=2, T=4, K=3, seed=9)
+    gen = torch.Generator().manual_seed(1)
+    factors = factors + [
+        Factor(torch.randn(3, 3, generator=gen, dtype=torch.float64).expand(4, 3, 3),
+               ("time", "x_prev", "x")),
+        Factor(torch.randn(2, 4, 3, generator=gen, dtype=torch.float64), ("seq", "time", "x"))]
+    calls = Calls(monkeypatch)
+    with forced_chain_method("recursion"):
+        ours = leaves(factors)
+        g = graph(factors, ours, plates)
+        assert len(g.plan("log").fused) == 3
+        z = g.log_partition()
+    assert calls.n == 1
+    ref_leaves = leaves(factors)
+    ref = naive.log_partition(rebuilt(factors, ref_leaves), plates)
+    assert_close(z, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(z, ours), torch.autograd.grad(ref, ref_leaves),
+                    strict=True):
+        assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_fused_equals_unfused_at_scale(monkeypatch: pytest.MonkeyPatch) -> None:
     """A chain too long for brute force: the fused path and the unfused recursion (the
     transition given with a dependence on the sequence, so not of the fused form) agree."""

@@ -47,7 +47,7 @@ FUSED_NOTE = ("; its transition's parts are passed unsummed (where one is a (K, 
 
 def fused_pairs(steps: list[Step], last_read: dict[int, int], result: int) -> set[int]:
     """The pair steps whose output, a broadcast sum (nothing eliminated), is read only by the
-    next step, a chain eliminated by recursion or another such pair step (see
+    next step, a chain eliminated by recursion, or only by a later such pair step (see
     :attr:`Plan.fused`)."""
     readers: dict[int, int] = {}
     for step in steps:
@@ -55,14 +55,14 @@ def fused_pairs(steps: list[Step], last_read: dict[int, int], result: int) -> se
             readers[i] = readers.get(i, 0) + 1
     fused: set[int] = set()
     for k in range(len(steps) - 2, -1, -1):  # from the end: a pair may feed a fused pair
-        step, nxt = steps[k], steps[k + 1]
-        feeds = ((isinstance(nxt, ScanStep) and nxt.method == "recursion"
-                  and nxt.ins == (step.out,))
-                 or (k + 1 in fused and step.out in nxt.ins))
-        if (isinstance(step, PairStep) and not step.elim and step.slice_dim is None
-                and not step.recompute and feeds
-                and readers.get(step.out) == 1 and last_read.get(step.out) == k + 1
-                and step.out != result):
+        step = steps[k]
+        if (not isinstance(step, PairStep) or step.elim or step.slice_dim is not None
+                or step.recompute or readers.get(step.out) != 1 or step.out == result):
+            continue
+        j = last_read.get(step.out, -1)  # its one reader
+        nxt = steps[j] if k < j < len(steps) else None
+        if ((isinstance(nxt, ScanStep) and nxt.method == "recursion" and j == k + 1
+             and nxt.ins == (step.out,)) or (j in fused and isinstance(nxt, PairStep))):
             fused.add(k)
     return fused
 
