@@ -111,16 +111,21 @@ def _fast_messages(steps: Sequence[torch.Tensor], e: Sequence[torch.Tensor] | No
     n = len(steps)
     x = steps[0]
     batch, k, _ = x.shape
-    lo = torch.finfo(x.dtype).min
-    d = x.new_empty(n + 1, batch, k)
-    d[n] = 0.0
     r = x.new_empty(n, batch, 1, 1)
     p = x.new_empty(n, batch, k, 1)
+    top = x.new_empty(n, batch, 1, 1)
+    v = x.new_empty(n + 1, batch, k)  # each message's exponential, shifted to a max of 1
+    v[n] = 1.0
     scratch = x.new_empty(batch, k, k) if e is None else None
     step = _step("forward", _forward_step)
     for t in range(n - 1, -1, -1):  # the plan chose the recursion by its cost model
-        step(steps[t], d[t + 1], scratch if e is None else e[t], r[t], p[t], d[t])
-    mx = d.amax(dim=-1).clamp_(min=lo)
+        step(steps[t], v[t + 1], scratch if e is None else e[t], r[t], p[t], top[t], v[t])
+    # the local messages and their maxima, all steps at once: d_t = log p_t + r_t
+    d = x.new_empty(n + 1, batch, k)
+    d[n] = 0.0
+    torch.add(p.squeeze(-1).log(), r.view(n, batch, 1), out=d[:n])
+    mx = x.new_zeros(n + 1, batch)
+    torch.add(top.view(n, batch).log(), r.view(n, batch), out=mx[:n])
     p = p.squeeze(-1)
     suspect = p.amin(dim=0).amin(dim=-1) < underflow_threshold(x.dtype)
     return d, mx, r, p, suspect
@@ -272,18 +277,19 @@ def _grad_into(e: Sequence[torch.Tensor], d: torch.Tensor, mx: torch.Tensor, p: 
     return e
 
 
-def _forward_step(m: torch.Tensor, d_next: torch.Tensor, e: torch.Tensor, r: torch.Tensor,
-                  p: torch.Tensor, d: torch.Tensor) -> None:
+def _forward_step(m: torch.Tensor, v_next: torch.Tensor, e: torch.Tensor, r: torch.Tensor,
+                  p: torch.Tensor, top: torch.Tensor, v: torch.Tensor) -> None:
     """One step of :func:`_fast_messages`: the matrix ``m`` ``(batch, K, K)`` shifted by its
     max ``r`` ``(batch, 1, 1)`` and exponentiated into ``e``, its product ``p`` ``(batch, K,
-    1)`` with the shifted exponential of the next message ``d_next`` ``(batch, K)``, and the
-    message ``d`` ``(batch, K)``; every output written in place."""
-    lo = torch.finfo(m.dtype).min
-    torch.amax(m, dim=(-2, -1), keepdim=True, out=r).clamp_(min=lo)
+    1)`` with the next message's shifted exponential ``v_next`` ``(batch, K)``, the product's
+    max ``top`` ``(batch, 1, 1)`` (at least the smallest normal number: a row of zeros gives a
+    message of zeros) and this message's shifted exponential ``v = p / top``; every output
+    written in place. The logs are taken after the loop, for all steps at once."""
+    torch.amax(m, dim=(-2, -1), keepdim=True, out=r).clamp_(min=torch.finfo(m.dtype).min)
     torch.sub(m, r, out=e).exp_()
-    v, _ = _shifted(d_next, -1)
-    torch.bmm(e, v.unsqueeze(-1), out=p)
-    torch.add(p.squeeze(-1).log(), r.view(-1, 1), out=d)
+    torch.bmm(e, v_next.unsqueeze(-1), out=p)
+    torch.amax(p, dim=-2, keepdim=True, out=top).clamp_(min=torch.finfo(m.dtype).tiny)
+    torch.div(p, top, out=v.unsqueeze(-1))
 
 
 def _backward_step(e: torch.Tensor, v: torch.Tensor, inv: torch.Tensor, q: torch.Tensor
