@@ -250,7 +250,8 @@ def factored_scan(parts: list[torch.Tensor], spec: ScanLayout) -> torch.Tensor |
         else:
             p = p.reshape(1, *p.shape[nb:])
         flat.append(p)
-    beta0 = factorial_chain(flat, spec.prev_sizes)  # (1, ...) where no part varies by batch
+    # (1, ...) where no part varies by batch
+    beta0 = factorial_chain(flat, spec.prev_sizes, spec.length)
     return _scan_result(beta0.reshape(-1, spec.state).expand(batch, spec.state), spec)
 
 

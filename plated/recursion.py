@@ -566,7 +566,8 @@ def _step_expression(subscripts: tuple[str, ...], out: str, shapes: tuple[tuple[
                                           optimize="optimal")
 
 
-def factorial_chain(parts: Sequence[torch.Tensor], sizes: tuple[int, ...]) -> torch.Tensor:
+def factorial_chain(parts: Sequence[torch.Tensor], sizes: tuple[int, ...],
+                    length: int | None = None) -> torch.Tensor:
     r""":math:`\beta_0` ``(batch, *sizes)`` of the log ring's chain over a state of several
     variables of ``sizes`` whose transition at step ``t`` is the broadcast sum of ``parts``,
     each ``(batch or 1, n or 1, *prev, *curr)`` (extent 1 where it lacks a dim), without forming
@@ -574,7 +575,8 @@ def factorial_chain(parts: Sequence[torch.Tensor], sizes: tuple[int, ...]) -> to
     message's, one by one in the order opt_einsum finds, for example
     :math:`\beta_t[w', x'] = \log \sum_w e^{A[w', w]} \sum_x e^{B[x', x]}\,
     e^{C[w, x] + \beta_{t+1}[w, x]}` for a factorial HMM. Differentiable (to every order) by
-    autograd through the steps.
+    autograd through the steps. ``length``: the number of steps ``n`` (default: the longest
+    part's; give it where every part may be shared by all steps).
 
     Exact: a step's entry under the underflow threshold (the parts' peaks apart) flags its
     batch element, recomputed by :func:`exact_messages` on its materialised transitions (in
@@ -584,7 +586,7 @@ def factorial_chain(parts: Sequence[torch.Tensor], sizes: tuple[int, ...]) -> to
     if nv > len(_PREV):
         raise ValueError(f"a factorial chain of {nv} variables; at most {len(_PREV)}")
     batch = max(p.shape[0] for p in parts)
-    n = max(p.shape[1] for p in parts)
+    n = max(p.shape[1] for p in parts) if length is None else length
     x0 = parts[0]
     lo, tiny = torch.finfo(x0.dtype).min, torch.finfo(x0.dtype).tiny
     live = [k for k in range(nv) if sizes[k] > 1]
@@ -636,8 +638,8 @@ def factorial_chain(parts: Sequence[torch.Tensor], sizes: tuple[int, ...]) -> to
         full = (len(idx), n, *sizes, *sizes)
         rows = [(p[idx] if p.shape[0] > 1 else p).to(wide).expand(full) for p in parts]
         m = rows[0]
-        for r in rows[1:]:
-            m = m + r
+        for row in rows[1:]:
+            m = m + row
         d, mx = exact_messages(m.reshape(len(idx), n, k, k))
         beta0 = beta0.clone()
         beta0[idx] = _beta0(d, mx).to(x0.dtype).reshape(len(idx), *sizes)

@@ -258,3 +258,19 @@ def test_parts_broadcast_over_the_batch(monkeypatch: pytest.MonkeyPatch) -> None
     for a, b in zip(torch.autograd.grad(z, base), torch.autograd.grad(ref, ref_in),
                     strict=True):
         assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_every_part_shared_by_all_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A homogeneous factorial chain: every part a stride-0 view along the time plate (one
+    step's factors repeated), so no part shows the chain's length; the factorial path still
+    runs all T steps and equals brute force."""
+    one, plates = fhmm(2, 1, 2, 2, seed=2)
+    T = 4
+    factors = [f if "t" not in f.dims else
+               Factor(f.tensor.expand(f.tensor.shape[0], T, *f.tensor.shape[2:]), f.dims)
+               for f in one]
+    plates = [plates[0], Plate("t", T, sequential=True, prev={"w": "w_prev", "x": "x_prev"})]
+    calls = Calls(monkeypatch)
+    z = PlatedFactorGraph(factors, plates).log_partition()
+    assert calls.n == 1
+    assert_close(z, naive.log_partition(factors, plates), rtol=1e-12, atol=1e-12)
