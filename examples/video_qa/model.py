@@ -55,18 +55,19 @@ run, and the run must not be empty:
 Each :math:`Z_a` is the exact log marginal of this chain (the frames are its steps, :math:`\log
 p(a \mid v_t, q)` the emission of *in*, and :math:`-\infty` for *before* at the last frame), for
 every answer at once (answers stacked on the batch). Since the chain only moves right, its
-forward messages are prefix sums and ``logcumsumexp``\ s (:func:`needle_forward`), which the
-loss uses; :meth:`VideoQA.analyse`'s prior and posterior marginals are the same chain's
-:class:`attention.markov.MarkovAlignment` (the engine), and the tests hold the two against each
-other and against enumeration of every state path. When every run has one frame this is exactly
-``"marginal"``'s :math:`\sum_z p(z \mid x, q)\, p(a \mid v_z, q)` (then :math:`\sum_a Z_a = 1`);
-with longer runs the evidence of all the needle's frames is multiplied, instead of one frame
-being picked. Why this and not one frame with a Markov prior: a single answer has a single
-alignment, so there is no sequence of alignments for a Markov prior to link; the needle's
-*frames* are the sequence. Its ``prior`` is :math:`p(h_t = \mathrm{in} \mid x, q)` (the chain
-alone, without the non-empty condition), its ``posterior`` :math:`p(h_t = \mathrm{in} \mid x, q,
-a)`; both are engine marginals, and neither sums to one over frames (their sum is the expected
-needle length).
+forward messages are prefix sums and ``logcumsumexp``\ s (:func:`needle_forward`, which the
+chunked scorer uses), and the loss's :math:`Z_a` is one sum over the needle's first and last
+frames (:func:`needle_log_evidence`); :meth:`VideoQA.analyse`'s prior and posterior marginals
+are the same chain's :class:`attention.markov.MarkovAlignment` (the engine), and the tests hold
+the two against each other and against enumeration of every state path. When every run has one
+frame this is exactly ``"marginal"``'s :math:`\sum_z p(z \mid x, q)\, p(a \mid v_z, q)` (then
+:math:`\sum_a Z_a = 1`); with longer runs the evidence of all the needle's frames is multiplied,
+instead of one frame being picked. Why this and not one frame with a Markov prior: a single
+answer has a single alignment, so there is no sequence of alignments for a Markov prior to link;
+the needle's *frames* are the sequence. Its ``prior`` is :math:`p(h_t = \mathrm{in} \mid x, q)`
+(the chain alone, without the non-empty condition), its ``posterior`` :math:`p(h_t = \mathrm{in}
+\mid x, q, a)`; both are engine marginals, and neither sums to one over frames (their sum is the
+expected needle length).
 """
 
 from __future__ import annotations
@@ -554,30 +555,39 @@ def needle_message_before(trans_lp: Tensor, e_in: Tensor, e_before: Tensor, beta
 def needle_log_evidence(init_logits: Tensor, trans_logits: Tensor, logp: Tensor, mask: Tensor,
                         last: Tensor | None = None) -> Tensor:
     """``"markov"``: :math:`\\log Z_a` ``(B, A)`` for every answer (module docstring), the exact
-    log marginal of the chain over the batch of (question, answer) pairs, in closed form
-    (:func:`needle_forward`: prefix sums and ``logcumsumexp``, differentiable, in float64),
-    read at each video's last real frame. ``init_logits`` ``(B, 3)``, ``trans_logits``
-    ``(B, T, 3, 3)``, ``logp`` ``(B, T, A)``, ``mask`` ``(B, T)`` the real frames (right
-    padded), ``last`` as :func:`needle_emission`. Padded frames are zeroed before the prefix
-    sums, so that nothing they hold (``-inf`` scores) reaches a gradient."""
+    log marginal of the chain over the batch of (question, answer) pairs, in closed form: a
+    sum over the needle's first and last frames, as prefix sums and one ``logcumsumexp``
+    (differentiable, in float64), up to each video's last real frame. ``init_logits``
+    ``(B, 3)``, ``trans_logits`` ``(B, T, 3, 3)``, ``logp`` ``(B, T, A)``, ``mask`` ``(B, T)``
+    the real frames (right padded), ``last`` as :func:`needle_emission`. Padded frames are
+    zeroed before the prefix sums, so that nothing they hold (``-inf`` scores) reaches a
+    gradient."""
     b, t, a = logp.shape
     end = mask.sum(-1) - 1  # each video's last real frame
     if last is None:
         last = torch.arange(t, device=mask.device) == end[:, None]
-    # (B, 1, T, ...) transitions against (B, A, T) emissions: nothing repeated per answer
+    # (B, 1, T) moves against (B, A, T) emissions: nothing repeated per answer
     lp = torch.where(mask[..., None, None], trans_logits.log_softmax(-1), 0.0)[:, None]
-    e_in = torch.where(mask[..., None], logp, 0.0).transpose(1, 2)
-    e_before = torch.where(last & mask, -math.inf, 0.0).to(logp.dtype)[:, None]
-    init = init_logits.log_softmax(-1)[:, None].double()
-    first = init + torch.stack(torch.broadcast_tensors(e_before[..., 0], e_in[..., 0],
-                                                       torch.zeros_like(e_in[..., 0])),
-                               -1).double()
-    alphas = first[..., None, :]
-    if t > 1:
-        alphas = torch.cat([alphas, needle_forward(first, lp[:, :, 1:], e_in[..., 1:],
-                                                   e_before[..., 1:])], -2)
-    at_end = alphas.gather(-2, end.view(b, 1, 1, 1).expand(b, a, 1, 3))
-    return at_end.squeeze(-2).logsumexp(-1).to(logp.dtype)
+    bb, bi, ii, ia = (x.double() for x in _needle_moves(lp))
+    e_in = torch.where(mask[..., None], logp, 0.0).transpose(1, 2).double()
+    e_before = torch.where(last & mask, -math.inf, 0.0)[:, None].double()
+    init = init_logits.log_softmax(-1).double()
+    # Z = sum over the needle's first frame s <= last frame e of
+    #     p(before up to s - 1, enter at s) e^{c_e - c_s + e_s} p(leave at e + 1, or the end)
+    # with c the prefix sum of stay-in plus in's emission from frame 1: one logcumsumexp
+    stay_b = torch.cat([(init[:, BEFORE, None] + e_before[..., 0]).unsqueeze(-1),
+                        bb[..., 1:] + e_before[..., 1:]], -1)
+    before = torch.cat([torch.zeros_like(stay_b[..., :1]),
+                        torch.cumsum(stay_b, -1)[..., :-1]], -1)  # log p(before to s - 1)
+    enter = torch.cat([init[:, None, IN, None], bi[..., 1:]], -1)
+    c = torch.cumsum(torch.cat([torch.zeros_like(e_in[..., :1]),
+                                _finite(ii[..., 1:] + e_in[..., 1:])], -1), -1)
+    starts = torch.logcumsumexp(before + enter + e_in - c, -1)  # over s <= e
+    steps = torch.arange(t, device=mask.device)
+    leave = torch.cat([ia[..., 1:], torch.zeros_like(ia[..., :1])], -1).expand(b, a, t)
+    leave = torch.where(steps == end[:, None, None], 0.0, leave)  # the video ends in the needle
+    leave = torch.where(steps > end[:, None, None], -math.inf, leave)  # padding
+    return (c + leave + starts).logsumexp(-1).to(logp.dtype)
 
 
 def mask_pad(m3: Tensor) -> Tensor:
