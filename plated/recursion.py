@@ -303,9 +303,7 @@ def _forward_step(m: torch.Tensor, v_next: torch.Tensor, e: torch.Tensor, r: tor
     written in place. The logs are taken after the loop, for all steps at once."""
     torch.amax(m, dim=(-2, -1), keepdim=True, out=r).clamp_(min=torch.finfo(m.dtype).min)
     torch.sub(m, r, out=e).exp_()
-    torch.bmm(e, v_next.unsqueeze(-1), out=p)
-    torch.amax(p, dim=-2, keepdim=True, out=top).clamp_(min=torch.finfo(m.dtype).tiny)
-    torch.div(p, top, out=v.unsqueeze(-1))
+    _forward_step_exp(e, v_next, p, top, v)
 
 
 def _forward_step_exp(e: torch.Tensor, v_next: torch.Tensor, p: torch.Tensor, top: torch.Tensor,

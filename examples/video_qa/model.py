@@ -503,8 +503,7 @@ def needle_forward(alpha: Tensor, trans_lp: Tensor, e_in: Tensor, e_before: Tens
     r"""``"markov"``: the forward messages :math:`\alpha_t(h) = \log p(h_t = h, \text{evidence
     up to } t)` ``(N, C, 3)`` of a chunk in closed form, from the message ``alpha`` ``(N, 3)``
     of the frame before it, the chunk's transition log-probabilities ``(N, C, 3, 3)`` and the
-    emissions of *in* and *before* ``(N, C)`` (*after*'s is 0). Leading dims broadcast: ``N``
-    may be several dims, e.g. ``(B, 1)`` transitions against ``(B, A)`` emissions.
+    emissions of *in* and *before* ``(N, C)`` (*after*'s is 0).
 
     The chain only moves right, so each state's message is a prefix sum, or the
     ``logcumsumexp`` of the earlier states' messages with a prefix sum taken out:
@@ -513,14 +512,12 @@ def needle_forward(alpha: Tensor, trans_lp: Tensor, e_in: Tensor, e_before: Tens
     emission; O(C) vectorised work, in float64 (prefix sums of long videos are large)."""
     bb, bi, ii, ia = (x.double() for x in _needle_moves(trans_lp))
     e_in, e_before, alpha = e_in.double(), e_before.double(), alpha.double()
-    a_b = alpha[..., BEFORE, None] + torch.cumsum(bb + e_before, -1)
-    b_prev = torch.cat([alpha[..., BEFORE, None].expand(*a_b.shape[:-1], 1), a_b[..., :-1]], -1)
+    a_b = alpha[:, BEFORE, None] + torch.cumsum(bb + e_before, -1)
+    b_prev = torch.cat([alpha[:, BEFORE, None], a_b[:, :-1]], -1)
     c = torch.cumsum(_finite(ii + e_in), -1)
-    a_i = c + torch.logaddexp(alpha[..., IN, None],
-                              torch.logcumsumexp(b_prev + bi + e_in - c, -1))
-    i_prev = torch.cat([alpha[..., IN, None].expand(*a_i.shape[:-1], 1), a_i[..., :-1]], -1)
-    a_a = torch.logaddexp(alpha[..., AFTER, None], torch.logcumsumexp(i_prev + ia, -1))
-    a_b, a_i, a_a = torch.broadcast_tensors(a_b, a_i, a_a)
+    a_i = c + torch.logaddexp(alpha[:, IN, None], torch.logcumsumexp(b_prev + bi + e_in - c, -1))
+    i_prev = torch.cat([alpha[:, IN, None], a_i[:, :-1]], -1)
+    a_a = torch.logaddexp(alpha[:, AFTER, None], torch.logcumsumexp(i_prev + ia, -1))
     return torch.stack([a_b, a_i, a_a], -1)
 
 
