@@ -1,8 +1,9 @@
-"""Benchmark: the two chain methods, and whether the plan's cost model chooses the faster one.
+"""Benchmark: the three chain methods, and whether the plan's cost model chooses the fastest.
 
 For each shape (batch, length, states) of a sequential-plate HMM, times log Z plus its gradient
-through ``PlatedFactorGraph.log_partition`` with the chain forced to the sequential recursion and
-to the parallel scan (:func:`plated.plan.chains.forced_chain_method`), and a hand-written torch
+through ``PlatedFactorGraph.log_partition`` with the chain forced to the sequential recursion,
+the blocked recursion and the parallel scan (:func:`plated.plan.chains.forced_chain_method`),
+and a hand-written torch
 forward loop (``logsumexp`` per step, autograd's backward) on the same inputs, interleaved
 round by round. Prints medians, the paired ratios, the plan's predicted times
 (:func:`plated.plan.chains.chain_times`) and whether its choice was the measured faster method.
@@ -26,7 +27,8 @@ from plated import Factor, Plate, PlatedFactorGraph
 from plated.plan.chains import chain_method, forced_chain_method
 
 SHAPES = [(4, 30, 3), (1, 2000, 2), (1, 20000, 4), (229, 129, 16), (16, 2000, 16),
-          (229, 129, 64), (64, 500, 8), (8, 129, 64)]
+          (229, 129, 64), (64, 500, 8), (8, 129, 64), (16, 10000, 16), (5, 150, 12)]
+METHODS = ("recursion", "blocked", "scan")
 
 
 def tensors(batch: int, length: int, k: int, dtype: torch.dtype
@@ -82,14 +84,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=20.0, help="per shape")
     ap.add_argument("--write-readme", action="store_true")
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated BATCHxLENGTHxSTATES (default: all of SHAPES)")
     args = ap.parse_args()
+    shapes = SHAPES if args.shapes is None else [
+        tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     torch.set_num_threads(args.threads)
     rows = []
     right = 0
-    for batch, length, k in SHAPES:
+    for batch, length, k in shapes:
         init, trans = tensors(batch, length, k, torch.float32)
-        fns = {"recursion": graph_fn(init, trans, "recursion"),
-               "scan": graph_fn(init, trans, "scan")}
+        fns = {method: graph_fn(init, trans, method) for method in METHODS}
         if length <= 2000:
             fns["torch loop"] = loop_fn(init, trans)
         t = {k2: statistics.median(v) for k2, v in measure(fns, args.rounds,
@@ -97,19 +102,21 @@ def main() -> None:
         choice = chain_method("log", batch, length, k, "cpu", 4, None)
         assert choice is not None
         chosen, _, predicted = choice
-        faster = min(("recursion", "scan"), key=t.__getitem__)
+        faster = min(METHODS, key=t.__getitem__)
         right += chosen == faster
-        rows.append([f"{batch} x {length} x {k}", f"{t['recursion'] * 1e3:.3g}",
-                     f"{t['scan'] * 1e3:.3g}",
-                     f"{t['torch loop'] * 1e3:.3g}" if "torch loop" in t else "-",
-                     f"{t['scan'] / t['recursion']:.2f}",
-                     f"{predicted['recursion'] * 1e3:.3g} / {predicted['scan'] * 1e3:.3g}",
-                     chosen, "yes" if chosen == faster else "no"])
+        rows.append([f"{batch} x {length} x {k}"]
+                    + [f"{t[method] * 1e3:.3g}" for method in METHODS]
+                    + [f"{t['torch loop'] * 1e3:.3g}" if "torch loop" in t else "-",
+                       f"{t['blocked'] / t['recursion']:.2f}",
+                       f"{t['scan'] / t['recursion']:.2f}",
+                       " / ".join(f"{predicted[method] * 1e3:.3g}" for method in METHODS),
+                       chosen, "yes" if chosen == faster else "no"])
         print(rows[-1], flush=True)
-    header = ["batch x length x states", "recursion ms", "scan ms", "torch loop ms",
-              "scan / recursion", "predicted ms (rec / scan)", "plan's choice", "faster?"]
+    header = ["batch x length x states", "recursion ms", "blocked ms", "scan ms",
+              "torch loop ms", "blocked / recursion", "scan / recursion",
+              "predicted ms (rec / blocked / scan)", "plan's choice", "fastest?"]
     info = machine_info()
-    text = ("## chains.py: recursion vs scan, and the plan's choice\n\n"
+    text = ("## chains.py: recursion, blocked recursion and scan, and the plan's choice\n\n"
             f"Machine: {info['cpu']}, {args.threads} threads, torch {info['torch']}; "
             f"{args.rounds} interleaved rounds, medians, float32, log Z + gradient.\n\n"
             + markdown_table(header, rows)

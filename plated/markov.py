@@ -52,7 +52,7 @@ class Eliminated:
     def last(self) -> torch.Tensor:
         """The chain's result before its state before the chain is summed: ``(batch, K)`` over
         the first state (recursion) or ``(batch, K, K)`` over the first and last (scan)."""
-        if self.method == "recursion":
+        if self.method != "scan":
             assert self.beta is not None
             return self.beta[:, 0]
         assert self.levels is not None
@@ -62,7 +62,7 @@ class Eliminated:
                 last: torch.Tensor | None) -> torch.Tensor:
         """Every state of the chains at batch index ``b`` ``(S, P)``, given the first state
         ``(S, P)`` (and, for the scan, the last one): ``(S, P, n + 1)``."""
-        if self.method == "recursion":
+        if self.method != "scan":
             assert self.m is not None and self.beta is not None
             return recursion_descend(ring, self.m, self.beta, self.pointers, b, first)
         assert self.levels is not None and self.lengths is not None and last is not None
@@ -74,8 +74,8 @@ def _eliminate(ring: Semiring, m: torch.Tensor | list[torch.Tensor], method: Cha
     """Eliminate the chain ``m`` ``(batch, n, K, K)`` (for the recursion, also its steps as
     separate ``(batch, K, K)`` tensors) by ``method``: the result over the first and (scan) last
     state, and what the backward choice needs."""
-    if method == "recursion":
-        top, beta, pointers = recursion_forward(ring, m)
+    if method != "scan":
+        top, beta, pointers = recursion_forward(ring, m, blocked=method == "blocked")
         return top, Eliminated(method, m=m, beta=beta, pointers=pointers)
     assert isinstance(m, torch.Tensor)
     levels, lengths = scan_levels(ring, m)
@@ -348,7 +348,7 @@ def chain_forward(ring: Semiring, xs: list[torch.Tensor], spec: ChainLayout,
             const = y if const is None else const + y
     mats = [m.expand(*bshape, k, k).reshape(batch, k, k) for m in steps if m is not None]
     # the recursion takes the steps as they are; the scan's levels need them in one tensor
-    top, kept = _eliminate(ring, mats if method == "recursion" else torch.stack(mats, dim=1),
+    top, kept = _eliminate(ring, mats if method != "scan" else torch.stack(mats, dim=1),
                            method)
     if start is not None:
         kept.start = start.expand(*bshape, k).reshape(batch, k)

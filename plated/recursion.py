@@ -56,7 +56,8 @@ import torch
 from .rings import Semiring, underflow_threshold
 
 __all__ = ["recursion_forward", "recursion_descend", "exact_messages", "chain_messages",
-           "factored_chain", "factored_messages", "factorial_chain", "compiled_steps"]
+           "blocked_chain_messages", "block_length", "factored_chain", "factored_messages",
+           "factorial_chain", "compiled_steps"]
 
 
 def _shifted(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,18 +383,22 @@ def chain_messages(m: torch.Tensor | Sequence[torch.Tensor]
     return beta0, w.transpose(0, 1)
 
 
-def recursion_forward(ring: Semiring, m: torch.Tensor | Sequence[torch.Tensor]
+def recursion_forward(ring: Semiring, m: torch.Tensor | Sequence[torch.Tensor],
+                      blocked: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""Eliminate the chain ``m`` ``(batch, n, K, K)``, or its ``n`` steps ``(batch, K, K)`` as
-    separate tensors, by recursion in ``ring``.
+    separate tensors, by recursion in ``ring`` (``blocked``: by :class:`_BlockedChain`, in
+    blocks of :func:`block_length`; the log ring only).
 
     :return: :math:`\beta_0` ``(batch, K)`` (the result, a factor of the state before the
         chain), every message ``(batch, n + 1, K)`` up to a constant per step (for the backward
         choice), and the max ring's back-pointers ``(batch, n, K)`` (``None`` for the log ring).
     """
     if ring.name == "log":
-        beta0, beta = chain_messages(m)
+        beta0, beta = blocked_chain_messages(m) if blocked else chain_messages(m)
         return beta0, beta, None
+    if blocked:
+        raise ValueError(f"the blocked recursion is for the log ring; not {ring.name!r}")
     # one view each (a select per step would each take a full gradient)
     steps = m.unbind(1) if isinstance(m, torch.Tensor) else m
     n = len(steps)
@@ -431,6 +436,207 @@ def recursion_descend(ring: Semiring, m: torch.Tensor | Sequence[torch.Tensor],
             x = ring.choose(steps[t][b, x] + beta[b, t + 1])
         states.append(x)
     return torch.stack(states, dim=-1)
+
+
+# -- blocked: the recursion within blocks, the blocks side by side -----------------------------
+
+
+def block_length(length: int, state: int) -> int:
+    """The block length :class:`_BlockedChain` uses for a chain of ``length`` steps: about
+    :math:`\\sqrt{4 n / 11}`, which balances its two kinds of dependent step (eleven tensor
+    operations for each position within a block, all blocks at once; four for each block, one
+    block after another); at least 2. ``state`` is for the signature of a cost model that may
+    weigh the products' size."""
+    del state
+    return max(2, round(math.sqrt(4 * length / 11)))
+
+
+def _block_views(x: torch.Tensor, blocked: torch.Tensor, pad: int
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The pairs (a view of ``x`` ``(batch, n, ...)``, the same entries of ``blocked`` ``(L,
+    batch, B, ...)``, position within the block first) that together cover the chain: block 0's
+    last ``L - pad`` positions (its first ``pad`` are the identity matrices that round the
+    chain up to whole blocks), and the other blocks."""
+    length, batch, nb = blocked.shape[:3]
+    rest = x.shape[2:]
+    pairs = [(x[:, :length - pad].transpose(0, 1), blocked[pad:, :, 0])]
+    if nb > 1:
+        body = x[:, length - pad:].reshape(batch, nb - 1, length, *rest)
+        pairs.append((body.permute(2, 0, 1, *range(3, 3 + len(rest))), blocked[:, :, 1:]))
+    return pairs
+
+
+def _blocked_exps(x: torch.Tensor, r: torch.Tensor, length: int) -> torch.Tensor:
+    """Every matrix of ``x`` ``(batch, n, K, K)`` shifted by its max ``r`` ``(batch, n, 1, 1)``
+    and exponentiated, laid out ``(L, batch, B, K, K)`` (:func:`_block_views`) after the
+    ``pad`` identity matrices that round the chain up to ``B`` whole blocks of ``length``: one
+    position of every block is one contiguous batch of matrices."""
+    batch, n, k, _ = x.shape
+    pad = -n % length
+    e = x.new_empty(length, batch, (pad + n) // length, k, k)
+    if pad:
+        e[:pad, :, 0] = torch.eye(k, dtype=x.dtype, device=x.device)
+    for (xs, es), (rs, _) in zip(_block_views(x, e, pad), _block_views(r, e, pad), strict=True):
+        torch.sub(xs, rs, out=es).exp_()
+    return e
+
+
+class _BlockedChain(torch.autograd.Function):
+    r""":class:`_ChainMessages` by blocks: the chain, rounded up with identity matrices at its
+    start, split into ``B`` blocks of ``L`` consecutive steps, and every dependent step run on
+    all blocks at once.
+
+    **Forward.** (1) Each block's product :math:`P_b = E_{s_b} \cdots E_{s_b + L - 1}` of the
+    shifted exponentials, all blocks at once, each product rescaled to a max of 1 after each of
+    its ``L - 1`` matrix products; (2) the backward recursion across the blocks, :math:`v_{s_b}
+    \propto P_b\, v_{s_{b + 1}}`, one block after another (``B`` steps); (3) within every block
+    at once, the recursion of :func:`_fast_messages` from the block's end vector (``L`` steps),
+    which gives every step's shifted sum and message. A product loses relative precision only
+    where its entries underflow, so each block's first message from (3) is checked against the
+    one (2) gave the block before it: a batch element where one entry differs by more than
+    :math:`L K \epsilon` (relative), or where a shifted sum of (3) fell under the underflow
+    threshold, is recomputed by the exact recursion, as in :class:`_ChainMessages`.
+
+    **Gradient.** Each step's exponential becomes its conditional transition :math:`T_t` in
+    place (two passes over the chain); each block's product :math:`Q_b = T_{s_b} \cdots T_{s_b +
+    L - 1}` (stochastic: no rescaling) carries :math:`q` across the blocks, :math:`q_{s_b + L -
+    1} = q_{s_b - 1} Q_b`; then within every block at once :math:`q_{t-1}[i]\, T_t[i, j]`
+    overwrites :math:`T_t`, which is returned as the gradient. Everything stays in the chain's
+    own ``(batch, n, K, K)`` layout (:func:`_blocked_exps`). Products of matrices cost :math:`K`
+    times the recursion's work; the plan chooses this method where its fewer dependent steps
+    pay for that (a long chain with a small batch, :func:`~plated.plan.chains.chain_times`). A
+    second backward pass (``retain_graph``) recomputes the exponentials; a higher derivative
+    differentiates the exact twin.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, m: torch.Tensor, length: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = m.detach()
+        batch, n, k, _ = x.shape
+        pad = -n % length
+        nb = (pad + n) // length
+        bb = batch * nb
+        lo = torch.finfo(x.dtype).min
+        tiny = torch.finfo(x.dtype).tiny
+        r = x.amax(dim=(-2, -1), keepdim=True).clamp_(min=lo)  # (batch, n, 1, 1)
+        e = _blocked_exps(x, r, length)
+        flat = e.view(length, bb, k, k)  # flat[j]: position j of every block
+        # (1) every block's product, rescaled to a max of 1 after each matrix product
+        w, w2 = flat[length - 1].clone(), x.new_empty(bb, k, k)
+        s = x.new_empty(bb, 1, 1)
+        for j in range(length - 2, -1, -1):  # the plan chose the blocked recursion by cost
+            torch.bmm(flat[j], w, out=w2)
+            torch.amax(w2, dim=(-2, -1), keepdim=True, out=s).clamp_(min=tiny)
+            torch.div(w2, s, out=w)
+        prods = w.view(batch, nb, k, k)
+        # (2) across the blocks: each block's end vector
+        vs = x.new_empty(nb + 1, batch, k)
+        vs[nb] = 1.0
+        pa, ta = x.new_empty(batch, k, 1), x.new_empty(batch, 1, 1)
+        for b in range(nb - 1, 0, -1):  # the plan chose the blocked recursion by cost
+            _forward_step_exp(prods[:, b], vs[b + 1], pa, ta, vs[b])
+        # (3) within every block at once, from its end vector
+        vb = x.new_empty(length + 1, batch, nb, k)
+        vb[length] = vs[1:].transpose(0, 1)
+        pb = x.new_empty(length, batch, nb, k, 1)
+        tb = x.new_empty(length, batch, nb, 1, 1)
+        for j in range(length - 1, -1, -1):  # the plan chose the blocked recursion by cost
+            _forward_step_exp(flat[j], vb[j + 1].view(bb, k), pb[j].view(bb, k, 1),
+                              tb[j].view(bb, 1, 1), vb[j].view(bb, k))
+        # each step's shifted sum and its max, in the chain's layout
+        p = x.new_empty(batch, n, k)
+        top = x.new_empty(batch, n)
+        for (ps, pbs), (ts, tbs) in zip(_block_views(p, pb.squeeze(-1), pad),
+                                        _block_views(top, tb.view(length, batch, nb), pad),
+                                        strict=True):
+            ps.copy_(pbs)
+            ts.copy_(tbs)
+        # the local messages and their maxima (time-major, as _fast_messages gives them)
+        d = x.new_empty(n + 1, batch, k)
+        d[n] = 0.0
+        torch.add(p.log(), r.view(batch, n, 1), out=d[:n].transpose(0, 1))
+        mx = x.new_zeros(n + 1, batch)
+        torch.add(top.log(), r.view(batch, n), out=mx[:n].t())
+        eps = torch.finfo(x.dtype).eps
+        start = vb[0, :, 1:]  # (batch, B - 1, K): each later block's first message, from (3)
+        drift = (vs[1:nb].transpose(0, 1) - start).abs() > (length * k * eps) * start
+        suspect = ((p.amin(dim=(1, 2)) < underflow_threshold(x.dtype))
+                   | drift.flatten(1).any(dim=-1))
+        beta0 = _beta0(d, mx)
+        idx = suspect.nonzero().squeeze(-1)  # the one host-device sync
+        exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if idx.numel():
+            wide = _EXACT_DTYPE.get(beta0.dtype, beta0.dtype)
+            me = x[idx].to(wide)
+            de, mxe = exact_messages(me)
+            exact = (me, de, mxe)
+            d[:, idx], mx[:, idx] = de.to(d.dtype), mxe.to(d.dtype)
+            beta0[idx] = _beta0(de, mxe).to(beta0.dtype)
+        ctx.exact = exact  # type: ignore[attr-defined]
+        ctx.e = e if _needs(ctx)[0] else None  # type: ignore[attr-defined]
+        ctx.length = length  # type: ignore[attr-defined]
+        ctx.save_for_backward(m, r, vb, pb, idx)
+        w_out = d - mx.unsqueeze(-1)
+        ctx.mark_non_differentiable(w_out)
+        return beta0, w_out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, None]:
+        m, r, vb, pb, idx = ctx.saved_tensors  # type: ignore[attr-defined]
+        g = grads[0]
+        if torch.is_grad_enabled():  # a higher derivative: differentiate the exact twin
+            with torch.enable_grad():
+                (gm,) = torch.autograd.grad(_beta0(*exact_messages(m)), (m,), g,
+                                            create_graph=True)
+            return gm, None
+        x = m.detach()
+        batch, n, k, _ = x.shape
+        length, _, nb = pb.shape[:3]
+        pad = -n % length
+        bb = batch * nb
+        e = ctx.e  # type: ignore[attr-defined]
+        ctx.e = None  # type: ignore[attr-defined]  # consumed: a second backward recomputes it
+        if e is None:
+            e = _blocked_exps(x, r, length)
+        # every exponential into its conditional transition T_t, in place (the padding's
+        # identity matrices pass q on unchanged)
+        e.mul_(vb[1:].unsqueeze(-2)).mul_(torch.where(pb > 0, pb.reciprocal(), 0.0))
+        flat = e.view(length, bb, k, k)
+        w, w2 = flat[0].clone(), x.new_empty(bb, k, k)
+        for j in range(1, length):  # the plan chose the blocked recursion by cost
+            torch.bmm(w, flat[j], out=w2)
+            w, w2 = w2, w
+        prods = w.view(batch, nb, k, k)
+        qs = x.new_empty(nb, batch, 1, k)
+        qs[0, :, 0] = g
+        for b in range(nb - 1):  # the plan chose the blocked recursion by cost
+            torch.bmm(qs[b], prods[:, b], out=qs[b + 1])
+        qc = qs.view(nb, batch, k).transpose(0, 1).reshape(bb, k)
+        for j in range(length):  # the plan chose the blocked recursion by cost
+            qc = flat[j].mul_(qc.unsqueeze(-1)).sum(dim=-2)
+        grad = x.new_empty(x.shape)
+        for gs, es in _block_views(grad, e, pad):
+            gs.copy_(es)
+        exact = ctx.exact  # type: ignore[attr-defined]
+        if exact is not None:  # the flagged elements, from their exact messages
+            tr = _log_transitions(*exact)
+            grad[idx] = _weighted(tr, g[idx].to(tr.dtype)).to(e.dtype)
+        return grad, None
+
+
+def blocked_chain_messages(m: torch.Tensor | Sequence[torch.Tensor], length: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`chain_messages` by :class:`_BlockedChain`, with blocks of ``length`` steps
+    (default :func:`block_length`); steps given as separate tensors are stacked first."""
+    x = m if isinstance(m, torch.Tensor) else torch.stack(list(m), dim=1)
+    n, k = x.shape[1], x.shape[-1]
+    length = block_length(n, k) if length is None else length
+    if not 1 <= length <= n:
+        raise ValueError(f"a block length of {length} for a chain of {n} steps; give 1 to {n}")
+    beta0, w = _BlockedChain.apply(x, length)
+    return beta0, w.transpose(0, 1)
 
 
 # -- a factored transition: M_t[i, j] = A[i, j] + u_t[j] ------------------------------------------

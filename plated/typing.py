@@ -20,7 +20,9 @@ ChainRole = Literal["edge", "next", "start", "const"]
 
 #: How a plan eliminates a chain (a sequential plate's, or one found inside a contraction):
 #: ``"recursion"``, the sequential forward-backward of :mod:`plated.recursion` (``K^2`` work a
-#: step, ``n`` dependent steps), or ``"scan"``, the log-depth parallel scan of
-#: :mod:`plated.markov` (``K^3`` work a step, ``log2 n`` levels). The plan chooses by its cost
-#: model (:func:`plated.plan.emit.chain_method`).
-ChainMethod = Literal["recursion", "scan"]
+#: step, ``n`` dependent steps); ``"blocked"``, the same recursion run within blocks of about
+#: :math:`\sqrt n` steps, all blocks at once, and across the blocks by their products (``K^3``
+#: work a step, about :math:`2 \sqrt n` dependent steps; log ring only); or ``"scan"``, the
+#: log-depth parallel scan of :mod:`plated.markov` (``K^3`` work a step, ``log2 n`` levels). The
+#: plan chooses by its cost model (:func:`plated.plan.chains.chain_method`).
+ChainMethod = Literal["recursion", "blocked", "scan"]

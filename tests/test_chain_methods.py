@@ -1,6 +1,7 @@
-"""The two ways of eliminating a chain, the sequential recursion (:mod:`plated.recursion`) and the
-parallel scan (:mod:`plated.markov`), against brute force and against each other; and the plan's
-choice between them by its cost model.
+"""The three ways of eliminating a chain, the sequential recursion (:mod:`plated.recursion`), the
+blocked recursion (:func:`plated.recursion.blocked_chain_messages`) and the parallel scan
+(:mod:`plated.markov`), against brute force and against each other; and the plan's choice
+between them by its cost model.
 
 Each method is forced with :func:`plated.plan.chains.forced_chain_method`; the planner's own
 choice is checked separately.
@@ -21,7 +22,7 @@ from plated.plan.chains import chain_method, forced_chain_method
 from plated.recursion import chain_messages, compiled_steps, exact_messages, recursion_forward
 from plated.rings import LOG, MAX
 
-METHODS = ("recursion", "scan")
+METHODS = ("recursion", "blocked", "scan")
 
 
 def chain_steps(g: PlatedFactorGraph, ring: str = "log") -> list[ChainStep | ScanStep]:
@@ -50,7 +51,7 @@ def test_random_sequential_graphs_vs_brute_force(method: str) -> None:
             factors, plates = testing.random_graph(seed, sequential=True)
             g = PlatedFactorGraph(factors, plates)
             steps = chain_steps(g)
-            assert steps and all(s.method == method for s in steps), seed
+            assert steps and all(s.method == method or s.layout.length == 1 for s in steps), seed
             leaves = leaves_of(factors)
             z = regraph(factors, leaves, plates).log_partition()
             ref_leaves = leaves_of(factors)
@@ -77,7 +78,7 @@ def test_random_sequential_graphs_vs_brute_force(method: str) -> None:
 
 
 def test_methods_agree_on_random_graphs() -> None:
-    """The recursion and the scan give the same log Z and gradients (to rounding)."""
+    """The three methods give the same log Z and gradients (to rounding)."""
     for seed in range(40, 70):
         factors, plates = testing.random_graph(seed, sequential=True)
         out = {}
@@ -86,12 +87,14 @@ def test_methods_agree_on_random_graphs() -> None:
                 leaves = leaves_of(factors)
                 z = regraph(factors, leaves, plates).log_partition()
                 out[method] = (z, torch.autograd.grad(z, leaves, allow_unused=True))
-        (za, ga), (zb, gb) = out["recursion"], out["scan"]
-        assert_close(za, zb, rtol=1e-10, atol=1e-10)
-        for a, b in zip(ga, gb, strict=True):
-            assert (a is None) == (b is None)
-            if a is not None and b is not None:
-                assert_close(a, b, rtol=0, atol=1e-10)
+        za, ga = out["recursion"]
+        for other in ("blocked", "scan"):
+            zb, gb = out[other]
+            assert_close(za, zb, rtol=1e-10, atol=1e-10)
+            for a, b in zip(ga, gb, strict=True):
+                assert (a is None) == (b is None)
+                if a is not None and b is not None:
+                    assert_close(a, b, rtol=0, atol=1e-10)
 
 
 def hmm(T: int, K: int, batch: int, seed: int, dtype: torch.dtype = torch.float64
@@ -384,9 +387,17 @@ def test_plan_chooses_by_cost_and_reports_it() -> None:
     # a long chain of two states and no batch: the log-depth scan
     plan = make_plan(structure(1, 100_000, 2))
     assert [s.method for s in plan.steps if isinstance(s, ScanStep)] == ["scan"]
-    # on a GPU the scan's few wide levels win where the CPU's recursion did
+    # a long chain of 16 states in a plate of 16 (contract.py's case c): the blocked recursion
+    plan = make_plan(structure(16, 10_000, 16))
+    assert [s.method for s in plan.steps if isinstance(s, ScanStep)] == ["blocked"]
+    line = next(x for x in plan.cost.steps if "chain along" in x)
+    assert "by blocked recursion (predicted" in line and "recursion" in line and "scan" in line
+    # on a GPU (the model's launch-bound figures, not measured here) few wide steps win where
+    # the CPU's recursion did: the blocked recursion's some 140 launches, the scan's 360
     plan = make_plan(structure(229, 129, 16, device="cuda"))
-    assert [s.method for s in plan.steps if isinstance(s, ScanStep)] == ["scan"]
+    assert [s.method for s in plan.steps if isinstance(s, ScanStep)] == ["blocked"]
+    times = chain_method("log", 229, 129, 16, "cuda", 4, None)
+    assert times is not None and times[2]["scan"] < times[2]["recursion"]
 
 
 def test_choice_follows_the_predicted_times() -> None:
@@ -401,18 +412,20 @@ def test_choice_follows_the_predicted_times() -> None:
 
 
 def test_capped_chain_takes_the_method_that_fits() -> None:
-    """Under a cap that the faster method does not fit, the other one is chosen."""
+    """Under a cap that the faster methods do not fit, the one that fits is chosen."""
     free = chain_method("log", 1, 20_000, 4, "cpu", 8, None)
     assert free is not None
     fastest = free[0]
-    other = "scan" if fastest == "recursion" else "recursion"
-    from plated.plan.chains import chain_need, recursion_cost, scan_cost
+    from plated.plan.chains import blocked_cost, chain_need, recursion_cost, scan_cost
     need = {"recursion": chain_need(recursion_cost("log", 1, 20_000, 4)),
+            "blocked": chain_need(blocked_cost("log", 1, 20_000, 4)),
             "scan": chain_need(scan_cost("log", 1, 20_000, 4))}
-    assert need[other] < need[fastest], need  # the shape is chosen so that the other one fits
-    cap = int(need[other] * 8 * 1.3)
+    smallest = min(need, key=need.__getitem__)
+    assert smallest != fastest and need[smallest] < need[fastest], need
+    cap = int(need[smallest] * 8 * 1.3)
+    assert sorted(need.values())[1] * 8 * 1.2 > cap  # only the smallest fits
     capped = chain_method("log", 1, 20_000, 4, "cpu", 8, cap)
-    assert capped is not None and capped[0] == other
+    assert capped is not None and capped[0] == smallest
     assert chain_method("log", 1, 20_000, 4, "cpu", 8, 1000) is None
 
 

@@ -1,10 +1,12 @@
 """Chains: recognising a chain of variables in a contraction, laying out a sequential scan, and
 choosing how to eliminate a chain.
 
-Both kinds of chain are eliminated by one of two methods (:data:`~plated.typing.ChainMethod`):
-the sequential forward-backward recursion (:mod:`plated.recursion`) or the log-depth parallel
-scan (:mod:`plated.markov`). :func:`chain_method` chooses by a cost model of the time each takes
-on the factors' device (:data:`DEVICE_SPEEDS`), among those that fit the memory cap. These
+Both kinds of chain are eliminated by one of three methods (:data:`~plated.typing.ChainMethod`):
+the sequential forward-backward recursion (:mod:`plated.recursion`), the same recursion in
+blocks run side by side (:func:`plated.recursion.blocked_chain_messages`, the log ring), or the
+log-depth parallel scan (:mod:`plated.markov`). :func:`chain_method` chooses by a cost model of
+the time each takes on the factors' device (:data:`DEVICE_SPEEDS`), among those that fit the
+memory cap. These
 functions only compute layouts and costs, from slots and sizes, and emit nothing.
 
 * :func:`find_chain`: among the inputs of one contraction, a path ``v_0 - v_1 - ... - v_n`` of
@@ -22,14 +24,15 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from ..recursion import block_length
 from ..typing import ChainMethod, ChainRole
 from .analysis import Analysis
 from .cost import CAP_MARGIN
 from .ir import ChainLayout, ChainPart, ScanLayout, Slot
 
 __all__ = ["CHAIN_MIN_LENGTH", "DEVICE_SPEEDS", "DeviceSpeed", "find_chain", "scan_layout",
-           "scan_cost", "recursion_cost", "chain_times", "chain_method", "chain_need",
-           "forced_chain_method", "describe_times"]
+           "scan_cost", "recursion_cost", "blocked_cost", "chain_times", "chain_method",
+           "chain_need", "forced_chain_method", "forced_method", "describe_times"]
 
 #: Contractions that eliminate a chain of at least this many equal-sized variables (an unrolled
 #: HMM, say) run as one parallel scan instead of pairwise steps. Set to a huge value to disable.
@@ -192,6 +195,30 @@ def recursion_cost(ring: str, batch: int, length: int, state: int, stacked: bool
             "choose_flops": 4 * batch * length * state}
 
 
+def blocked_cost(ring: str, batch: int, length: int, state: int, stacked: bool = False,
+                 copied: bool = False) -> dict[str, int]:
+    """Predicted cost of the blocked recursion (:class:`plated.recursion._BlockedChain`, the log
+    ring) over ``length`` ``(state, state)`` matrices per batch element, in blocks of
+    :func:`~plated.recursion.block_length`, the fields of :func:`scan_cost`: the chain's
+    exponentials, rounded up to whole blocks, are kept for the gradient, which is a fresh
+    chain-sized tensor; each block's product is ``state`` times a step's work, forward and
+    backward. A chain of variables' steps are stacked first (``stacked``)."""
+    del ring
+    size = block_length(length, state)
+    padded = -(-length // size) * size
+    n = batch * length * state * state
+    e = batch * padded * state * state
+    vectors = batch * (padded + 1) * state
+    layout = n if copied else 0
+    stack = n if stacked else 0
+    return {"flops": 2 * e * state + 6 * e, "backward_flops": 2 * e * state + 4 * e,
+            "temp_numel": e + 4 * vectors + stack + layout,
+            "saved_numel": e + 2 * vectors + stack + layout, "backward_numel": n + vectors,
+            "kept_numel": 2 * vectors + layout,
+            "choose_numel": 3 * batch * state + batch * (length + 1),
+            "choose_flops": 4 * batch * length * state}
+
+
 @dataclass(frozen=True)
 class DeviceSpeed:
     """The speed of a device, as :func:`chain_times` models it.
@@ -224,14 +251,26 @@ _RECURSION_OPS = {"log": 6, "max": 8}
 _RECURSION_LAUNCHES = {"log": 15, "max": 8}
 _RECURSION_PASSES = {"log": 2.2, "max": 20.0}
 _SCAN_OPS = {"log": 40, "max": 16}
+#: The blocked recursion's operations for each position within a block (forward and backward,
+#: all blocks at once) and for each block (one block after another), the operations it adds
+#: once a call to the recursion's (its layout, its check), and its passes over the chain,
+#: fitted like the recursion's (``benchmarks/chains.py``).
+_BLOCKED_POSITION_OPS = 9
+_BLOCKED_BLOCK_OPS = 4
+_BLOCKED_FIXED_OPS = 30
+_BLOCKED_PASSES = 2.5
 
 
-def chain_times(ring: str, batch: int, length: int, state: int, device: str
-                ) -> dict[ChainMethod, float]:
+def chain_times(ring: str, batch: int, length: int, state: int, device: str,
+                itemsize: int = 4) -> dict[ChainMethod, float]:
     """Predicted seconds of log Z plus its gradient for each method (see :class:`DeviceSpeed`):
     the recursion launches a few operations per step and passes over the chain a few times; the
     scan launches more per level, over ``log2(length)`` levels, and multiplies matrices
-    (``state`` times the recursion's work; the max ring's products are elementwise)."""
+    (``state`` times the recursion's work; the max ring's products are elementwise); the
+    blocked recursion launches a few operations per position within a block and per block, and
+    multiplies matrices, forward and backward. The blocked recursion is offered for the log
+    ring in float32 and wider only (``itemsize``): its products' rounding would swamp its check
+    in a 2-byte float."""
     speed = DEVICE_SPEEDS.get(device, DEVICE_SPEEDS["cuda"])
     n = batch * length * state * state
     levels = max(1, math.ceil(math.log2(max(length, 1)))) + 1
@@ -243,7 +282,14 @@ def chain_times(ring: str, batch: int, length: int, state: int, device: str
     else:
         products = 3 * n * state * speed.flop_s
     scan = levels * _SCAN_OPS[ring] * speed.op_s + 25 * n * speed.elem_s + products
-    return {"recursion": recursion, "scan": scan}
+    times: dict[ChainMethod, float] = {"recursion": recursion, "scan": scan}
+    if ring == "log" and itemsize >= 4 and length > 1:
+        size = block_length(length, state)
+        blocks = -(-length // size)
+        times["blocked"] = ((size * _BLOCKED_POSITION_OPS + blocks * _BLOCKED_BLOCK_OPS
+                             + _BLOCKED_FIXED_OPS) * speed.op_s + _BLOCKED_PASSES * n * speed.elem_s
+                            + 2 * n * state * speed.flop_s)
+    return times
 
 
 _FORCED: list[ChainMethod] = []
@@ -257,8 +303,9 @@ def forced_chain_method(method: ChainMethod) -> Iterator[None]:
     on exit, so no plan made inside outlives it)."""
     from .cache import clear_plan_cache
 
-    if method not in ("recursion", "scan"):
-        raise ValueError(f"unknown chain method {method!r}; use 'recursion' or 'scan'")
+    if method not in ("recursion", "blocked", "scan"):
+        raise ValueError(f"unknown chain method {method!r}; use 'recursion', 'blocked' or "
+                         "'scan' (the log ring has all three, the max ring no 'blocked')")
     clear_plan_cache()
     _FORCED.append(method)
     try:
@@ -266,6 +313,11 @@ def forced_chain_method(method: ChainMethod) -> Iterator[None]:
     finally:
         _FORCED.pop()
         clear_plan_cache()
+
+
+def forced_method() -> ChainMethod | None:
+    """The method :func:`forced_chain_method` forces now, if any."""
+    return _FORCED[-1] if _FORCED else None
 
 
 def chain_need(cost: dict[str, int]) -> int:
@@ -287,7 +339,9 @@ def chain_method(ring: str, batch: int, length: int, state: int, device: str, it
         "recursion": recursion_cost(ring, batch, length, state, stacked, copied),
         "scan": scan_cost(ring, batch, length, state, stacked),
     }
-    times = chain_times(ring, batch, length, state, device)
+    times = chain_times(ring, batch, length, state, device, itemsize)
+    if "blocked" in times:
+        costs["blocked"] = blocked_cost(ring, batch, length, state, stacked, copied)
     order = sorted(costs, key=times.__getitem__)
     if _FORCED:  # the forced method first; the other if it does not fit
         order.sort(key=lambda method: method != _FORCED[-1])
@@ -299,8 +353,10 @@ def chain_method(ring: str, batch: int, length: int, state: int, device: str, it
 
 def describe_times(method: ChainMethod, times: dict[ChainMethod, float]) -> str:
     """``"by sequential recursion (predicted 1.2 ms; scan 3.4 ms)"``: a step's note."""
-    names = {"recursion": "sequential recursion", "scan": "parallel scan"}
-    others = "; ".join(f"{m} {_ms(t)}" for m, t in times.items() if m != method)
+    names = {"recursion": "sequential recursion", "blocked": "blocked recursion",
+             "scan": "parallel scan"}
+    order = ("recursion", "blocked", "scan")
+    others = "; ".join(f"{m} {_ms(times[m])}" for m in order if m in times and m != method)
     return f"by {names[method]} (predicted {_ms(times[method])}; {others})"
 
 

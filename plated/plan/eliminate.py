@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 from ..errors import IntractableError
 from .analysis import Analysis, analyse, connected_components, plate_str
 from .chains import (
     chain_method,
     chain_need,
+    chain_times,
     describe_times,
+    forced_method,
     recursion_cost,
     scan_cost,
     scan_layout,
@@ -45,10 +48,41 @@ FUSED_NOTE = ("; its transition's parts are passed unsummed (where one is a (K, 
               "parts one by one)")
 
 
-def fused_pairs(steps: list[Step], last_read: dict[int, int], result: int) -> set[int]:
+#: What a fused chain step adds to its note where the cost model preferred the blocked
+#: recursion of the summed transition: the sequential recursion on the parts runs instead.
+FUSED_RECURSION = ("; fused: the sequential recursion on the transition's parts, not the "
+                   "blocked recursion on their sum")
+
+
+def _fusable(step: ScanStep, structure: Structure) -> ScanStep | None:
+    """``step`` as a fused chain runs it: the sequential recursion, on its transition's
+    parts. A step planned by the recursion stays; one planned by the blocked recursion becomes
+    the recursion where the recursion beats the scan (the choice before the blocked method
+    joined, and the parts' recursion costs less than the summed transition's); else ``None``
+    (not fused; so too where :func:`~plated.plan.chains.forced_chain_method` forces the
+    blocked recursion)."""
+    if step.method == "recursion":
+        return step
+    if step.method != "blocked" or forced_method() == "blocked":
+        return None
+    lay = step.layout
+    batch = math.prod(lay.batch_shape)
+    times = chain_times(structure.ring, batch, lay.length, lay.state, structure.device,
+                        structure.itemsize)
+    if times["recursion"] > times["scan"]:
+        return None
+    copied = (lay.in_perm != tuple(range(len(lay.in_perm))) or lay.in_view != lay.in_full)
+    note = step.note.replace(describe_times("blocked", times), describe_times("recursion", times))
+    cost: dict[str, Any] = dict(recursion_cost(structure.ring, batch, lay.length, lay.state,
+                                               copied=copied))
+    return replace(step, method="recursion", note=note + FUSED_RECURSION, **cost)
+
+
+def fused_pairs(steps: list[Step], last_read: dict[int, int], result: int,
+                structure: Structure) -> set[int]:
     """The pair steps whose output, a broadcast sum (nothing eliminated), is read only by the
-    next step, a chain eliminated by recursion, or only by a later such pair step (see
-    :attr:`Plan.fused`)."""
+    next step, a chain eliminated by recursion (:func:`_fusable`; the step is replaced by its
+    fused form), or only by a later such pair step (see :attr:`Plan.fused`)."""
     readers: dict[int, int] = {}
     for step in steps:
         for i in step.ins:
@@ -61,8 +95,12 @@ def fused_pairs(steps: list[Step], last_read: dict[int, int], result: int) -> se
             continue
         j = last_read.get(step.out, -1)  # its one reader
         nxt = steps[j] if k < j < len(steps) else None
-        if ((isinstance(nxt, ScanStep) and nxt.method == "recursion" and j == k + 1
-             and nxt.ins == (step.out,)) or (j in fused and isinstance(nxt, PairStep))):
+        if isinstance(nxt, ScanStep) and j == k + 1 and nxt.ins == (step.out,):
+            chain = _fusable(nxt, structure)
+            if chain is not None:
+                steps[j] = chain
+                fused.add(k)
+        elif j in fused and isinstance(nxt, PairStep):
             fused.add(k)
     return fused
 
@@ -173,7 +211,8 @@ class _Elimination:
         frees = [tuple(i for i in step.ins if i >= n_inputs and last_read[i] == k)
                  for k, step in enumerate(emitter.steps)]
         steps = list(emitter.steps)
-        fused = fused_pairs(steps, last_read, result) if structure.ring == "log" else set()
+        fused = (fused_pairs(steps, last_read, result, structure) if structure.ring == "log"
+                 else set())
         for k in fused:
             if isinstance(steps[k + 1], ScanStep):
                 steps[k + 1] = replace(steps[k + 1], note=steps[k + 1].note + FUSED_NOTE)
