@@ -9,8 +9,10 @@ each :math:`M_t[x_{t-1}, x_t]`) is eliminated from the right by the backward rec
 
 whose :math:`\beta_0` is the chain's result, a factor of the state before it. That is
 :math:`K^2` work a step where the parallel scan (:mod:`plated.markov`) does :math:`K^3`, in
-:math:`n` dependent steps instead of :math:`\log_2 n`; the plan chooses between them by its cost
-model (:func:`plated.plan.emit.chain_costs`).
+:math:`n` dependent steps instead of :math:`\log_2 n`; the blocked recursion
+(:class:`_BlockedChain`) runs it within blocks of about :math:`\sqrt n` steps side by side, in
+about :math:`2 \sqrt n` dependent steps of :math:`K^3` work. The plan chooses among the three by
+its cost model (:func:`plated.plan.chains.chain_method`).
 
 **Forward, exactly.** Each step exponentiates its matrix shifted by the matrix's max,
 :math:`e^{M_t - r_t}`, and multiplies it by the vector :math:`e^{\beta_{t+1} - s}` shifted by
@@ -501,12 +503,14 @@ class _BlockedChain(torch.autograd.Function):
     place (two passes over the chain); each block's product :math:`Q_b = T_{s_b} \cdots T_{s_b +
     L - 1}` (stochastic: no rescaling) carries :math:`q` across the blocks, :math:`q_{s_b + L -
     1} = q_{s_b - 1} Q_b`; then within every block at once :math:`q_{t-1}[i]\, T_t[i, j]`
-    overwrites :math:`T_t`, which is returned as the gradient. Everything stays in the chain's
-    own ``(batch, n, K, K)`` layout (:func:`_blocked_exps`). Products of matrices cost :math:`K`
-    times the recursion's work; the plan chooses this method where its fewer dependent steps
-    pay for that (a long chain with a small batch, :func:`~plated.plan.chains.chain_times`). A
-    second backward pass (``retain_graph``) recomputes the exponentials; a higher derivative
-    differentiates the exact twin.
+    overwrites :math:`T_t`, and is copied into the gradient, in the chain's ``(batch, n, K, K)``
+    layout. The exponentials are laid out position first, ``(L, batch, B, K, K)``
+    (:func:`_blocked_exps`), so that one position of every block is one contiguous batch of
+    matrices (strided batches cost more in the products than the layout's two copies). Products
+    of matrices cost :math:`K` times the recursion's work; the plan chooses this method where
+    its fewer dependent steps pay for that (a long chain with a small batch,
+    :func:`~plated.plan.chains.chain_times`). A second backward pass (``retain_graph``)
+    recomputes the exponentials; a higher derivative differentiates the exact twin.
     """
 
     @staticmethod
