@@ -58,8 +58,9 @@ def _fusable(step: ScanStep, structure: Structure) -> ScanStep | None:
     """``step`` as a fused chain runs it: the sequential recursion, on its transition's
     parts. A step planned by the recursion stays; one planned by the blocked recursion becomes
     the recursion where the recursion beats the scan (the choice before the blocked method
-    joined; the cost model has no figure for the parts' recursion itself, and the memory cap is
-    not checked again); else ``None`` (not fused; so too where
+    joined; the cost model has no figure for the parts' recursion itself; the memory cap still
+    holds, since the recursion's working memory is under the blocked recursion's, which
+    keeps the exponentials and a fresh gradient); else ``None`` (not fused; so too where
     :func:`~plated.plan.chains.forced_chain_method` forces the blocked recursion)."""
     if step.method == "recursion":
         return step
