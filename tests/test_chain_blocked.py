@@ -323,3 +323,18 @@ def test_blocked_errors_name_the_block_length_and_the_ring() -> None:
         recursion_forward(MAX, m, blocked=True)
     z, _, _ = recursion_forward(LOG, m, blocked=True)
     assert_close(z, chain_messages(m)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_recursion_needs_no_more_memory_than_the_blocked_recursion() -> None:
+    """A fused chain planned by the blocked recursion runs the sequential recursion instead
+    (``plated.plan.eliminate._fusable``) without checking the memory cap again: that holds
+    because the recursion's working memory is never above the blocked recursion's."""
+    from plated.plan.chains import blocked_cost, chain_need, recursion_cost
+
+    for batch in (1, 2, 16, 229):
+        for length in (2, 3, 7, 30, 129, 1_000, 10_000):
+            for k in (2, 3, 4, 8, 16, 64):
+                for copied in (False, True):
+                    rec = chain_need(recursion_cost("log", batch, length, k, copied=copied))
+                    blk = chain_need(blocked_cost("log", batch, length, k, copied=copied))
+                    assert rec <= blk, (batch, length, k, copied, rec, blk)
