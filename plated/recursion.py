@@ -579,7 +579,6 @@ class _BlockedChain(torch.autograd.Function):
             beta0[idx] = _beta0(de, mxe).to(beta0.dtype)
         ctx.exact = exact  # type: ignore[attr-defined]
         ctx.e = e if _needs(ctx)[0] else None  # type: ignore[attr-defined]
-        ctx.length = length  # type: ignore[attr-defined]
         ctx.save_for_backward(m, r, vb, pb, idx)
         w_out = d - mx.unsqueeze(-1)
         ctx.mark_non_differentiable(w_out)

@@ -132,19 +132,11 @@ def test_blocked_float32_long_chain_against_float64() -> None:
     assert_close(g.double(), g_ref, rtol=0, atol=1e-4)
 
 
-def test_products_that_underflow_go_to_the_exact_recursion(monkeypatch: pytest.MonkeyPatch
-                                                           ) -> None:
-    """Sequence 0 stays in its state (hard zeros off the diagonal), state 1 at a cost of 6 a
-    step: a block's product (30 steps) carries ``exp(-180)`` for state 1, which float32 rounds
-    to 0, and its messages fall under the underflow threshold. That sequence alone (sequence 1
-    is ordinary) is recomputed by the exact recursion: log Z, ``-inf``-free, and the gradient
-    are those of the float64 recursion."""
-    n, length, c = 120, 30, 6.0
-    m64 = torch.randn(2, n, 2, 2, generator=torch.Generator().manual_seed(1),
-                      dtype=torch.float64).log_softmax(-1)
-    m64[0] = torch.tensor([[0.0, -math.inf], [-math.inf, -c]], dtype=torch.float64)
-    e = m64[0, 0].float().exp()  # the float32 product of one block: state 1 has underflowed
-    assert torch.linalg.matrix_power(e, length)[1, 1] == 0
+def only_sequence_0_goes_exact(monkeypatch: pytest.MonkeyPatch, m64: torch.Tensor,
+                               length: int) -> None:
+    """The blocked recursion of ``m64`` in float32, in blocks of ``length``, sends sequence 0
+    alone to the exact recursion (a spy counts its calls), and its log Z (finite) and gradient
+    are those of the exact float64 recursion."""
     calls = []
     real = recursion_module.exact_messages
 
@@ -163,6 +155,22 @@ def test_products_that_underflow_go_to_the_exact_recursion(monkeypatch: pytest.M
     (g,) = torch.autograd.grad(z.logsumexp(-1).sum(), m)
     (g_ref,) = torch.autograd.grad(ref.logsumexp(-1).sum(), ref_in)
     assert_close(g.double(), g_ref, rtol=0, atol=1e-5)
+
+
+def test_products_that_underflow_go_to_the_exact_recursion(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Sequence 0 stays in its state (hard zeros off the diagonal), state 1 at a cost of 6 a
+    step: a block's product (30 steps) carries ``exp(-180)`` for state 1, which float32 rounds
+    to 0, and its messages fall under the underflow threshold. That sequence alone (sequence 1
+    is ordinary) is recomputed by the exact recursion: log Z, ``-inf``-free, and the gradient
+    are those of the float64 recursion."""
+    n, length, c = 120, 30, 6.0
+    m64 = torch.randn(2, n, 2, 2, generator=torch.Generator().manual_seed(1),
+                      dtype=torch.float64).log_softmax(-1)
+    m64[0] = torch.tensor([[0.0, -math.inf], [-math.inf, -c]], dtype=torch.float64)
+    e = m64[0, 0].float().exp()  # the float32 product of one block: state 1 has underflowed
+    assert torch.linalg.matrix_power(e, length)[1, 1] == 0
+    only_sequence_0_goes_exact(monkeypatch, m64, length)
 
 
 def drifting_chain() -> torch.Tensor:
@@ -198,23 +206,7 @@ def test_a_product_that_loses_a_path_is_caught_by_the_drift_check(
         partial = partial @ step
         partial = partial / partial.max()
     assert partial[1, 1] == 0  # the path through state 1 is lost in float32
-    calls = []
-    real = recursion_module.exact_messages
-
-    def spy(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        calls.append(x.shape[0])
-        return real(x)
-
-    monkeypatch.setattr(recursion_module, "exact_messages", spy)
-    m = m64.float().requires_grad_()
-    z, _ = blocked_chain_messages(m, 110)
-    assert calls == [1]
-    ref_in = m64.clone().requires_grad_()
-    ref = exact_beta0(ref_in)
-    assert_close(z.double(), ref, rtol=1e-6, atol=1e-4)
-    (g,) = torch.autograd.grad(z.logsumexp(-1).sum(), m)
-    (g_ref,) = torch.autograd.grad(ref.logsumexp(-1).sum(), ref_in)
-    assert_close(g.double(), g_ref, rtol=0, atol=1e-5)
+    only_sequence_0_goes_exact(monkeypatch, m64, 110)
 
 
 @pytest.mark.parametrize("dtype,gap,tol", [(torch.float64, 1e4, 1e-12),
