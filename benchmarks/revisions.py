@@ -14,6 +14,8 @@ The cases come from the other scripts, built the same way in both checkouts:
   sequential-plate graph (case (b), smaller);
 * ``pyro_hmm.py``'s ``TVE_ELBO`` training step on JSB chorales (the vectorised model);
 * ``attention.py``'s training steps (marginal, variational-enum, K-max, Markov);
+* case (c)'s sequential-plate chain at any shape (``chain:SEQS-STEPS-STATES-DTYPE``, e.g.
+  ``chain:16-10000-16-float32``; only with ``--cases``);
 * ``examples.music``'s ``TVE_ELBO`` step of a model at ``K`` states a chain on the full JSB
   training set (``music:MODEL-K``, e.g. ``music:fhmm-8``; only with ``--cases``);
 * MAP, 8 samples and marginals of a sequential-plate HMM graph and of a plated mixture
@@ -58,6 +60,19 @@ def _hmm(which: str) -> Fn:
 
     name = "plated" if which == "einsum" else "plated graph (seq plate)"
     return hmm_b_case(64, 64, 16, torch.float32).fns[name]
+
+
+def _chain(spec: str) -> Fn:
+    """``SEQS-STEPS-STATES-DTYPE``: log Z plus its gradient of :mod:`benchmarks.contract`'s
+    sequential-plate HMM graph (case c is ``16-10000-16-float32``)."""
+    import torch
+
+    from benchmarks.contract import hmm_tensors, leaf, logz_and_grad, seq_graph
+
+    seqs, steps, states, dtype = spec.split("-")
+    init, trans = hmm_tensors(int(seqs), int(steps), int(states), getattr(torch, dtype), seed=2)
+    g_init, g_trans = leaf(init), leaf(trans)
+    return logz_and_grad(lambda: seq_graph(g_init, g_trans).log_partition(), [g_init, g_trans])
 
 
 def _pyro_hmm() -> Fn:
@@ -176,6 +191,8 @@ def build(case: str) -> Fn:
         return _battery(int(arg))
     if kind == "hmm":
         return _hmm(arg)
+    if kind == "chain":
+        return _chain(arg)
     if kind == "pyro_hmm":
         return _pyro_hmm()
     if kind == "attention":
@@ -217,6 +234,7 @@ def worker() -> None:
 # the parent: alternates the two workers
 
 
+#: ``chain:SEQS-STEPS-STATES-DTYPE`` cases (:func:`_chain`) are not in the default set either.
 #: ``music:*`` cases (the factorial, partially factorial and second-order HMMs at 8 states a
 #: chain, full batch) are not in the default set: run them with ``--cases``.
 MUSIC_CASES = [f"music:{m}-8" for m in ("fhmm", "pfhmm", "hmm2")]

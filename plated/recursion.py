@@ -55,6 +55,7 @@ from typing import Any
 import opt_einsum
 import torch
 
+from . import _memory
 from .rings import Semiring, underflow_threshold
 
 __all__ = ["recursion_forward", "recursion_descend", "exact_messages", "chain_messages",
@@ -232,7 +233,8 @@ class _ChainMessages(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, m: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         x = m.detach()
-        buf = x.new_empty(x.shape[1], x.shape[0], *x.shape[2:]) if _needs(ctx)[0] else None
+        buf = (_memory.empty((x.shape[1], x.shape[0], *x.shape[2:]), x) if _needs(ctx)[0]
+               else None)
         ctx.buf = buf  # type: ignore[attr-defined]
         return _chain_forward(ctx, (m,), x.unbind(1), None if buf is None else buf.unbind(0),
                               None if buf is None else (x, buf))
@@ -248,7 +250,7 @@ class _ChainMessages(torch.autograd.Function):
         buf = ctx.buf  # type: ignore[attr-defined]
         ctx.buf = None  # type: ignore[attr-defined]
         if buf is None:
-            buf = m.new_empty(m.shape[1], m.shape[0], *m.shape[2:])
+            buf = _memory.empty((m.shape[1], m.shape[0], *m.shape[2:]), m)
         _chain_backward(ctx, m.unbind(1), grads[0], buf)
         return buf.transpose(0, 1)
 
@@ -475,7 +477,7 @@ def _blocked_exps(x: torch.Tensor, r: torch.Tensor, length: int) -> torch.Tensor
     position of every block is one contiguous batch of matrices."""
     batch, n, k, _ = x.shape
     pad = -n % length
-    e = x.new_empty(length, batch, (pad + n) // length, k, k)
+    e = _memory.empty((length, batch, (pad + n) // length, k, k), x)
     if pad:
         e[:pad, :, 0] = torch.eye(k, dtype=x.dtype, device=x.device)
     for (xs, es), (rs, _) in zip(_block_views(x, e, pad), _block_views(r, e, pad), strict=True):
@@ -619,7 +621,7 @@ class _BlockedChain(torch.autograd.Function):
         qc = qs.view(nb, batch, k).transpose(0, 1).reshape(bb, k)
         for j in range(length):  # the plan chose the blocked recursion by cost
             qc = flat[j].mul_(qc.unsqueeze(-1)).sum(dim=-2)
-        grad = x.new_empty(x.shape)
+        grad = _memory.empty(x.shape, x)
         for gs, es in _block_views(grad, e, pad):
             gs.copy_(es)
         exact = ctx.exact  # type: ignore[attr-defined]
