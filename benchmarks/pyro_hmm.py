@@ -24,13 +24,6 @@ process, on the same parameter values, after checking that their losses and grad
 4. ``torch forward``: a hand-written forward algorithm in plain torch (log space, batched over
    sequences, emission log-likelihoods of all steps at once, then a sequential recursion over the
    steps), plus the same prior terms, differentiated by autograd.
-5. ``model's own work``: no inference at all, the floor under variants 1 and 2: the guide
-   traced, the loop model traced under enumeration as ``TraceEnum_ELBO`` traces it
-   (``poutine.enum`` with ``first_available_dim=-3``, replayed against the guide), every
-   site's ``log_prob`` computed (``Trace.compute_log_prob``, masks applied), their plain sum
-   differentiated. Any exact inference on the unchanged loop model computes these same
-   tensors and differentiates them, so ``t1 / t5`` bounds the speed-up over Pyro that an engine
-   can reach on it, and ``(t1 - t5) / (t2 - t5)`` is the speed-up of the inference itself.
 
 Each timed call is one ``loss_and_grads`` (forward and backward into the parameters'
 gradients); the gradients are set to ``None`` before each call, outside the timed region.
@@ -70,10 +63,9 @@ from plated.pyro import TVE_ELBO, markov_plate
 
 ENUM: InferDict = {"enumerate": "parallel"}
 #: variant names, in the order of the module docstring; the first is the baseline.
-PYRO, TVE_LOOP, TVE_VEC, TVE_VEC_B, TORCH, FLOOR = (
+PYRO, TVE_LOOP, TVE_VEC, TVE_VEC_B, TORCH = (
     "1 pyro TraceEnum_ELBO", "2 plated TVE_ELBO (loop)", "3 plated TVE_ELBO (markov_plate)",
-    "3b plated TVE_ELBO (markov_plate, Bernoulli sites)", "4 torch forward",
-    "5 model's own work (no inference)")
+    "3b plated TVE_ELBO (markov_plate, Bernoulli sites)", "4 torch forward")
 
 Fn = Callable[[], float]
 
@@ -152,24 +144,6 @@ def make_guide(init_x: torch.Tensor, init_y: torch.Tensor) -> Callable[..., None
         pyro.sample("probs_y", dist.Delta(probs_y, event_dim=2))
 
     return guide
-
-
-def model_work(model: Callable[..., None], guide: Callable[..., None], max_plate_nesting: int,
-               *args: Any) -> float:
-    """Variant 5: trace ``guide`` and ``model`` (enumerated, replayed against the guide) as
-    ``TraceEnum_ELBO`` does, compute every sample site's ``log_prob`` and differentiate their
-    plain sum (model minus guide): the work any exact inference on ``model`` includes."""
-    guide_trace = poutine.trace(guide).get_trace(*args)
-    enumerated = poutine.enum(model, first_available_dim=-1 - max_plate_nesting)
-    model_trace = poutine.trace(poutine.replay(enumerated, trace=guide_trace)).get_trace(*args)
-    total = torch.zeros(())
-    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        trace.compute_log_prob()
-        for site in trace.nodes.values():
-            if site["type"] == "sample":
-                total = total + sign * site["log_prob"].sum()
-    total.backward()
-    return float(total)
 
 
 def torch_forward_loss(sequences: torch.Tensor, lengths: torch.Tensor,
@@ -356,7 +330,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         TVE_VEC: lambda: tve_vec.loss_and_grads(model_vec, guide, *model_args),
         TVE_VEC_B: lambda: tve_vec_b.loss_and_grads(model_vec_bernoulli, guide, *model_args),
         TORCH: run_torch,
-        FLOOR: lambda: model_work(model_loop, guide, 2, *model_args),
     }
 
     print("\nagreement (first call of each; loss = negative ELBO, gradients w.r.t. the "
@@ -372,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        for p in leaves]
         print(f"  {name}: first call {first * 1e3:.0f} ms", flush=True)
     rtol = 1e-4 if dtype == torch.float32 else 1e-9
-    check_close({k: v for k, v in values.items() if k != FLOOR}, grads, rtol)
+    check_close(values, grads, rtol)
 
     print(f"\ntiming: {args.warmup} warm-up call(s) each, then {args.repeats} alternating "
           "rounds", flush=True)
@@ -391,11 +364,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"3 >= 10x faster than 1: {'MET' if r3 >= 10 else 'NOT MET'} (ratio {r3:.2f})",
         f"3 within 2x of 4: {'MET' if r34 <= 2 else 'NOT MET'} (3 / 4 = {r34:.2f})",
     ]
-    floor = med[FLOOR]
-    targets.append(f"the loop model's ceiling (1 / 5, no inference): {med[PYRO] / floor:.2f}x; "
-                   f"inference beyond the model's own work: 1 {(med[PYRO] - floor) * 1e3:.0f} ms, "
-                   f"2 {(med[TVE_LOOP] - floor) * 1e3:.0f} ms "
-                   f"({(med[PYRO] - floor) / max(med[TVE_LOOP] - floor, 1e-9):.2f}x)")
     print("\ntargets:\n" + "\n".join("  " + t for t in targets), flush=True)
     if not all(math.isfinite(v) for v in med.values()):
         return 1
