@@ -10,7 +10,11 @@ round by round. Prints medians, the paired ratios, the plan's predicted times
 
 Run from the repository root::
 
-    PYTHONPATH=. python benchmarks/chains.py [--rounds 7] [--threads 2] [--write-readme]
+    PYTHONPATH=. python benchmarks/chains.py [--rounds 7] [--threads 2] [--dtype float64]
+        [--write-readme]
+
+``--write-readme`` replaces the README's section for the dtype run (float32 and float64 have a
+section each).
 """
 
 from __future__ import annotations
@@ -86,20 +90,22 @@ def main() -> None:
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--shapes", default=None,
                     help="comma-separated BATCHxLENGTHxSTATES (default: all of SHAPES)")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     shapes = SHAPES if args.shapes is None else [
         tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     torch.set_num_threads(args.threads)
     rows = []
     right = 0
     for batch, length, k in shapes:
-        init, trans = tensors(batch, length, k, torch.float32)
+        init, trans = tensors(batch, length, k, dtype)
         fns = {method: graph_fn(init, trans, method) for method in METHODS}
         if length <= 2000:
             fns["torch loop"] = loop_fn(init, trans)
         t = {k2: statistics.median(v) for k2, v in measure(fns, args.rounds,
                                                            args.budget_s).items()}
-        choice = chain_method("log", batch, length, k, "cpu", 4, None)
+        choice = chain_method("log", batch, length, k, "cpu", dtype.itemsize, None)
         assert choice is not None
         chosen, _, predicted = choice
         faster = min(METHODS, key=t.__getitem__)
@@ -116,14 +122,17 @@ def main() -> None:
               "torch loop ms", "blocked / recursion", "scan / recursion",
               "predicted ms (rec / blocked / scan)", "plan's choice", "fastest?"]
     info = machine_info()
-    text = ("## chains.py: recursion, blocked recursion and scan, and the plan's choice\n\n"
+    title = "## chains.py: recursion, blocked recursion and scan, and the plan's choice"
+    if args.dtype != "float32":
+        title += f" ({args.dtype})"
+    text = (f"{title}\n\n"
             f"Machine: {info['cpu']}, {args.threads} threads, torch {info['torch']}; "
-            f"{args.rounds} interleaved rounds, medians, float32, log Z + gradient.\n\n"
+            f"{args.rounds} interleaved rounds, medians, {args.dtype}, log Z + gradient.\n\n"
             + markdown_table(header, rows)
             + f"\n\nThe plan chose the faster method in {right} of {len(rows)} shapes.\n")
     print(text)
     if args.write_readme:
-        replace_readme_section("## chains.py", text)
+        replace_readme_section(title, text)
 
 
 if __name__ == "__main__":

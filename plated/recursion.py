@@ -32,9 +32,11 @@ matrix), the gradient of :math:`\sum_i g[i]\,\beta_0[i]` is
     \frac{\partial}{\partial M_t[i, j]} = q_{t-1}[i]\, T_t[i, j], \qquad q_{-1} = g, \quad
     q_t = q_{t-1} T_t,
 
-the pairwise marginals weighted by ``g``: one forward recursion of vectors, each step's
-exponentials (kept from the forward pass, where a gradient is wanted) scaled in place into its
-gradient, all bounded (no rescaling, no underflow). Where a higher
+the pairwise marginals weighted by ``g``: one forward recursion of vectors (run as the
+recursion of :math:`z_t = q_{t-1} / p_t`, the shifted sums' own scaling, one vector-matrix
+product a step; :func:`_grad_into`), then each step's exponentials (kept from the forward pass,
+where a gradient is wanted) scaled in place into its gradient, all bounded (no underflow). Where
+a higher
 derivative is asked for (``create_graph``), the backward pass differentiates the exact recursion
 written in differentiable operations instead.
 
@@ -99,54 +101,66 @@ def exact_messages(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(ds[::-1]), torch.stack(mxs[::-1])
 
 
-def _fast_messages(steps: Sequence[torch.Tensor], e: Sequence[torch.Tensor] | None,
-                   whole: tuple[torch.Tensor, torch.Tensor] | None = None
+def _fast_messages(steps: torch.Tensor | Sequence[torch.Tensor],
+                   e: torch.Tensor | Sequence[torch.Tensor] | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The local backward messages ``d``, ``mx`` (as :func:`exact_messages`) of the chain
-    ``steps`` (``n`` tensors ``(batch, K, K)``) by shifted linear products; each step's maxima
-    ``r`` ``(n, batch, 1, 1)`` (one per matrix) and shifted sums ``p`` ``(n, batch, K)``; and a
-    ``(batch,)`` flag of the batch elements where some shifted sum fell under the underflow
-    threshold (no host-device sync). Each step exponentiates its own slice while it is in cache,
-    into ``e[t]`` (kept for the gradient) or, with ``e`` ``None``, into one scratch buffer.
+    """The backward messages of the chain ``steps`` (time-major: a tensor ``(n, batch, K, K)``,
+    or ``n`` tensors ``(batch, K, K)``) by shifted linear products: each step's matrix max ``r``
+    ``(n, batch, 1, 1)``; every message's exponential ``v`` ``(n + 1, batch, K, 1)``, shifted to
+    a max of 1, and the max ``top`` ``(n, batch, 1, 1)`` it was divided by, so that step ``t``'s
+    shifted sums are ``p_t = v_t top_t`` and its local message (see :func:`exact_messages`) is
+    ``d_t = log v_t + mx_t`` with ``mx_t = log top_t + r_t``; those maxima ``mx`` ``(n + 1,
+    batch)``; and a ``(batch,)`` flag of the batch elements where some shifted sum fell under
+    the underflow threshold, or is NaN (:func:`_flagged`; no host-device sync). Each step
+    exponentiates its own matrix while it is in cache, into ``e[t]`` (kept for the gradient) or,
+    with ``e`` ``None``, into one scratch buffer.
 
     A matrix is shifted by its own max, not row by row (a reduction over a short last dim costs
     as much as the exponentials): a row far below its matrix's peak keeps its relative precision
     in the floating-point sum, down to the underflow threshold, where its batch element is
     flagged for the exact recursion like any other.
 
-    With ``whole`` (the chain as one tensor ``(batch, n, K, K)`` and the buffer ``(n, batch, K,
-    K)`` that ``e`` slices), every matrix's max and exponential are taken in two passes over the
-    whole chain before the loop, which then runs four operations a step instead of eight."""
+    With both ``steps`` and ``e`` one tensor, every matrix's max and exponential are taken in
+    two passes over the whole chain before the loop, which then runs three operations a step.
+    The loops index the chain's tensors as they go rather than hold a view of every step: ``n``
+    live views would each be tracked by Python's garbage collector, whose collections would
+    then cost more than the views."""
     n = len(steps)
     x = steps[0]
     batch, k, _ = x.shape
+    lo = torch.finfo(x.dtype).min
     r = x.new_empty(n, batch, 1, 1)
-    p = x.new_empty(n, batch, k, 1)
     top = x.new_empty(n, batch, 1, 1)
-    v = x.new_empty(n + 1, batch, k)  # each message's exponential, shifted to a max of 1
+    v = x.new_empty(n + 1, batch, k, 1)
     v[n] = 1.0
-    if whole is not None and e is not None:
-        m, buf = whole
-        lo = torch.finfo(x.dtype).min
-        r.copy_(m.amax(dim=(-2, -1)).clamp_(min=lo).t().reshape(n, batch, 1, 1))
-        torch.sub(m.transpose(0, 1), r, out=buf).exp_()
+    v_next = v[n]
+    if isinstance(e, torch.Tensor) and isinstance(steps, torch.Tensor):
+        torch.amax(steps, dim=(-2, -1), keepdim=True, out=r).clamp_(min=lo)
+        torch.sub(steps, r, out=e).exp_()
         light = _step("forward_exp", _forward_step_exp)
         for t in range(n - 1, -1, -1):  # the plan chose the recursion by its cost model
-            light(e[t], v[t + 1], p[t], top[t], v[t])
+            vt = v[t]
+            light(e[t], v_next, top[t], vt)
+            v_next = vt
     else:
         scratch = x.new_empty(batch, k, k) if e is None else None
         step = _step("forward", _forward_step)
         for t in range(n - 1, -1, -1):  # the plan chose the recursion by its cost model
-            step(steps[t], v[t + 1], scratch if e is None else e[t], r[t], p[t], top[t], v[t])
-    # the local messages and their maxima, all steps at once: d_t = log p_t + r_t
-    d = x.new_empty(n + 1, batch, k)
-    d[n] = 0.0
-    torch.add(p.squeeze(-1).log(), r.view(n, batch, 1), out=d[:n])
+            vt = v[t]
+            step(steps[t], v_next, scratch if e is None else e[t], r[t], top[t], vt)
+            v_next = vt
     mx = x.new_zeros(n + 1, batch)
     torch.add(top.view(n, batch).log(), r.view(n, batch), out=mx[:n])
-    p = p.squeeze(-1)
-    suspect = p.amin(dim=0).amin(dim=-1) < underflow_threshold(x.dtype)
-    return d, mx, r, p, suspect
+    p = v[:n].view(n, batch, k) * top.view(n, batch, 1)
+    suspect = _flagged(p.amin(dim=0).amin(dim=-1), x.dtype)
+    return r, v, top, mx, suspect
+
+
+def _flagged(smallest: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where the smallest shifted sum ``smallest`` fell under the underflow threshold of
+    ``dtype``, or is NaN: a step whose sums were all 0 (an impossible batch element) divides 0
+    by 0 rather than pay a clamp every step, and the NaN it leaves flags the element."""
+    return ~(smallest >= underflow_threshold(dtype))
 
 
 def _beta0(d: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
@@ -167,51 +181,65 @@ def _needs(ctx: torch.autograd.function.FunctionCtx) -> tuple[bool, ...]:
 
 
 def _chain_forward(ctx: torch.autograd.function.FunctionCtx, given: Sequence[torch.Tensor],
-                   steps: Sequence[torch.Tensor], e: Sequence[torch.Tensor] | None,
-                   whole: tuple[torch.Tensor, torch.Tensor] | None = None
+                   steps: torch.Tensor | Sequence[torch.Tensor],
+                   e: torch.Tensor | Sequence[torch.Tensor] | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward of :class:`_ChainMessages` and :class:`_ChainSteps` on the detached
-    ``steps``: each ``e[t]`` ``(batch, K, K)`` receives its step's shifted exponential (where a
-    gradient is wanted) and becomes the step's gradient in place (:func:`_grad_into`); the
-    inputs ``given`` are saved first."""
-    d, mx, r, p, suspect = _fast_messages(steps, e, whole)
-    beta0 = _beta0(d, mx)
+    ``steps`` (time-major, as :func:`_fast_messages` takes them): each ``e[t]`` ``(batch, K,
+    K)`` receives its step's shifted exponential (where a gradient is wanted) and becomes the
+    step's gradient in place (:func:`_grad_into`); the inputs ``given`` are saved first.
+
+    ``beta_0 = d_0 + mx_1 + ... + mx_n = log v_0 + mx_0 + ... + mx_{n-1}``, the offsets summed
+    in float64, and the messages shifted to a max of 0 are ``log v``, taken from the linear
+    quantities rather than as differences of large local messages."""
+    r, v, top, mx, suspect = _fast_messages(steps, e)
+    w = v.squeeze(-1).log()  # every message shifted to a max of 0 (for sampling)
+    offset = mx.sum(dim=0, dtype=torch.float64)
+    beta0 = (w[0].double() + offset.unsqueeze(-1)).to(w.dtype)
     idx = suspect.nonzero().squeeze(-1)
     exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     if idx.numel():
         wide = _EXACT_DTYPE.get(beta0.dtype, beta0.dtype)
-        m = torch.stack([s[idx] for s in steps], dim=1).to(wide)
+        if isinstance(steps, torch.Tensor):
+            m = steps[:, idx].transpose(0, 1).to(wide)
+        else:
+            m = torch.stack([s[idx] for s in steps], dim=1).to(wide)
         de, mxe = exact_messages(m)
         exact = (m, de, mxe)
-        d[:, idx], mx[:, idx] = de.to(d.dtype), mxe.to(d.dtype)
+        w[:, idx] = (de - mxe.unsqueeze(-1)).to(w.dtype)
         beta0[idx] = _beta0(de, mxe).to(beta0.dtype)
     ctx.exact = exact  # type: ignore[attr-defined]
     ctx.e = e  # type: ignore[attr-defined]  # not saved: the backward overwrites them
-    ctx.save_for_backward(*given, d, mx, r, p, idx)
-    w = d - mx.unsqueeze(-1)  # every message shifted to a max of 0 (for sampling)
+    ctx.save_for_backward(*given, r, v, top, idx)
     ctx.mark_non_differentiable(w)
     return beta0, w
 
 
-def _chain_backward(ctx: torch.autograd.function.FunctionCtx, steps: Sequence[torch.Tensor],
-                    g: torch.Tensor, out: torch.Tensor | None = None) -> Sequence[torch.Tensor]:
+def _chain_backward(ctx: torch.autograd.function.FunctionCtx,
+                    steps: torch.Tensor | Sequence[torch.Tensor], g: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor | Sequence[torch.Tensor]:
     """The gradient of :func:`_chain_forward`'s ``beta0`` (weights ``g`` ``(batch, K)``) with
-    respect to every step, one ``(batch, K, K)`` tensor a step (the slices of ``out``
-    ``(n, batch, K, K)`` where a second backward pass, ``retain_graph``, recomputes them)."""
-    d, mx, r, p, idx = ctx.saved_tensors[-5:]  # type: ignore[attr-defined]
+    respect to every step: ``out`` ``(n, batch, K, K)`` where it is given (the chain's buffer;
+    with ``steps`` one tensor), or one ``(batch, K, K)`` tensor a step. A second backward pass
+    (``retain_graph``) recomputes the exponentials the first consumed."""
+    r, v, top, idx = ctx.saved_tensors[-4:]  # type: ignore[attr-defined]
     e = ctx.e  # type: ignore[attr-defined]
     ctx.e = None  # type: ignore[attr-defined]  # consumed: a second backward recomputes them
     if e is None:
-        e = (out if out is not None else steps[0].new_empty(len(steps), *steps[0].shape)).unbind(0)
-        for t, s in enumerate(steps):
-            torch.sub(s.detach(), r[t], out=e[t]).exp_()
-    grad = _grad_into(e, d, mx, p, g)
+        if out is not None and isinstance(steps, torch.Tensor):
+            e = torch.sub(steps, r, out=out).exp_()
+        else:
+            e = [torch.sub(s.detach(), r[t]).exp_() for t, s in enumerate(steps)]
+    grad = _grad_into(e, v, top, g)
     exact = ctx.exact  # type: ignore[attr-defined]
     if exact is not None:  # the flagged elements, from their exact messages
         tr = _log_transitions(*exact)
         fix = _weighted(tr, g[idx].to(tr.dtype)).to(g.dtype)
-        for t, gt in enumerate(grad):
-            gt[idx] = fix[:, t]
+        if isinstance(grad, torch.Tensor):
+            grad[:, idx] = fix.transpose(0, 1)
+        else:
+            for t, gt in enumerate(grad):
+                gt[idx] = fix[:, t]
     return grad
 
 
@@ -236,8 +264,7 @@ class _ChainMessages(torch.autograd.Function):
         buf = (_memory.empty((x.shape[1], x.shape[0], *x.shape[2:]), x) if _needs(ctx)[0]
                else None)
         ctx.buf = buf  # type: ignore[attr-defined]
-        return _chain_forward(ctx, (m,), x.unbind(1), None if buf is None else buf.unbind(0),
-                              None if buf is None else (x, buf))
+        return _chain_forward(ctx, (m,), x.transpose(0, 1), buf)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor) -> torch.Tensor:
@@ -251,7 +278,7 @@ class _ChainMessages(torch.autograd.Function):
         ctx.buf = None  # type: ignore[attr-defined]
         if buf is None:
             buf = _memory.empty((m.shape[1], m.shape[0], *m.shape[2:]), m)
-        _chain_backward(ctx, m.unbind(1), grads[0], buf)
+        _chain_backward(ctx, m.detach().transpose(0, 1), grads[0], buf)
         return buf.transpose(0, 1)
 
 
@@ -271,7 +298,7 @@ class _ChainSteps(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
                  ) -> tuple[torch.Tensor | None, ...]:
-        steps = ctx.saved_tensors[:-5]  # type: ignore[attr-defined]
+        steps = ctx.saved_tensors[:-4]  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # a higher derivative: differentiate the exact twin
             wanted = [s for s, need in zip(steps, _needs(ctx), strict=True) if need]
             with torch.enable_grad():
@@ -282,49 +309,71 @@ class _ChainSteps(torch.autograd.Function):
         return tuple(_chain_backward(ctx, steps, grads[0]))
 
 
-def _grad_into(e: Sequence[torch.Tensor], d: torch.Tensor, mx: torch.Tensor, p: torch.Tensor,
-               g: torch.Tensor) -> Sequence[torch.Tensor]:
+def _grad_into(e: torch.Tensor | Sequence[torch.Tensor], v: torch.Tensor, top: torch.Tensor,
+               g: torch.Tensor) -> torch.Tensor | Sequence[torch.Tensor]:
     r"""The gradient ``q_{t-1}[i] T_t[i, j]``, with ``T_t[i, j] = e_t[i, j]\, v_{t+1}[j] /
-    p_t[i]`` and ``e`` the steps' shifted exponentials ``(batch, K, K)`` (overwritten and
-    returned), step by step: with :math:`z_t = q_{t-1} / p_t` (a zero row, ``p = 0``, gives 0),
-    the gradient is :math:`z_t[i]\, e_t[i, j]\, v_{t+1}[j]` and :math:`q_t` its column sums."""
+    p_t[i]``, ``e`` the steps' shifted exponentials (one tensor ``(n, batch, K, K)`` or ``n``
+    tensors ``(batch, K, K)``; overwritten and returned) and ``v``, ``top`` (``p_t = v_t
+    top_t``) as :func:`_fast_messages` gives them.
+
+    With :math:`z_t = q_{t-1} / p_t` the gradient is :math:`z_t[i]\, e_t[i, j]\, v_{t+1}[j]`,
+    whose column sums are :math:`q_t`, so that, as :math:`v_{t+1} = p_{t+1} / top_{t+1}`,
+
+    .. math::
+
+        z_0 = g / p_0, \qquad z_{t+1} = (z_t\, e_t) / top_{t+1}:
+
+    one vector-matrix product and one scaling a step (the backward pass of a scaled
+    forward-backward), and the gradient formed after the loop, in two passes over the chain
+    where it is one tensor. Every shifted sum of a batch element the fast path keeps is at least
+    the underflow threshold, so nothing here divides by 0; a flagged element's entries, whatever
+    they are, are overwritten from its exact messages."""
     n = len(e)
-    v = torch.sub(d[1:], mx[1:].unsqueeze(-1)).exp_()  # (n, batch, K)
-    inv = torch.where(p > 0, p.reciprocal(), torch.zeros_like(p))
-    q = g
+    batch, k = g.shape
+    z = g.new_empty(n, batch, 1, k)  # z_t, time-major
+    torch.div(g, v[0].view(batch, k) * top[0].view(batch, 1), out=z[0].view(batch, k))
+    z_t = z[0]
     step = _step("backward", _backward_step)
-    for t in range(n):  # the plan chose the recursion by its cost model
-        q = step(e[t], v[t], inv[t], q)
+    for t in range(n - 1):  # the plan chose the recursion by its cost model
+        z_next = z[t + 1]
+        step(z_t, e[t], top[t + 1], z_next)
+        z_t = z_next
+    if isinstance(e, torch.Tensor):
+        e.mul_(z.transpose(-2, -1)).mul_(v[1:].transpose(-2, -1))
+    else:
+        for t in range(n):
+            e[t].mul_(z[t].transpose(-2, -1)).mul_(v[t + 1].transpose(-2, -1))
     return e
 
 
 def _forward_step(m: torch.Tensor, v_next: torch.Tensor, e: torch.Tensor, r: torch.Tensor,
-                  p: torch.Tensor, top: torch.Tensor, v: torch.Tensor) -> None:
+                  top: torch.Tensor, v: torch.Tensor) -> None:
     """One step of :func:`_fast_messages`: the matrix ``m`` ``(batch, K, K)`` shifted by its
-    max ``r`` ``(batch, 1, 1)`` and exponentiated into ``e``, its product ``p`` ``(batch, K,
-    1)`` with the next message's shifted exponential ``v_next`` ``(batch, K)``, the product's
-    max ``top`` ``(batch, 1, 1)`` (at least the smallest normal number: a row of zeros gives a
-    message of zeros) and this message's shifted exponential ``v = p / top``; every output
-    written in place. The logs are taken after the loop, for all steps at once."""
+    max ``r`` ``(batch, 1, 1)`` and exponentiated into ``e``, then :func:`_forward_step_exp`;
+    every output written in place."""
     torch.amax(m, dim=(-2, -1), keepdim=True, out=r).clamp_(min=torch.finfo(m.dtype).min)
     torch.sub(m, r, out=e).exp_()
-    _forward_step_exp(e, v_next, p, top, v)
+    _forward_step_exp(e, v_next, top, v)
 
 
-def _forward_step_exp(e: torch.Tensor, v_next: torch.Tensor, p: torch.Tensor, top: torch.Tensor,
-                      v: torch.Tensor) -> None:
-    """:func:`_forward_step` with the matrix's exponential ``e`` already taken."""
-    torch.bmm(e, v_next.unsqueeze(-1), out=p)
-    torch.amax(p, dim=-2, keepdim=True, out=top).clamp_(min=torch.finfo(e.dtype).tiny)
-    torch.div(p, top, out=v.unsqueeze(-1))
+def _forward_step_exp(e: torch.Tensor, v_next: torch.Tensor, top: torch.Tensor, v: torch.Tensor
+                      ) -> None:
+    """A step of :func:`_fast_messages` with the matrix's exponential ``e`` ``(batch, K, K)``
+    taken: its product with the next message's shifted exponential ``v_next`` ``(batch, K,
+    1)``, the product's max ``top`` ``(batch, 1, 1)``, and this message's shifted exponential,
+    the product divided by ``top``, in ``v`` ``(batch, K, 1)``; in place. A product of zeros
+    divides 0 by 0: the NaN flags its batch element (:func:`_flagged`), which costs no clamp a
+    step."""
+    torch.bmm(e, v_next, out=v)
+    torch.amax(v, dim=-2, keepdim=True, out=top)
+    torch.div(v, top, out=v)
 
 
-def _backward_step(e: torch.Tensor, v: torch.Tensor, inv: torch.Tensor, q: torch.Tensor
-                   ) -> torch.Tensor:
-    """One step of :func:`_grad_into`: ``e`` ``(batch, K, K)`` scaled in place into the
-    step's gradient; returns the next ``q``, the gradient's column sums."""
-    e.mul_(v.unsqueeze(-2)).mul_((q * inv).unsqueeze(-1))
-    return e.sum(dim=-2)
+def _backward_step(z: torch.Tensor, e: torch.Tensor, top: torch.Tensor, z_next: torch.Tensor
+                   ) -> None:
+    """One step of :func:`_grad_into`: ``z_next = (z e) / top``, with ``z`` and ``z_next``
+    ``(batch, 1, K)``, ``e`` ``(batch, K, K)`` and ``top`` ``(batch, 1, 1)``, in place."""
+    torch.bmm(z, e, out=z_next).div_(top)
 
 
 _COMPILE: list[bool] = [False]
@@ -539,17 +588,17 @@ class _BlockedChain(torch.autograd.Function):
         # (2) across the blocks: each block's end vector
         vs = x.new_empty(nb + 1, batch, k)
         vs[nb] = 1.0
-        pa, ta = x.new_empty(batch, k, 1), x.new_empty(batch, 1, 1)
+        ta = x.new_empty(batch, 1, 1)
         for b in range(nb - 1, 0, -1):  # the plan chose the blocked recursion by cost
-            _forward_step_exp(prods[:, b], vs[b + 1], pa, ta, vs[b])
+            _forward_step_exp(prods[:, b], vs[b + 1].unsqueeze(-1), ta, vs[b].unsqueeze(-1))
         # (3) within every block at once, from its end vector
         vb = x.new_empty(length + 1, batch, nb, k)
         vb[length] = vs[1:].transpose(0, 1)
-        pb = x.new_empty(length, batch, nb, k, 1)
         tb = x.new_empty(length, batch, nb, 1, 1)
         for j in range(length - 1, -1, -1):  # the plan chose the blocked recursion by cost
-            _forward_step_exp(flat[j], vb[j + 1].view(bb, k), pb[j].view(bb, k, 1),
-                              tb[j].view(bb, 1, 1), vb[j].view(bb, k))
+            _forward_step_exp(flat[j], vb[j + 1].view(bb, k, 1), tb[j].view(bb, 1, 1),
+                              vb[j].view(bb, k, 1))
+        pb = vb[:length].unsqueeze(-1) * tb  # the shifted sums, (L, batch, B, K, 1)
         # each step's shifted sum and its max, in the chain's layout
         p = x.new_empty(batch, n, k)
         top = x.new_empty(batch, n)
@@ -567,7 +616,7 @@ class _BlockedChain(torch.autograd.Function):
         eps = torch.finfo(x.dtype).eps
         start = vb[0, :, 1:]  # (batch, B - 1, K): each later block's first message, from (3)
         drift = (vs[1:nb].transpose(0, 1) - start).abs() > (length * k * eps) * start
-        suspect = ((p.amin(dim=(1, 2)) < underflow_threshold(x.dtype))
+        suspect = (_flagged(p.amin(dim=(1, 2)), x.dtype)
                    | drift.flatten(1).any(dim=-1))
         beta0 = _beta0(d, mx)
         idx = suspect.nonzero().squeeze(-1)  # the one host-device sync
