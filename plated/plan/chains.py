@@ -242,53 +242,71 @@ DEVICE_SPEEDS: dict[str, DeviceSpeed] = {
 }
 
 #: Tensor operations a step (recursion) or a level (scan) launches, forward plus backward, in
-#: units of :attr:`DeviceSpeed.op_s`; and the recursion's passes over the chain. The log ring's
-#: figures were fitted on the 2-core EPYC (``benchmarks/chains.py``, float32, one thread) to
-#: batch x length x states of 229 x 128 x 16 and x 64, 16 x 10,000 x 16, 8 x 128 x 64 and
-#: 1 x 20,000 x 4.
-#: On other devices every one of the log ring's some 15 launches a step costs a launch.
-_RECURSION_OPS = {"log": 6, "max": 8}
-_RECURSION_LAUNCHES = {"log": 15, "max": 8}
-_RECURSION_PASSES = {"log": 2.2, "max": 20.0}
+#: units of :attr:`DeviceSpeed.op_s`; the recursion's passes over the chain's matrices and over
+#: its messages (vectors), in units of :attr:`DeviceSpeed.elem_s` for 4-byte floats (the
+#: elementwise and product terms of every method scale with the itemsize). The log ring's
+#: recursion and blocked figures were fitted (least squares of the relative error) to
+#: ``benchmarks/chains.py``'s ten shapes in float32 and in float64 on the 2-core EPYC, one
+#: thread, at commit 1089c18: the recursion's three operations a step forward and two back cost
+#: about 8.5 us a step there. On other devices the recursion's five kernels a step each cost a
+#: launch.
+_RECURSION_OPS = {"log": 1.4, "max": 8.0}
+_RECURSION_LAUNCHES = {"log": 5, "max": 8}
+_RECURSION_PASSES = {"log": 1.1, "max": 20.0}
+_RECURSION_VECTOR_PASSES = {"log": 10.0, "max": 0.0}
 _SCAN_OPS = {"log": 40, "max": 16}
 #: The blocked recursion's operations for each position within a block (forward and backward,
 #: all blocks at once) and for each block (one block after another), the operations it adds
-#: once a call to the recursion's (its layout, its check), and its passes over the chain,
-#: fitted like the recursion's (``benchmarks/chains.py``).
+#: once a call to the recursion's (its layout, its check), its passes over the chain and over
+#: its messages, and the weight of its ``2 n K`` products' multiply-adds, fitted like the
+#: recursion's on the float32 shapes (float64's blocked times there were erratic); the
+#: products' weight was then lowered by hand from the fit's 0.84, so that the long chains of
+#: 16 states (2,000 and 10,000 steps in a plate of 16), where the fit's residuals were largest,
+#: come out in their measured order. The model chose the measured fastest method on 8 of the 10
+#: float32 shapes and 9 of the 10 float64 ones (the same shapes it was fitted to).
 _BLOCKED_POSITION_OPS = 9
 _BLOCKED_BLOCK_OPS = 4
 _BLOCKED_FIXED_OPS = 30
-_BLOCKED_PASSES = 2.5
+_BLOCKED_PASSES = 0.8
+_BLOCKED_VECTOR_PASSES = 22.0
+_BLOCKED_PRODUCTS = 0.35
 
 
 def chain_times(ring: str, batch: int, length: int, state: int, device: str,
                 itemsize: int = 4) -> dict[ChainMethod, float]:
     """Predicted seconds of log Z plus its gradient for each method (see :class:`DeviceSpeed`):
-    the recursion launches a few operations per step and passes over the chain a few times; the
-    scan launches more per level, over ``log2(length)`` levels, and multiplies matrices
-    (``state`` times the recursion's work; the max ring's products are elementwise); the
-    blocked recursion launches a few operations per position within a block and per block, and
-    multiplies matrices, forward and backward. The blocked recursion is offered for the log
-    ring in float32 and wider only (``itemsize``): its products' rounding would swamp its check
-    in a 2-byte float."""
+    the recursion launches a few operations per step and passes over the chain and its messages
+    a few times; the scan launches more per level, over ``log2(length)`` levels, and multiplies
+    matrices (``state`` times the recursion's work; the max ring's products are elementwise);
+    the blocked recursion launches a few operations per position within a block and per block,
+    and multiplies matrices, forward and backward. Every pass and product costs in proportion
+    to ``itemsize`` (float64 moves and multiplies twice float32's bytes). The blocked recursion
+    is offered for the log ring in float32 and wider only: its products' rounding would swamp
+    its check in a 2-byte float."""
     speed = DEVICE_SPEEDS.get(device, DEVICE_SPEEDS["cuda"])
+    wide = itemsize / 4
     n = batch * length * state * state
+    vectors = batch * length * state
     levels = max(1, math.ceil(math.log2(max(length, 1)))) + 1
     ops = (_RECURSION_OPS if device == "cpu" else _RECURSION_LAUNCHES)[ring]
     recursion = (length * ops * speed.op_s
-                 + _RECURSION_PASSES[ring] * n * speed.elem_s + 4 * n * speed.flop_s)
+                 + wide * (_RECURSION_PASSES[ring] * n + _RECURSION_VECTOR_PASSES[ring] * vectors)
+                 * speed.elem_s + wide * 4 * n * speed.flop_s)
     if ring == "max":
         products = 3 * n * state * speed.elem_s
     else:
         products = 3 * n * state * speed.flop_s
-    scan = levels * _SCAN_OPS[ring] * speed.op_s + 25 * n * speed.elem_s + products
+    scan = levels * _SCAN_OPS[ring] * speed.op_s + wide * (25 * n * speed.elem_s + products)
     times: dict[ChainMethod, float] = {"recursion": recursion, "scan": scan}
     if ring == "log" and itemsize >= 4 and length > 1:
         size = block_length(length, state)
         blocks = -(-length // size)
+        e = batch * blocks * size * state * state
         times["blocked"] = ((size * _BLOCKED_POSITION_OPS + blocks * _BLOCKED_BLOCK_OPS
-                             + _BLOCKED_FIXED_OPS) * speed.op_s + _BLOCKED_PASSES * n * speed.elem_s
-                            + 2 * n * state * speed.flop_s)
+                             + _BLOCKED_FIXED_OPS) * speed.op_s
+                            + wide * (_BLOCKED_PASSES * e + _BLOCKED_VECTOR_PASSES * e // state)
+                            * speed.elem_s
+                            + wide * _BLOCKED_PRODUCTS * 2 * e * state * speed.flop_s)
     return times
 
 
