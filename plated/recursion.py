@@ -324,8 +324,11 @@ def _grad_into(e: torch.Tensor | Sequence[torch.Tensor], v: torch.Tensor, top: t
         z_0 = g / p_0, \qquad z_{t+1} = (z_t\, e_t) / top_{t+1}:
 
     one vector-matrix product and one scaling a step (the backward pass of a scaled
-    forward-backward), and the gradient formed after the loop, in two passes over the chain
-    where it is one tensor. Every shifted sum of a batch element the fast path keeps is at least
+    forward-backward), and the gradient formed after the loop, in two passes over the chain.
+    That is for narrow steps, whose loop is bound by its launches; a step of
+    :data:`_WIDE_STEP_BYTES` or more (or steps given as separate tensors) is scaled into its
+    gradient in the loop, while it is in cache, and :math:`z_{t+1} = q_t / p_{t+1}` taken from
+    its column sums. Every shifted sum of a batch element the fast path keeps is at least
     the underflow threshold, so nothing here divides by 0; a flagged element's entries, whatever
     they are, are overwritten from its exact messages."""
     n = len(e)
@@ -333,17 +336,33 @@ def _grad_into(e: torch.Tensor | Sequence[torch.Tensor], v: torch.Tensor, top: t
     z = g.new_empty(n, batch, 1, k)  # z_t, time-major
     torch.div(g, v[0].view(batch, k) * top[0].view(batch, 1), out=z[0].view(batch, k))
     z_t = z[0]
-    step = _step("backward", _backward_step)
-    for t in range(n - 1):  # the plan chose the recursion by its cost model
-        z_next = z[t + 1]
-        step(z_t, e[t], top[t + 1], z_next)
-        z_t = z_next
-    if isinstance(e, torch.Tensor):
+    if isinstance(e, torch.Tensor) and e[0].numel() * e.element_size() < _WIDE_STEP_BYTES:
+        # narrow steps (the loop is bound by its launches): one product a step, and the
+        # gradient formed after the loop, in two passes over the chain
+        step = _step("backward", _backward_step)
+        for t in range(n - 1):  # the plan chose the recursion by its cost model
+            z_next = z[t + 1]
+            step(z_t, e[t], top[t + 1], z_next)
+            z_t = z_next
         e.mul_(z.transpose(-2, -1)).mul_(v[1:].transpose(-2, -1))
-    else:
-        for t in range(n):
-            e[t].mul_(z[t].transpose(-2, -1)).mul_(v[t + 1].transpose(-2, -1))
+        return e
+    # wide steps: each step's exponentials scaled into its gradient while they are in cache,
+    # and z_{t+1} = q_t / p_t+1 from its column sums q_t (a reduction is cheaper than a wide
+    # batch of vector-matrix products)
+    p = v[1:n].transpose(-2, -1) * top[1:]  # (n - 1, batch, 1, K)
+    for t in range(n):  # the plan chose the recursion by its cost model
+        et = e[t]
+        et.mul_(z_t.transpose(-2, -1)).mul_(v[t + 1].transpose(-2, -1))
+        if t < n - 1:
+            z_next = z[t + 1]
+            torch.sum(et, dim=-2, keepdim=True, out=z_next).div_(p[t])
+            z_t = z_next
     return e
+
+
+#: A step of at least this many bytes of exponentials (``batch K K``) is scaled into its
+#: gradient inside the backward loop, while it is in cache; smaller steps after the loop.
+_WIDE_STEP_BYTES = 64 * 1024
 
 
 def _forward_step(m: torch.Tensor, v_next: torch.Tensor, e: torch.Tensor, r: torch.Tensor,
