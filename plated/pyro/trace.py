@@ -36,7 +36,7 @@ from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape, check_traceenum_requirements
-from torch.distributions.utils import probs_to_logits
+from torch.distributions.utils import clamp_probs, probs_to_logits
 
 from ..errors import GraphError, IntractableError
 from ..factor import Factor, Plate
@@ -560,6 +560,8 @@ def _log_prob(site: Any) -> torch.Tensor:
     if lp is None:
         lp = _enumerated_categorical(site)
         if lp is None:
+            lp = _broadcast_bernoulli(site)
+        if lp is None:
             lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
         site["unscaled_log_prob"] = lp
     return lp
@@ -571,6 +573,49 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
         if st == 0 and n > 1:
             t = t.narrow(i, 0, 1)
     return t
+
+
+def _broadcast_bernoulli(site: Any) -> torch.Tensor | None:
+    r"""The log-probability of a ``Bernoulli`` site whose parameter Pyro's plates broadcast,
+    computed on the parameter without its broadcast (stride-0) dims.
+
+    ``Bernoulli.log_prob`` takes the logits of the broadcast probabilities (a clamp, a log and a
+    log1p for every batch element, each differentiated) and a cross-entropy, where an observed
+    site under a plate with an enumerated parent has only (states x keys) distinct
+    probabilities, not (states x sequences x keys). Here, with :math:`x` the compact logits,
+    :math:`\log p = \log\sigma(x)` and :math:`\log(1 - p) = \log\sigma(-x)` (or, given
+    probabilities, their log and log1p) are taken once per distinct parameter, and only
+
+    .. math::
+
+        y \log p + (1 - y) \log(1 - p)
+
+    (two broadcast operations) runs at the full size. It is the same function as
+    ``Bernoulli.log_prob``, to rounding, and at a value of 0 or 1 it is the log-sigmoid itself,
+    which keeps the relative precision of a log-probability near 0 that the cross-entropy's
+    ``log(1 + exp(-|x|))`` rounds. A distribution that validates its arguments checks the value
+    first, as ``log_prob`` does. ``None`` where nothing is broadcast.
+    """
+    fn = site["fn"]
+    if type(fn) is not dist.Bernoulli or site["args"] or site["kwargs"]:
+        return None
+    given = "logits" in fn.__dict__
+    param = fn.logits if given else fn.probs
+    small = _compact(param)
+    if small.numel() == param.numel():
+        return None
+    value = site["value"]
+    if fn._validate_args:
+        fn._validate_sample(value)
+    if given:
+        log_p = torch.nn.functional.logsigmoid(small)
+        log_q = torch.nn.functional.logsigmoid(-small)
+    else:  # the probabilities clamped as ``probs_to_logits`` clamps them
+        p = clamp_probs(small)
+        log_p, log_q = p.log(), torch.log1p(-p)
+    lp = torch.addcmul(value * log_p, 1 - value, log_q)
+    shape = torch.broadcast_shapes(fn.batch_shape, value.shape)
+    return lp if lp.shape == shape else lp.expand(shape)
 
 
 def _enumerated_categorical(site: Any) -> torch.Tensor | None:
