@@ -15,7 +15,8 @@ The cases come from the other scripts, built the same way in both checkouts:
 * ``pyro_hmm.py``'s ``TVE_ELBO`` training step on JSB chorales (the vectorised model);
 * ``attention.py``'s training steps (marginal, variational-enum, K-max, Markov);
 * case (c)'s sequential-plate chain at any shape (``chain:SEQS-STEPS-STATES-DTYPE``, e.g.
-  ``chain:16-10000-16-float32``; only with ``--cases``);
+  ``chain:16-10000-16-float32``; only with ``--cases``), and its MAP assignment
+  (``chain_map:SEQS-STEPS-STATES-DTYPE``, the max ring's recursion and descent);
 * ``examples.music``'s ``TVE_ELBO`` step of a model at ``K`` states a chain on the full JSB
   training set (``music:MODEL-K``, e.g. ``music:fhmm-8``; only with ``--cases``);
 * MAP, 8 samples and marginals of a sequential-plate HMM graph and of a plated mixture
@@ -73,6 +74,19 @@ def _chain(spec: str) -> Fn:
     init, trans = hmm_tensors(int(seqs), int(steps), int(states), getattr(torch, dtype), seed=2)
     g_init, g_trans = leaf(init), leaf(trans)
     return logz_and_grad(lambda: seq_graph(g_init, g_trans).log_partition(), [g_init, g_trans])
+
+
+def _chain_map(spec: str) -> Fn:
+    """``SEQS-STEPS-STATES-DTYPE``: the MAP assignment (``graph.map()``, no gradient) of the
+    graph of :func:`_chain`."""
+    import torch
+
+    from benchmarks.contract import hmm_tensors, seq_graph
+
+    seqs, steps, states, dtype = spec.split("-")
+    init, trans = hmm_tensors(int(seqs), int(steps), int(states), getattr(torch, dtype), seed=2)
+    graph = seq_graph(init, trans)
+    return graph.map
 
 
 def _pyro_hmm() -> Fn:
@@ -193,6 +207,8 @@ def build(case: str) -> Fn:
         return _hmm(arg)
     if kind == "chain":
         return _chain(arg)
+    if kind == "chain_map":
+        return _chain_map(arg)
     if kind == "pyro_hmm":
         return _pyro_hmm()
     if kind == "attention":
@@ -234,7 +250,8 @@ def worker() -> None:
 # the parent: alternates the two workers
 
 
-#: ``chain:SEQS-STEPS-STATES-DTYPE`` cases (:func:`_chain`) are not in the default set either.
+#: ``chain:SEQS-STEPS-STATES-DTYPE`` and ``chain_map:...`` cases (:func:`_chain`,
+#: :func:`_chain_map`) are not in the default set either.
 #: ``music:*`` cases (the factorial, partially factorial and second-order HMMs at 8 states a
 #: chain, full batch) are not in the default set: run them with ``--cases``.
 MUSIC_CASES = [f"music:{m}-8" for m in ("fhmm", "pfhmm", "hmm2")]
