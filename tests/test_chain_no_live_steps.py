@@ -1,11 +1,12 @@
-"""The recursions' loops keep no tensor alive per step.
+"""The recursions' loops keep no tensor alive per step, and their fast path pays no clamp a step.
 
 Each live ``torch.Tensor`` is tracked by Python's garbage collector: a loop that keeps one per
 step (a list of views, of messages, of states) makes the collector run every few hundred steps,
 and its full collections cost a third of a long chain's time. These tests count the collections
 during one call on a long chain (a loop that kept one tensor a step would trigger one at least
 every 700 steps, the collector's first threshold), and check the max ring's buffered recursion
-against its differentiable twin.
+against its differentiable twin. Without a clamp, an impossible step divides 0 by 0: the last
+test checks that the NaN flags its batch element for the exact recursion, and only it.
 """
 
 from __future__ import annotations
@@ -106,3 +107,41 @@ def test_buffered_max_recursion_equals_the_differentiable_one(seed: int, as_step
     got = recursion_descend(MAX, given, beta, pointers, b, first)
     assert got.shape == (3, 1, 8) and got.is_contiguous()
     assert torch.equal(got, recursion_descend(MAX, m, beta_g.detach(), pointers_g, b, first))
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("as_steps", [False, True])
+def test_an_impossible_step_flags_its_element_and_only_it(blocked: bool, as_steps: bool
+                                                           ) -> None:
+    """A step whose matrix is all ``-inf`` makes the fast path divide 0 by 0 (it pays no clamp
+    a step): the NaN must flag that batch element for the exact recursion, and leave the others
+    untouched. log Z, the messages and the gradient equal the exact recursion's, NaN-free."""
+    from plated.recursion import _beta0, blocked_chain_messages, exact_messages
+
+    g = torch.Generator().manual_seed(5)
+    m = torch.randn(4, 40, 3, 3, generator=g, dtype=torch.float64)
+    m[1, 17] = -torch.inf  # element 1: impossible from step 17 on
+    m[2, 5, 0] = -torch.inf  # element 2: one impossible row only
+    leaf = m.clone().requires_grad_()
+    given = list(leaf.unbind(1)) if as_steps else leaf
+    if blocked:
+        beta0, w = blocked_chain_messages(given, 6)
+    else:
+        beta0, w = chain_messages(given)
+    # the reference: the exact recursion with every -inf replaced by -1e4, whose exponential
+    # is an exact 0 beside the others (autograd through -inf - -inf would give NaN)
+    ref_leaf = m.masked_fill(torch.isneginf(m), -1e4).requires_grad_()
+    ref = _beta0(*exact_messages(ref_leaf))
+    others = [0, 2, 3]
+    assert torch.isneginf(beta0[1]).all()
+    torch.testing.assert_close(beta0[others], ref[others], rtol=1e-12, atol=1e-12)
+    assert not torch.isnan(w).any()
+    weights = torch.rand(4, 3, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((beta0 * weights)[others].sum(), (leaf,))
+    (grad_ref,) = torch.autograd.grad((ref * weights)[others].sum(), (ref_leaf,))
+    assert not torch.isnan(grad).any()
+    # element 1 takes no part in the loss: its gradient is 0; the others equal the reference's
+    # (0 at element 2's impossible row, whose state before has probability 0)
+    assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+    assert torch.equal(grad[2, 5, 0], torch.zeros_like(grad[2, 5, 0]))
+    torch.testing.assert_close(grad[others], grad_ref[others], rtol=1e-10, atol=1e-12)
