@@ -163,10 +163,15 @@ def _flagged(smallest: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ~(smallest >= underflow_threshold(dtype))
 
 
+def _plus_offsets(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(batch, K)`` plus the sum of ``offsets`` ``(n, batch)``, summed in float64."""
+    offset = offsets.sum(dim=0, dtype=torch.float64)
+    return (x.double() + offset.unsqueeze(-1)).to(x.dtype)
+
+
 def _beta0(d: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
     """``beta_0 = d_0 + mx_1 + ... + mx_n``, the offsets summed in float64."""
-    offset = mx[1:].sum(dim=0, dtype=torch.float64)
-    return (d[0].double() + offset.unsqueeze(-1)).to(d.dtype)
+    return _plus_offsets(d[0], mx[1:])
 
 
 #: The dtype the exact recursion of flagged batch elements runs in, for each factor dtype: its
@@ -194,8 +199,7 @@ def _chain_forward(ctx: torch.autograd.function.FunctionCtx, given: Sequence[tor
     quantities rather than as differences of large local messages."""
     r, v, top, mx, suspect = _fast_messages(steps, e)
     w = v.squeeze(-1).log()  # every message shifted to a max of 0 (for sampling)
-    offset = mx.sum(dim=0, dtype=torch.float64)
-    beta0 = (w[0].double() + offset.unsqueeze(-1)).to(w.dtype)
+    beta0 = _plus_offsets(w[0], mx)
     idx = suspect.nonzero().squeeze(-1)
     exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     if idx.numel():

@@ -248,8 +248,10 @@ DEVICE_SPEEDS: dict[str, DeviceSpeed] = {
 #: recursion and blocked figures were fitted (least squares of the relative error) to
 #: ``benchmarks/chains.py``'s ten shapes in float32 and in float64 on the 2-core EPYC, one
 #: thread, at commit 1089c18: the recursion's three operations a step forward and two back cost
-#: about 8.5 us a step there. On other devices the recursion's five kernels a step each cost a
-#: launch.
+#: about 8.5 us a step there. On other devices each kernel costs a launch: the log ring's
+#: recursion runs five a step on narrow steps and seven on wide ones (which form their gradient
+#: in the loop, :data:`plated.recursion._WIDE_STEP_BYTES`); the model counts five (unmeasured:
+#: no GPU was lent).
 _RECURSION_OPS = {"log": 1.4, "max": 8.0}
 _RECURSION_LAUNCHES = {"log": 5, "max": 8}
 _RECURSION_PASSES = {"log": 1.1, "max": 20.0}
