@@ -90,9 +90,9 @@ NEEDLE_ONLY = ("task", "min_frames", "needle_span", "distractors", "feature_size
                "needle_strength", "eval_lengths", "eval_depths", "eval_questions", "chunk_mb")
 #: Options added after grounded runs were first checkpointed, left out of their recorded
 #: options while they keep these values.
-LATER_DEFAULTS = {"window": 3, "k_max": 4, "variant": "default"}
+LATER_DEFAULTS = {"window": 3, "k_max": 4, "variant": "default", "init_from": None}
 #: Likewise for needle runs.
-NEEDLE_LATER_DEFAULTS = {"needle_strength": 1.0, "variant": "default"}
+NEEDLE_LATER_DEFAULTS = {"needle_strength": 1.0, "variant": "default", "init_from": None}
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
@@ -225,6 +225,12 @@ def make_parser() -> argparse.ArgumentParser:
                         "(default: no limit)")
     g.add_argument("--checkpoint-every", type=positive_int, default=200,
                    help="write the checkpoint every N steps (and after every epoch)")
+    g.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from the weights of another run of the same mode and model "
+                        "options (its folder, for its best.pt, or a checkpoint file), with its "
+                        "vocabulary, which must hold every training word and answer; the "
+                        "optimizer, epochs and early stopping start afresh (a curriculum: "
+                        "train on the default variant, then on --variant identifiable)")
     g.add_argument("--eval-batch-size", type=positive_int, default=256,
                    help="questions per evaluation batch")
     g.add_argument("--figure-questions", type=positive_int, default=6,
@@ -350,6 +356,51 @@ def _read_checkpoint(path: Path, device: torch.device | str) -> dict[str, Any]:
         raise ExampleError(f"{str(path)!r} is not a checkpoint of examples.video_qa; delete it "
                            "or choose another --out-dir")
     return st
+
+
+def _init_path(path: str) -> Path:
+    """``--init-from``'s checkpoint: a run folder's ``best.pt``, or the file itself."""
+    p = Path(path)
+    return p / "best.pt" if p.is_dir() else p
+
+
+def _read_init(path: str, device: torch.device | str) -> dict[str, Any]:
+    """The checkpoint ``--init-from path`` names (see :func:`_init_path`)."""
+    p = _init_path(path)
+    if not p.is_file():
+        raise ExampleError(f"--init-from {path!r}: {str(p)!r} not found; give a finished run's "
+                           "folder (it holds best.pt) or a checkpoint file of examples.video_qa")
+    return _read_checkpoint(p, device)
+
+
+def _init_vocab(state: dict[str, Any], train: Sequence[Question], path: str) -> Vocab:
+    """The vocabulary of the ``--init-from`` checkpoint, which must cover ``train``: the model's
+    embeddings and answer layer are indexed by it."""
+    vocab = Vocab.from_dict(state["vocab"])
+    new = Vocab.build(train)
+    words = sorted(set(new.words) - set(vocab.words))
+    answers = sorted(set(new.answers) - set(vocab.answers))
+    if words or answers:
+        missing = "; ".join(f"{kind} {', '.join(map(repr, xs[:8]))}"
+                            + (f" and {len(xs) - 8} more" if len(xs) > 8 else "")
+                            for kind, xs in (("words", words), ("answers", answers)) if xs)
+        raise ExampleError(f"--init-from {path!r}: its vocabulary lacks training {missing}; "
+                           "start from a run whose training questions use them, or train "
+                           "without --init-from")
+    return vocab
+
+
+def _init_model(model: VideoQA, state: dict[str, Any], path: str) -> None:
+    """Load the ``--init-from`` checkpoint's weights into ``model``, whose configuration must
+    be the checkpoint's."""
+    ours = model.config.as_dict()
+    theirs = state["config"]
+    diff = [f"{k} {theirs.get(k)!r} (this run: {ours.get(k)!r})"
+            for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    if diff:
+        raise ExampleError(f"--init-from {path!r} was trained with another model: "
+                           f"{'; '.join(diff)}; use the same --mode and model options")
+    model.load_state_dict(state["model"])
 
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu"
@@ -569,7 +620,14 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         raise DataError(f"{data.source}: every split needs questions; got {len(train)} train, "
                         f"{len(valid)} val and {len(test)} test (use more --videos, or set "
                         "\"split\" in qa.jsonl)")
-    vocab = Vocab.build(train)
+    init = None
+    if args.init_from and saved is not None:  # the checkpoint keeps the initialising vocabulary
+        vocab = Vocab.from_dict(saved["vocab"])
+    elif args.init_from:
+        init = _read_init(args.init_from, device)
+        vocab = _init_vocab(init, train, args.init_from)
+    else:
+        vocab = Vocab.build(train)
     log_main(f"{data.source}: {data.videos.shape[0]} videos, {len(train)} training, "
              f"{len(valid)} validation and {len(test)} test questions; {len(vocab.words)} words, "
              f"{len(vocab.answers) - 1} answers; {world} process(es) on {device}")
@@ -580,6 +638,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         embed=args.embed, samples=args.samples, segment_len=args.segment_len,
         window=args.window, k_max=args.k_max)
     model = VideoQA(config).to(device)
+    if init is not None:
+        _init_model(model, init, args.init_from)
+        log_main(f"initialised from {str(_init_path(args.init_from))!r}")
     trainer = Trainer(args, model, data, train, vocab, device, world, rank, valid=valid)
     if saved is not None:
         trainer.restore(saved, ckpt)
@@ -606,7 +667,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
                       # recorded only where not the default, as before variants existed
                       **({"variant": args.variant} if args.variant != "default" else {})},
         "videos": int(data.videos.shape[0]), "frames": int(data.videos.shape[1]),
-        "train_questions": len(train), "device": str(device),
+        "train_questions": len(train), "init_from": args.init_from, "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "world_size": world, "batch_size": args.batch_size, "epochs": trainer.epoch,
         "best_epoch": best_epoch,

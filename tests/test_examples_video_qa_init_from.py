@@ -1,0 +1,101 @@
+"""``--init-from``: a video-QA run that starts from another run's weights and vocabulary (the
+curriculum from the default variant to the identifiable one), its checks, and its resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.common import ExampleError
+from examples.video_qa.train import _read_checkpoint, main
+
+QUIET = ["--no-progress", "--threads", "1"]
+
+
+def _run(out: Path, cache: Path, *extra: str) -> dict:
+    return main(["--mode", "variational-enum", "--smoke-test", "--window", "1", "--out-dir",
+                 str(out), "--cache-dir", str(cache), *extra] + QUIET)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A smoke run on the default variant (its folder, and the data cache)."""
+    root = tmp_path_factory.mktemp("init_from")
+    torch.set_default_dtype(torch.float32)
+    _run(root / "default", root / "cache", "--videos", "80")
+    return root / "default", root / "cache"
+
+
+def test_the_run_starts_from_the_given_weights_and_vocabulary(
+        pretrained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run, cache = pretrained
+    init = _read_checkpoint(run / "best.pt", "cpu")
+    seen = {}
+    from examples.video_qa import train
+
+    # the weights the trainer starts from: captured as the trainer is built
+    real = train.Trainer.__init__
+
+    def spy(self, args, model, *rest, **kw):  # type: ignore[no-untyped-def]
+        seen.update({k: v.clone() for k, v in model.state_dict().items()})
+        real(self, args, model, *rest, **kw)
+
+    monkeypatch.setattr(train.Trainer, "__init__", spy)
+    out = tmp_path / "identifiable"
+    res = _run(out, cache, "--variant", "identifiable", "--init-from", str(run))
+    assert res["init_from"] == str(run)
+    assert seen.keys() == init["model"].keys()
+    for k, v in init["model"].items():
+        assert torch.equal(seen[k], v), k
+    # it trained on (the identifiable answers are a subset of the default vocabulary's)
+    fine = _read_checkpoint(out / "best.pt", "cpu")
+    assert fine["vocab"] == init["vocab"]
+    assert any(not torch.equal(fine["model"][k], v) for k, v in init["model"].items())
+    assert json.loads((out / "results.json").read_text())["init_from"] == str(run)
+    # a checkpoint file works as well as a run folder
+    res2 = _run(tmp_path / "from_file", cache, "--variant", "identifiable", "--init-from",
+                str(run / "best.pt"))
+    assert res2["init_from"] == str(run / "best.pt")
+
+
+def test_resume_keeps_the_vocabulary_without_the_initialising_run(
+        pretrained: tuple[Path, Path], tmp_path: Path) -> None:
+    run, cache = pretrained
+    copy = tmp_path / "init"
+    copy.mkdir()
+    (copy / "best.pt").write_bytes((run / "best.pt").read_bytes())
+    out = tmp_path / "identifiable"
+    first = _run(out, cache, "--variant", "identifiable", "--init-from", str(copy))
+    (copy / "best.pt").unlink()  # the finished run resumes from its own checkpoint alone
+    again = _run(out, cache, "--variant", "identifiable", "--init-from", str(copy), "--resume")
+    assert again["test"] == first["test"] and again["steps"] == first["steps"]
+    # and refuses another --init-from, or none
+    for other in (["--init-from", str(run)], []):
+        with pytest.raises(ExampleError, match="--init-from"):
+            _run(out, cache, "--variant", "identifiable", "--resume", *other)
+
+
+def test_bad_init_from_is_refused_with_its_reason(pretrained: tuple[Path, Path],
+                                                 tmp_path: Path) -> None:
+    run, cache = pretrained
+    with pytest.raises(ExampleError, match=r"--init-from .*not found.*best\.pt"):
+        _run(tmp_path / "a", cache, "--init-from", str(tmp_path / "nowhere"))
+    with pytest.raises(ExampleError, match=r"another model: dim 32 \(this run: 16\)"):
+        _run(tmp_path / "b", cache, "--variant", "identifiable", "--init-from", str(run),
+             "--dim", "16")
+    with pytest.raises(ExampleError, match=r"another model: mode 'variational-enum' "
+                                           r"\(this run: 'soft'\)"):
+        main(["--mode", "soft", "--smoke-test", "--window", "1", "--variant", "identifiable",
+              "--out-dir", str(tmp_path / "c"), "--cache-dir", str(cache), "--init-from",
+              str(run)] + QUIET)
+    # a vocabulary without the training words: from the identifiable run to the default data,
+    # whose count and direction questions it never saw
+    ident = tmp_path / "ident"
+    _run(ident, cache, "--variant", "identifiable")
+    with pytest.raises(ExampleError, match=r"vocabulary lacks training words .*'many'"):
+        _run(tmp_path / "d", cache, "--init-from", str(ident))
+    # nothing was written for the refused runs
+    assert not any((tmp_path / n).exists() and any((tmp_path / n).iterdir()) for n in "abcd")
