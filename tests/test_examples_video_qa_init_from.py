@@ -1,5 +1,6 @@
 """``--init-from``: a video-QA run that starts from another run's weights and vocabulary (the
-curriculum from the default variant to the identifiable one), its checks, and its resume."""
+curriculum from the default variant to the identifiable one), its checks, and its resume; and
+``--frame-output linear``, the frame encoder without its last ReLU."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from examples.common import ExampleError
+from examples.video_qa.model import ModelConfig, VideoQA
 from examples.video_qa.train import _read_checkpoint, main
 
 QUIET = ["--no-progress", "--threads", "1"]
@@ -99,3 +101,38 @@ def test_bad_init_from_is_refused_with_its_reason(pretrained: tuple[Path, Path],
         _run(tmp_path / "d", cache, "--init-from", str(ident))
     # nothing was written for the refused runs
     assert not any((tmp_path / n).exists() and any((tmp_path / n).iterdir()) for n in "abcd")
+
+
+@pytest.mark.parametrize("features", [None, 12])
+def test_a_linear_frame_output_is_the_relu_encoder_less_its_last_relu(features: int | None
+                                                                     ) -> None:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=10, num_answers=5, dim=16, embed=8, feature_dim=features, window=1)
+    relu, linear = VideoQA(ModelConfig(**cfg)), VideoQA(ModelConfig(**cfg, frame_output="linear"))
+    assert relu.state_dict().keys() == linear.state_dict().keys()
+    linear.load_state_dict(relu.state_dict())
+    shape = (2, 5, 32, 32, 3) if features is None else (2, 5, features)
+    videos = (torch.randint(0, 256, shape, dtype=torch.uint8) if features is None
+              else torch.randn(shape))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        a, b = relu.frames(videos, mask), linear.frames(videos, mask)
+    assert (b < 0).any() and (a >= 0).all()
+    torch.testing.assert_close(a, b.clamp_min(0), rtol=0, atol=0)
+    # a checkpoint from before the option compares equal to the default, and names the other
+    assert "frame_output" not in ModelConfig(**cfg).as_dict()
+    assert ModelConfig(**cfg, frame_output="linear").as_dict()["frame_output"] == "linear"
+    with pytest.raises(ValueError, match="frame_output must be one of"):
+        ModelConfig(**cfg, frame_output="tanh")
+
+
+def test_the_frame_output_option_trains_resumes_and_is_checked(tmp_path: Path) -> None:
+    out = tmp_path / "linear"
+    first = _run(out, tmp_path / "cache", "--variant", "identifiable", "--frame-output", "linear")
+    assert _read_checkpoint(out / "best.pt", "cpu")["config"]["frame_output"] == "linear"
+    assert _read_checkpoint(out / "checkpoint.pt", "cpu")["options"]["frame_output"] == "linear"
+    again = _run(out, tmp_path / "cache", "--variant", "identifiable", "--frame-output", "linear",
+                 "--resume")
+    assert again["test"] == first["test"]
+    with pytest.raises(ExampleError, match="--frame-output 'linear' -> "):
+        _run(out, tmp_path / "cache", "--variant", "identifiable", "--resume")

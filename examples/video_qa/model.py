@@ -97,6 +97,8 @@ __all__ = ["MODES", "ModelConfig", "VideoQA", "needle_chain_logits", "needle_emi
 
 MODES = ("soft", "marginal", "hard-enum", "hard-sample", "variational-enum",
          "variational-sample", "two-level", "k-max", "markov")
+#: The frame encoder's last activations (:attr:`ModelConfig.frame_output`).
+FRAME_OUTPUTS = ("relu", "linear")
 #: The states of ``"markov"`` mode's chain over frames.
 BEFORE, IN, AFTER = 0, 1, 2
 _VARIATIONAL = ("variational-enum", "variational-sample")
@@ -114,6 +116,10 @@ class ModelConfig:
         answer readable at one frame is grounded at that frame only).
     :ivar k_max: the K of ``"k-max"`` mode (the exact marginal likelihood under the prior
         truncated to its K best frames, at training and at test time).
+    :ivar frame_output: the frame encoder's last activation: ``"relu"`` (as the first runs
+        were trained), or ``"linear"`` (none). A ReLU there can die for good: once every frame
+        of every video maps to zero in most units, the prior is uniform, the answer model sees
+        the same vector at every frame, and no gradient reaches the encoder again.
     """
 
     vocab_size: int
@@ -128,6 +134,7 @@ class ModelConfig:
     score: str = "general"
     window: int = 3
     k_max: int = 4
+    frame_output: str = "relu"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -136,6 +143,9 @@ class ModelConfig:
             raise ValueError(f"window must be an odd number of frames >= 1, got {self.window}")
         if self.k_max < 1:
             raise ValueError(f"k_max must be at least 1, got {self.k_max}")
+        if self.frame_output not in FRAME_OUTPUTS:
+            raise ValueError(f"frame_output must be one of {FRAME_OUTPUTS}, got "
+                             f"{self.frame_output!r}")
         if self.feature_dim is None and self.image_size < 4:
             raise ValueError(f"image_size must be at least 4 pixels, got {self.image_size}")
         if self.mode in _SAMPLE and self.samples < 2:
@@ -143,8 +153,8 @@ class ModelConfig:
 
     def as_dict(self) -> dict[str, Any]:
         """The fields, without those added after checkpoints were first written (``window``,
-        ``k_max``) while they keep their defaults, so that older checkpoints still compare
-        equal."""
+        ``k_max``, ``frame_output``) while they keep their defaults, so that older checkpoints
+        still compare equal."""
         out = asdict(self)
         for name, default in _LATER_FIELDS.items():
             if out[name] == default:
@@ -153,7 +163,7 @@ class ModelConfig:
 
 
 #: Fields of :class:`ModelConfig` added later, with the defaults older runs had implicitly.
-_LATER_FIELDS: dict[str, Any] = {"window": 3, "k_max": 4}
+_LATER_FIELDS: dict[str, Any] = {"window": 3, "k_max": 4, "frame_output": "relu"}
 
 
 class _MaxMeanPool(nn.Module):
@@ -184,6 +194,9 @@ class FrameEncoder(nn.Module):
             assert config.feature_dim is not None
             self.net = nn.Sequential(nn.Linear(w * config.feature_dim, d), nn.ReLU(),
                                      nn.Linear(d, d), nn.ReLU())
+        if config.frame_output == "linear":  # the same layers and parameters, less the last ReLU
+            assert isinstance(self.net, nn.Sequential) and isinstance(self.net[-1], nn.ReLU)
+            del self.net[-1]
 
     def _inputs(self, videos: Tensor) -> Tensor:
         """Pixels ``(B, T, H, W, 3)`` uint8 as ``(B, T, 3, H, W)`` in ``[0, 1]``, or features
