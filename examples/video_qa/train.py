@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import random
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -233,11 +234,13 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=positive_int, default=200,
                    help="write the checkpoint every N steps (and after every epoch)")
     g.add_argument("--init-from", default=None, metavar="RUN",
-                   help="start from the weights of another run of the same mode and model "
-                        "options (its folder, for its best.pt, or a checkpoint file), with its "
-                        "vocabulary, which must hold every training word and answer; the "
-                        "optimizer, epochs and early stopping start afresh (a curriculum: "
-                        "train on the default variant, then on --variant identifiable)")
+                   help="start from the weights of another run with the same model options "
+                        "(its folder, for its best.pt, or a checkpoint file), with its "
+                        "vocabulary, which must hold every training word and answer; a run of "
+                        "another mode gives the modules both have (a variational run started "
+                        "from a soft one keeps a fresh inference network); the optimizer, "
+                        "epochs and early stopping start afresh (a curriculum: train on the "
+                        "default variant, then on --variant identifiable)")
     g.add_argument("--eval-batch-size", type=positive_int, default=256,
                    help="questions per evaluation batch")
     g.add_argument("--figure-questions", type=positive_int, default=6,
@@ -397,17 +400,27 @@ def _init_vocab(state: dict[str, Any], train: Sequence[Question], path: str) -> 
     return vocab
 
 
-def _init_model(model: VideoQA, state: dict[str, Any], path: str) -> None:
-    """Load the ``--init-from`` checkpoint's weights into ``model``, whose configuration must
-    be the checkpoint's."""
-    ours = model.config.as_dict()
-    theirs = state["config"]
-    diff = [f"{k} {theirs.get(k)!r} (this run: {ours.get(k)!r})"
-            for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+def _init_model(model: VideoQA, state: dict[str, Any], path: str) -> str:
+    """Load the ``--init-from`` checkpoint's weights into ``model``, whose configuration must be
+    the checkpoint's but for the mode. Across modes, the modules both have are loaded and the
+    others keep their initialisation (e.g. the inference network of a variational run started
+    from a soft one). Returns what was left fresh, for the log (empty when nothing was)."""
+    ours = asdict(model.config)  # every field, those a checkpoint leaves out at their defaults
+    theirs = asdict(ModelConfig(**state["config"]))
+    diff = [f"{k} {theirs[k]!r} (this run: {ours[k]!r})"
+            for k in ours if k != "mode" and ours[k] != theirs[k]]
     if diff:
         raise ExampleError(f"--init-from {path!r} was trained with another model: "
-                           f"{'; '.join(diff)}; use the same --mode and model options")
-    model.load_state_dict(state["model"])
+                           f"{'; '.join(diff)}; use the same model options")
+    own = model.state_dict()
+    weights = state["model"]
+    shapes = [k for k in weights.keys() & own.keys() if weights[k].shape != own[k].shape]
+    if shapes:  # the same options give the same shapes; a foreign file would not
+        raise ExampleError(f"--init-from {path!r}: parameters of other shapes: "
+                           f"{', '.join(sorted(shapes))}")
+    missing, _ = model.load_state_dict(weights, strict=False)
+    fresh = sorted({k.split(".")[0] for k in missing})
+    return ", ".join(fresh)
 
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu"
@@ -646,8 +659,10 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         window=args.window, k_max=args.k_max, frame_output=args.frame_output)
     model = VideoQA(config).to(device)
     if init is not None:
-        _init_model(model, init, args.init_from)
-        log_main(f"initialised from {str(_init_path(args.init_from))!r}")
+        fresh = _init_model(model, init, args.init_from)
+        log_main(f"initialised from {str(_init_path(args.init_from))!r} (a "
+                 f"{init['config']['mode']} run)" + (f"; not in it, so freshly initialised: "
+                                                     f"{fresh}" if fresh else ""))
     trainer = Trainer(args, model, data, train, vocab, device, world, rank, valid=valid)
     if saved is not None:
         trainer.restore(saved, ckpt)
