@@ -1,6 +1,6 @@
 """``--init-from``: a video-QA run that starts from another run's weights and vocabulary (the
 curriculum from the default variant to the identifiable one), its checks, and its resume; and
-``--frame-output linear``, the frame encoder without its last ReLU."""
+``--frame-activation leaky-relu``, a frame encoder whose activations cannot die."""
 
 from __future__ import annotations
 
@@ -102,37 +102,52 @@ def test_bad_init_from_is_refused_with_its_reason(pretrained: tuple[Path, Path],
 
 
 @pytest.mark.parametrize("features", [None, 12])
-def test_a_linear_frame_output_is_the_relu_encoder_less_its_last_relu(features: int | None
-                                                                     ) -> None:
+def test_a_leaky_frame_encoder_has_the_relu_encoders_parameters_and_passes_negatives(
+        features: int | None) -> None:
     torch.manual_seed(0)
     cfg = dict(vocab_size=10, num_answers=5, dim=16, embed=8, feature_dim=features, window=1)
-    relu, linear = VideoQA(ModelConfig(**cfg)), VideoQA(ModelConfig(**cfg, frame_output="linear"))
-    assert relu.state_dict().keys() == linear.state_dict().keys()
-    linear.load_state_dict(relu.state_dict())
+    relu = VideoQA(ModelConfig(**cfg))
+    leaky = VideoQA(ModelConfig(**cfg, frame_activation="leaky-relu"))
+    assert relu.state_dict().keys() == leaky.state_dict().keys()
+    leaky.load_state_dict(relu.state_dict())
+    acts = [type(m) for m in leaky.frames.net if not list(m.parameters())]
+    assert torch.nn.ReLU not in acts and acts.count(torch.nn.LeakyReLU) == (4 if features is None
+                                                                          else 2)
     shape = (2, 5, 32, 32, 3) if features is None else (2, 5, features)
     videos = (torch.randint(0, 256, shape, dtype=torch.uint8) if features is None
               else torch.randn(shape))
     mask = torch.ones(2, 5, dtype=torch.bool)
     with torch.no_grad():
-        a, b = relu.frames(videos, mask), linear.frames(videos, mask)
+        a, b = relu.frames(videos, mask), leaky.frames(videos, mask)
     assert (b < 0).any() and (a >= 0).all()
-    torch.testing.assert_close(a, b.clamp_min(0), rtol=0, atol=0)
+    # a layer whose every unit is negative on every frame: ReLU passes no gradient, leaky does
+    for model in (relu, leaky):
+        layer = model.frames.net[0]  # the first convolution, or linear map
+        with torch.no_grad():
+            layer.weight.zero_()
+            layer.bias.fill_(-1.0)
+        model.zero_grad()
+        model.frames(videos, mask).sum().backward()
+    assert relu.frames.net[0].bias.grad.abs().sum() == 0
+    assert leaky.frames.net[0].bias.grad.abs().sum() > 0
     # a checkpoint from before the option compares equal to the default, and names the other
-    assert "frame_output" not in ModelConfig(**cfg).as_dict()
-    assert ModelConfig(**cfg, frame_output="linear").as_dict()["frame_output"] == "linear"
-    with pytest.raises(ValueError, match="frame_output must be one of"):
-        ModelConfig(**cfg, frame_output="tanh")
+    assert "frame_activation" not in ModelConfig(**cfg).as_dict()
+    assert ModelConfig(**cfg, frame_activation="leaky-relu").as_dict()["frame_activation"] == \
+        "leaky-relu"
+    with pytest.raises(ValueError, match="frame_activation must be one of"):
+        ModelConfig(**cfg, frame_activation="tanh")
 
 
-def test_the_frame_output_option_trains_resumes_and_is_checked(tmp_path: Path) -> None:
-    out = tmp_path / "linear"
-    first = _run(out, tmp_path / "cache", "--variant", "identifiable", "--frame-output", "linear")
-    assert _read_checkpoint(out / "best.pt", "cpu")["config"]["frame_output"] == "linear"
-    assert _read_checkpoint(out / "checkpoint.pt", "cpu")["options"]["frame_output"] == "linear"
-    again = _run(out, tmp_path / "cache", "--variant", "identifiable", "--frame-output", "linear",
-                 "--resume")
+def test_the_frame_activation_option_trains_resumes_and_is_checked(tmp_path: Path) -> None:
+    out = tmp_path / "leaky"
+    opt = ["--variant", "identifiable", "--frame-activation", "leaky-relu"]
+    first = _run(out, tmp_path / "cache", *opt)
+    assert _read_checkpoint(out / "best.pt", "cpu")["config"]["frame_activation"] == "leaky-relu"
+    assert _read_checkpoint(out / "checkpoint.pt", "cpu")["options"]["frame_activation"] == \
+        "leaky-relu"
+    again = _run(out, tmp_path / "cache", *opt, "--resume")
     assert again["test"] == first["test"]
-    with pytest.raises(ExampleError, match="--frame-output 'linear' -> "):
+    with pytest.raises(ExampleError, match="--frame-activation 'leaky-relu' -> "):
         _run(out, tmp_path / "cache", "--variant", "identifiable", "--resume")
 
 

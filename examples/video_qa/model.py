@@ -97,8 +97,10 @@ __all__ = ["MODES", "ModelConfig", "VideoQA", "needle_chain_logits", "needle_emi
 
 MODES = ("soft", "marginal", "hard-enum", "hard-sample", "variational-enum",
          "variational-sample", "two-level", "k-max", "markov")
-#: The frame encoder's last activations (:attr:`ModelConfig.frame_output`).
-FRAME_OUTPUTS = ("relu", "linear")
+#: The frame encoder's activations (:attr:`ModelConfig.frame_activation`).
+FRAME_ACTIVATIONS = ("relu", "leaky-relu")
+#: The negative slope of ``"leaky-relu"``.
+LEAKY_SLOPE = 0.1
 #: The states of ``"markov"`` mode's chain over frames.
 BEFORE, IN, AFTER = 0, 1, 2
 _VARIATIONAL = ("variational-enum", "variational-sample")
@@ -116,10 +118,11 @@ class ModelConfig:
         answer readable at one frame is grounded at that frame only).
     :ivar k_max: the K of ``"k-max"`` mode (the exact marginal likelihood under the prior
         truncated to its K best frames, at training and at test time).
-    :ivar frame_output: the frame encoder's last activation: ``"relu"`` (as the first runs
-        were trained), or ``"linear"`` (none). A ReLU there can die for good: once every frame
-        of every video maps to zero in most units, the prior is uniform, the answer model sees
-        the same vector at every frame, and no gradient reaches the encoder again.
+    :ivar frame_activation: the frame encoder's activations: ``"relu"`` (as the first runs
+        were trained) or ``"leaky-relu"`` (negative slope :data:`LEAKY_SLOPE`). ReLUs there can
+        die for good: once a whole layer maps every frame to zero, every frame has the same
+        vector, the prior is uniform, the answer model is blind to the frames, and no gradient
+        reaches the encoder again. A leaky ReLU always passes a gradient.
     """
 
     vocab_size: int
@@ -134,7 +137,7 @@ class ModelConfig:
     score: str = "general"
     window: int = 3
     k_max: int = 4
-    frame_output: str = "relu"
+    frame_activation: str = "relu"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -143,9 +146,9 @@ class ModelConfig:
             raise ValueError(f"window must be an odd number of frames >= 1, got {self.window}")
         if self.k_max < 1:
             raise ValueError(f"k_max must be at least 1, got {self.k_max}")
-        if self.frame_output not in FRAME_OUTPUTS:
-            raise ValueError(f"frame_output must be one of {FRAME_OUTPUTS}, got "
-                             f"{self.frame_output!r}")
+        if self.frame_activation not in FRAME_ACTIVATIONS:
+            raise ValueError(f"frame_activation must be one of {FRAME_ACTIVATIONS}, got "
+                             f"{self.frame_activation!r}")
         if self.feature_dim is None and self.image_size < 4:
             raise ValueError(f"image_size must be at least 4 pixels, got {self.image_size}")
         if self.mode in _SAMPLE and self.samples < 2:
@@ -153,7 +156,7 @@ class ModelConfig:
 
     def as_dict(self) -> dict[str, Any]:
         """The fields, without those added after checkpoints were first written (``window``,
-        ``k_max``, ``frame_output``) while they keep their defaults, so that older checkpoints
+        ``k_max``, ``frame_activation``) while they keep their defaults, so that older checkpoints
         still compare equal."""
         out = asdict(self)
         for name, default in _LATER_FIELDS.items():
@@ -163,7 +166,7 @@ class ModelConfig:
 
 
 #: Fields of :class:`ModelConfig` added later, with the defaults older runs had implicitly.
-_LATER_FIELDS: dict[str, Any] = {"window": 3, "k_max": 4, "frame_output": "relu"}
+_LATER_FIELDS: dict[str, Any] = {"window": 3, "k_max": 4, "frame_activation": "relu"}
 
 
 class _MaxMeanPool(nn.Module):
@@ -182,21 +185,22 @@ class FrameEncoder(nn.Module):
         d, w = config.dim, config.window
         self.pixels = config.feature_dim is None
         self.reach = w // 2
+        def act() -> nn.Module:
+            return (nn.ReLU() if config.frame_activation == "relu"
+                    else nn.LeakyReLU(LEAKY_SLOPE))
+
         if self.pixels:
             # convolutions, then max- and mean-pooling over space: the features say what is
             # where in the window (any position), and how much of it
             self.net: nn.Module = nn.Sequential(
-                nn.Conv2d(3 * w, 32, 3, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-                nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
-                _MaxMeanPool(), nn.Linear(128, d), nn.ReLU())
+                nn.Conv2d(3 * w, 32, 3, stride=2, padding=1), act(),
+                nn.Conv2d(32, 64, 3, padding=1), act(),
+                nn.Conv2d(64, 64, 3, stride=2, padding=1), act(),
+                _MaxMeanPool(), nn.Linear(128, d), act())
         else:
             assert config.feature_dim is not None
-            self.net = nn.Sequential(nn.Linear(w * config.feature_dim, d), nn.ReLU(),
-                                     nn.Linear(d, d), nn.ReLU())
-        if config.frame_output == "linear":  # the same layers and parameters, less the last ReLU
-            assert isinstance(self.net, nn.Sequential) and isinstance(self.net[-1], nn.ReLU)
-            del self.net[-1]
+            self.net = nn.Sequential(nn.Linear(w * config.feature_dim, d), act(),
+                                     nn.Linear(d, d), act())
 
     def _inputs(self, videos: Tensor) -> Tensor:
         """Pixels ``(B, T, H, W, 3)`` uint8 as ``(B, T, 3, H, W)`` in ``[0, 1]``, or features

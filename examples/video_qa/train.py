@@ -50,7 +50,7 @@ from .data import (
     load_or_generate,
     video_batches,
 )
-from .model import FRAME_OUTPUTS, MODES, ModelConfig, VideoQA
+from .model import FRAME_ACTIVATIONS, MODES, ModelConfig, VideoQA
 
 __all__ = ["Trainer", "cli", "evaluate", "load_run", "main", "make_parser"]
 
@@ -92,10 +92,10 @@ NEEDLE_ONLY = ("task", "min_frames", "needle_span", "distractors", "feature_size
 #: Options added after grounded runs were first checkpointed, left out of their recorded
 #: options while they keep these values.
 LATER_DEFAULTS = {"window": 3, "k_max": 4, "variant": "default", "init_from": None,
-                  "frame_output": "relu"}
+                  "frame_activation": "relu"}
 #: Likewise for needle runs.
 NEEDLE_LATER_DEFAULTS = {"needle_strength": 1.0, "variant": "default", "init_from": None,
-                         "frame_output": "relu"}
+                         "frame_activation": "relu"}
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
@@ -190,11 +190,11 @@ def make_parser() -> argparse.ArgumentParser:
                         "needle task: 1]")
     g.add_argument("--k-max", type=positive_int, default=4,
                    help="K of --mode k-max: the prior truncated to its K best frames")
-    g.add_argument("--frame-output", choices=FRAME_OUTPUTS, default="relu",
-                   help="the frame encoder's last activation: relu (as the measured runs of "
-                        "RESULTS.md before 2026-12-08), or linear, which cannot die (a dead "
-                        "ReLU there leaves a uniform prior and an answer model blind to the "
-                        "frames; use it with --variant identifiable)")
+    g.add_argument("--frame-activation", choices=FRAME_ACTIVATIONS, default="relu",
+                   help="the frame encoder's activations: relu (as every run of RESULTS.md "
+                        "before 2026-12-08), or leaky-relu, which cannot die (a layer of dead "
+                        "ReLUs gives every frame the same vector: a uniform prior, an answer "
+                        "model blind to the frames, and no gradient to leave them)")
     g = p.add_argument_group("the needle task (--task needle)")
     g.add_argument("--min-frames", type=at_least(8), default=16,
                    help="the fewest frames of a training video")
@@ -656,7 +656,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         feature_dim=None if data.pixels else int(data.videos.shape[-1]),
         image_size=int(data.videos.shape[2]) if data.pixels else 32, dim=args.dim,
         embed=args.embed, samples=args.samples, segment_len=args.segment_len,
-        window=args.window, k_max=args.k_max, frame_output=args.frame_output)
+        window=args.window, k_max=args.k_max, frame_activation=args.frame_activation)
     model = VideoQA(config).to(device)
     if init is not None:
         fresh = _init_model(model, init, args.init_from)
