@@ -192,9 +192,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="K of --mode k-max: the prior truncated to its K best frames")
     g.add_argument("--frame-activation", choices=FRAME_ACTIVATIONS, default="relu",
                    help="the frame encoder's activations: relu (as every run of RESULTS.md "
-                        "before 2026-12-08), or leaky-relu, which cannot die (a layer of dead "
-                        "ReLUs gives every frame the same vector: a uniform prior, an answer "
-                        "model blind to the frames, and no gradient to leave them)")
+                        "before 2026-12-08), or leaky-relu, which always passes a gradient (a "
+                        "layer of dead ReLUs gives every frame the same vector: a uniform "
+                        "prior, an answer model blind to the frames, and no gradient to leave "
+                        "them)")
     g = p.add_argument_group("the needle task (--task needle)")
     g.add_argument("--min-frames", type=at_least(8), default=16,
                    help="the fewest frames of a training video")
