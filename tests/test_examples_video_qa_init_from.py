@@ -26,8 +26,12 @@ def _run(out: Path, cache: Path, *extra: str) -> dict:
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A smoke run on the default variant (its folder, and the data cache)."""
     root = tmp_path_factory.mktemp("init_from")
+    old = torch.get_default_dtype()  # a module fixture runs outside conftest's per-test policy
     torch.set_default_dtype(torch.float32)
-    _run(root / "default", root / "cache", "--videos", "80")
+    try:
+        _run(root / "default", root / "cache", "--videos", "80")
+    finally:
+        torch.set_default_dtype(old)
     return root / "default", root / "cache"
 
 
